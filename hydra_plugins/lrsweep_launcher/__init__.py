@@ -1,0 +1,1 @@
+"""lrsweep's Hydra launchers (Hydra loads launcher plugins only from the hydra_plugins package)."""

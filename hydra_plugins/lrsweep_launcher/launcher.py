@@ -1,0 +1,195 @@
+"""Hydra launchers for sweeps: hydra-submitit-launcher's, plus what a sweep of experiments needs.
+
+Before anything is submitted, every grid point is composed, validated (a single bad point
+launches nothing: exit code 2) and looked up in the results dir: points whose row says ``ok``
+are skipped. The rest go to submitit — local processes with bounded parallelism, or one SLURM
+array — and a job that dies without writing its row (killed, out of memory, timed out) gets a
+``failed`` row from here, with submitit's error and the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import DictConfig, OmegaConf
+
+from lrsweep import identity
+from lrsweep.errors import ConfigError
+from lrsweep.row import row_status, write_row
+
+
+@dataclass
+class LrsweepLocalConf(LocalQueueConf):
+    _target_: str = "hydra_plugins.lrsweep_launcher.launcher.LocalLauncher"
+    parallelism: int = 2  # grid points running at once (size to the machine's cores / cpus_per_task)
+
+
+@dataclass
+class LrsweepSlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.lrsweep_launcher.launcher.SlurmLauncher"
+    wait: bool = True  # false: submit the array, print job ids and return (detached sweep)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_local", node=LrsweepLocalConf, provider="lrsweep")
+ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_slurm", node=LrsweepSlurmConf, provider="lrsweep")
+
+
+@dataclass
+class Point:
+    index: int
+    overrides: list[str]
+    cfg: DictConfig
+    run_id: str
+
+
+@dataclass
+class SweepOutcome:
+    """What the last sweep (or single run) of this process did; read by lrsweep.cli."""
+
+    results_dir: str
+    run_ids: list[str]
+    submitted: int = 0
+    skipped: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    submitit_folder: str = ""
+    detached: bool = False
+
+
+LAST: SweepOutcome | None = None
+
+# launcher keys that are ours, not submitit's
+OWN_KEYS = ("parallelism", "wait", "extra")
+
+
+class SweepLauncher(BaseSubmititLauncher):
+    """Validate, skip what is done, submit the rest, turn dead jobs into failed rows."""
+
+    def plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Point]:
+        from lrsweep.validate import validate
+
+        assert self.config is not None and self.hydra_context is not None
+        sweep_name = Path(str(self.config.hydra.sweep.dir)).name
+        points, seen, errors = [], {}, []
+        for i, ov in enumerate(job_overrides):
+            ov = [*ov, f"sweep_name={sweep_name}"]
+            try:
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, ov)
+                validate(cfg, check_device=self._EXECUTOR == "local")
+            except ConfigError as e:
+                errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov[:-1]))}): {e}")
+                continue
+            rid = identity.run_id(cfg)
+            if rid in seen:  # two override lists, one experiment: run it once
+                continue
+            seen[rid] = True
+            points.append(Point(initial_job_idx + i, ov, cfg, rid))
+        if errors:
+            raise ConfigError("sweep", f"{len(errors)} of {len(job_overrides)} grid points are invalid, "
+                              "nothing was launched:\n  " + "\n  ".join(errors))
+        return points
+
+    def executor(self):
+        """A submitit executor from the launcher config (the plugin's parameter mapping)."""
+        import submitit
+
+        params = {k: v for k, v in self.params.items() if k not in OWN_KEYS}
+        init = {"folder": params.pop("submitit_folder")}
+        if "max_num_timeout" in params:
+            init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(LocalQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()})
+        return executor
+
+    def job_args(self, p: Point) -> tuple:
+        return (p.overrides, "hydra.sweep.dir", p.index, f"job_id_for_{p.index}", Singleton.get_state())
+
+    def submit(self, executor, points: list[Point]) -> list[Any]:
+        raise NotImplementedError
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        global LAST
+        assert self.config is not None
+        points = self.plan(job_overrides, initial_job_idx)
+        results_dir = os.path.abspath(str(points[0].cfg.results_dir)) if points else ""
+        todo = [p for p in points if row_status(os.path.abspath(str(p.cfg.results_dir)), p.run_id) != "ok"
+                or p.cfg.get("force")]
+        LAST = SweepOutcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo))
+        print(f"[lrsweep] {len(points)} grid points: {len(todo)} to run, {len(points) - len(todo)} already ok")
+        if not todo:
+            return []
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        for p in todo:
+            print(f"[lrsweep]   #{p.index} {p.run_id}: {' '.join(filter_overrides(p.overrides[:-1]))}")
+        executor = self.executor()
+        os.environ["LRSWEEP_THREADS"] = str(self.params.get("cpus_per_task") or "")
+        jobs = self.submit(executor, todo)
+        LAST.job_ids = [str(j.job_id) for j in jobs]
+        LAST.submitit_folder = str(Path(str(self.params["submitit_folder"])).parent)
+        if not self.params.get("wait", True):
+            LAST.detached = True
+            return []
+        return [self.collect(p, j) for p, j in zip(todo, jobs)]
+
+    def collect(self, p: Point, job: Any) -> JobReturn:
+        """The job's JobReturn; a job that died without a row gets a failed row written here."""
+        try:
+            return job.results()[0]
+        except Exception as e:
+            results_dir = os.path.abspath(str(p.cfg.results_dir))
+            if row_status(results_dir, p.run_id) != "ok":
+                from lrsweep.job import new_row
+
+                row = new_row(p.cfg)
+                row.slurm_job_id = str(job.job_id) if self._EXECUTOR == "slurm" else None
+                row.log_path = str(job.paths.stdout)
+                state = getattr(job, "state", "")
+                row.error = {"type": type(e).__name__, "message": f"job {job.job_id} ended without a row "
+                             f"(state {state}): {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                             "traceback": (job.stderr() or "")[-4000:] + "\n" + traceback.format_exc()}
+                row.extra["job_state"] = state
+                write_row(results_dir, row)
+            ret = JobReturn()
+            ret.status = JobStatus.COMPLETED  # failures are reported through rows and the exit code
+            ret._return_value = "failed"
+            return ret
+
+
+class LocalLauncher(SweepLauncher):
+    _EXECUTOR = "local"
+
+    def submit(self, executor, points: list[Point]) -> list[Any]:
+        """Submit one process per point, at most ``parallelism`` running at once."""
+        limit = max(1, int(self.params.get("parallelism") or 1))
+        pending, running, jobs = list(points), [], []
+        while pending or running:
+            running = [j for j in running if not j.done()]
+            while pending and len(running) < limit:
+                job = executor.submit(self, *self.job_args(pending.pop(0)))
+                running.append(job)
+                jobs.append(job)
+            time.sleep(0.2)
+        return jobs
+
+
+class SlurmLauncher(SweepLauncher):
+    _EXECUTOR = "slurm"
+
+    def submit(self, executor, points: list[Point]) -> list[Any]:
+        jobs = executor.map_array(self, *zip(*[self.job_args(p) for p in points]))
+        print(f"[lrsweep] submitted SLURM array {jobs[0].job_id.split('_')[0]} ({len(jobs)} jobs); "
+              f"logs in {Path(str(self.params['submitit_folder'])).parent}")
+        sys.stdout.flush()
+        return jobs

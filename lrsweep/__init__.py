@@ -1,0 +1,6 @@
+"""lrsweep: low-rank and low-precision compression experiments, from Hydra grids to paper tables."""
+
+from lrsweep.compress import compress_matrix
+from lrsweep.factorization import Factorization
+
+__all__ = ["compress_matrix", "Factorization"]

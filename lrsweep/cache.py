@@ -1,0 +1,64 @@
+"""A content-keyed disk cache shared by concurrent jobs.
+
+An entry is a safetensors file of tensors plus JSON metadata, named by the hash of
+everything it depends on (the full key is stored inside and checked on load). The first job
+computes it under a file lock and writes it atomically; the others wait and read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _path(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any]) -> Path:
+    return Path(cache_dir) / namespace / f"{digest(key)}.safetensors"
+
+
+def _read(path: Path, key: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lrsweep"])
+    if meta["key"] != json.loads(json.dumps(key, sort_keys=True, default=str)):
+        raise RuntimeError(f"cache entry {path} was written for another key")
+    return load_file(str(path)), meta["info"]
+
+
+def get_or_compute(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any],
+                   compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """(tensors, info, hit): read the entry for ``key`` or compute it once (locked)."""
+    path = _path(cache_dir, namespace, key)
+    found = _read(path, key)
+    if found is not None:
+        return (*found, True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        found = _read(path, key)
+        if found is not None:
+            return (*found, True)
+        tensors, info = compute()
+        meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return tensors, json.loads(json.dumps(info, default=str)), False

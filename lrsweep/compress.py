@@ -1,0 +1,108 @@
+"""Compression of one matrix (the public ``compress_matrix``) and of a model's target layers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrsweep import methods
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import Factorization
+from lrsweep.methods import LayerStats, MethodSpec
+
+# keys of a method config that are not keyword options of the method
+METHOD_META_KEYS = ("name", "_target_", "needs")
+
+
+def method_spec(mcfg: DictConfig | dict) -> MethodSpec:
+    name, target = mcfg.get("name"), mcfg.get("_target_")
+    try:
+        return methods.resolve(str(name), target)
+    except KeyError:
+        raise ConfigError("method", f"{name!r} is unknown", sorted(methods.REGISTRY)) from None
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError("method._target_", f"cannot import {target!r}: {e}") from None
+
+
+def method_options(mcfg: DictConfig | dict) -> dict[str, Any]:
+    opts = OmegaConf.to_container(mcfg, resolve=True) if OmegaConf.is_config(mcfg) else dict(mcfg)
+    return {k: v for k, v in opts.items() if k not in METHOD_META_KEYS}
+
+
+def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, budget: float | None,
+                 opts: dict[str, Any]) -> int:
+    """The rank of an (n x d) layer: ``rank``, or the largest rank that fits ``budget`` bits/weight."""
+    if not spec.has_rank:
+        return min(n, d)
+    if budget is not None:
+        r = methods.rank_for_budget(spec, n, d, bits, budget, **opts)
+        if r < 1:
+            raise ConfigError("budget", f"{budget} bits/weight is infeasible for a {n}x{d} layer with "
+                              f"method {spec.name} at {bits} bits (rank 1 needs "
+                              f"{spec.storage_bits(n, d, 1, bits, **opts) / (n * d):.3f})")
+        return r
+    if rank is None or int(rank) < 1:
+        raise ConfigError("rank", f"{rank!r} must be a positive integer")
+    if int(rank) > min(n, d):
+        raise ConfigError("rank", f"{rank} exceeds min(n, d) = {min(n, d)} of a {n}x{d} layer")
+    return int(rank)
+
+
+def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = None, bits: int = 16,
+                    budget: float | None = None, seed: int = 0, inputs: torch.Tensor | None = None,
+                    fisher: torch.Tensor | None = None, stats: LayerStats | None = None,
+                    target: str | None = None, **options: Any) -> Factorization:
+    """Compress one weight matrix W (n x d); see README for the options of each method."""
+    spec = method_spec({"name": method, "_target_": target})
+    if stats is None and (inputs is not None or fisher is not None):
+        stats = LayerStats.from_inputs(inputs) if inputs is not None else LayerStats()
+        stats.fisher = fisher
+    n, d = W.shape
+    r = resolve_rank(spec, n, d, rank, bits, budget, options)
+    f = spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **options)
+    return f
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    storage_bits: int
+    dense_bits: int
+    rel_err: float
+    seconds: float
+
+    @property
+    def exceeds_break_even(self) -> bool:
+        return self.storage_bits >= self.dense_bits
+
+
+def compress_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: DictConfig,
+                   stats: dict[str, LayerStats] | None = None, progress: bool = True) -> list[LayerResult]:
+    """Replace every layer in ``layers`` by its compressed module, in model order."""
+    from tqdm.auto import tqdm
+
+    from lrsweep.models import set_module
+
+    spec = method_spec(cfg.method)
+    opts = method_options(cfg.method)
+    results = []
+    for index, (name, lin) in enumerate(tqdm(layers.items(), desc=f"{cfg.method.name}", disable=not progress)):
+        W = lin.weight.detach()
+        n, d = W.shape
+        t0 = time.perf_counter()
+        r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts)
+        f = spec.fn(W, rank=r, bits=cfg.bits, seed=int(cfg.seed) * 100_003 + index,
+                    stats=(stats or {}).get(name), **opts)
+        seconds = time.perf_counter() - t0
+        bias = lin.bias.detach() if lin.bias is not None else None
+        set_module(model, name, f.as_module(bias, dtype=W.dtype))
+        dense_bits = n * d * torch.finfo(W.dtype).bits
+        results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds))
+    return results

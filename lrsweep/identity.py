@@ -1,0 +1,43 @@
+"""Run identity: a short hash of the config fields that define the experiment.
+
+Launcher, logger, paths and the execution device are excluded, so the same experiment run
+locally or on SLURM, with or without W&B, has the same ``run_id`` (and is not run twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lrsweep.row import SCHEMA_VERSION
+
+# top-level keys that do not change what is measured
+EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_dir", "device", "verbose", "threads",
+                           "sweep_name", "progress", "force"})
+
+
+def experiment_config(cfg: DictConfig) -> dict[str, Any]:
+    out = {}
+    for key in cfg:
+        if key in EXCLUDED_KEYS:
+            continue
+        node = cfg[key]
+        out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return out
+
+
+def run_id(cfg: DictConfig) -> str:
+    payload = json.dumps({"schema_version": SCHEMA_VERSION, **experiment_config(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable name: model-method-r<rank>-b<bits>[-bpw<budget>]-s<seed>-<run_id>."""
+    parts = [str(cfg.model.name), str(cfg.method.name)]
+    parts.append(f"bpw{cfg.budget}" if cfg.get("budget") is not None else f"r{cfg.rank}")
+    parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg)]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))

@@ -1,0 +1,164 @@
+"""One grid point: load → compress → evaluate → write the row → log it to W&B.
+
+Any exception after validation becomes a ``failed`` row with the traceback; the row is
+written atomically before W&B sees it, so a logging problem never loses a result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lrsweep import evaluate, identity, models
+from lrsweep.compress import compress_model
+from lrsweep.row import ResultRow, row_status, write_row
+from lrsweep.validate import resolve_device, validate
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("lrsweep", "torch", "transformers", "datasets", "hydra-core", "submitit", "wandb"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def model_key(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies the dense weights: resolved path, a hash of the weight files, dtype."""
+    path = Path(models.resolve_path(cfg.model))
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".gguf", ".bin"):
+                h.update(f.name.encode() + str(f.stat().st_size).encode())
+                with open(f, "rb") as fh:  # first and last MiB: cheap and changes with the file
+                    h.update(fh.read(1 << 20))
+                    fh.seek(max(0, f.stat().st_size - (1 << 20)))
+                    h.update(fh.read())
+    return {"path": str(path), "gguf_file": cfg.model.get("gguf_file"), "revision": cfg.model.get("revision"),
+            "weights": h.hexdigest()[:16], "dtype": cfg.model.dtype}
+
+
+def _slurm_fields(row: ResultRow) -> None:
+    env = os.environ
+    row.slurm_job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" \
+        or env.get("SLURM_JOB_ID")
+    row.slurm_array_index = env.get("SLURM_ARRAY_TASK_ID")
+
+
+def _threads(cfg: DictConfig) -> None:
+    n = cfg.get("threads") or os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("LRSWEEP_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def new_row(cfg: DictConfig) -> ResultRow:
+    row = ResultRow(run_id=identity.run_id(cfg), model=str(cfg.model.name), method=str(cfg.method.name),
+                    rank=cfg.rank, bits=cfg.bits, budget=cfg.budget, seed=int(cfg.seed),
+                    run_name=identity.run_name(cfg), sweep=str(cfg.get("sweep_name") or ""),
+                    started_at=_now(), git_sha=git_sha(), versions=versions(), host=socket.gethostname(),
+                    config=OmegaConf.to_container(cfg, resolve=True))
+    row.config.pop("hydra", None)
+    _slurm_fields(row)
+    return row
+
+
+def execute(cfg: DictConfig, row: ResultRow) -> None:
+    """Fill ``row`` with the measurements of this grid point (raises on failure)."""
+    t_all = time.perf_counter()
+    device = resolve_device(str(cfg.device))
+    row.device = device
+    if device.startswith("cuda"):
+        row.gpu_name = torch.cuda.get_device_name(device)
+    _threads(cfg)
+    torch.manual_seed(int(cfg.seed))
+    cache_dir = os.path.abspath(str(cfg.cache_dir))
+    model, tokenizer = models.load(cfg.model, device, cache_dir)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the loaded weights contain NaN/Inf ({name})")
+    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, model_key(cfg))
+    task = evaluate.task_for(cfg)
+    state = task.prepare(model, ctx)
+    row.latency_ms_dense = evaluate.latency_ms(model, ctx)
+    row.params_dense = sum(p.numel() for p in model.parameters())
+
+    layers = models.target_linears(model, cfg.model.targets)
+    t0 = time.perf_counter()
+    results = compress_model(model, layers, cfg, progress=bool(cfg.get("progress", True)))
+    row.compress_seconds = time.perf_counter() - t0
+
+    weights = sum(r.shape[0] * r.shape[1] for r in results)
+    row.layers_compressed = len(results)
+    row.layer_errors = {r.name: r.rel_err for r in results}
+    row.recon_rel_err = sum(r.rel_err * r.shape[0] * r.shape[1] for r in results) / weights
+    row.bits_dense = sum(r.dense_bits for r in results)
+    row.bits_compressed = sum(r.storage_bits for r in results)
+    row.bits_per_weight = row.bits_compressed / weights
+    row.compression_ratio = row.bits_dense / row.bits_compressed
+    row.exceeds_break_even = any(r.exceeds_break_even for r in results)
+    row.params_compressed = sum(p.numel() for p in model.parameters())
+    row.extra["layer_ranks"] = {r.name: r.rank for r in results}
+    row.extra["layer_seconds"] = {r.name: round(r.seconds, 4) for r in results}
+
+    for key, value in task.evaluate(model, ctx, state).items():
+        setattr(row, key, value)
+    row.latency_ms = evaluate.latency_ms(model, ctx)
+    row.wall_seconds = time.perf_counter() - t_all
+    row.status = "ok"
+
+
+def run(cfg: DictConfig) -> ResultRow:
+    """Run one grid point unless its row already says ok; return its row."""
+    from lrsweep.logger import log_row
+
+    results_dir = os.path.abspath(str(cfg.results_dir))
+    rid = identity.run_id(cfg)
+    if row_status(results_dir, rid) == "ok" and not cfg.get("force", False):
+        from lrsweep.row import read_row, row_path
+
+        print(f"[lrsweep] {rid} already ok, skipped")
+        return read_row(row_path(results_dir, rid))
+    validate(cfg)
+    row = new_row(cfg)
+    t0 = time.perf_counter()
+    try:
+        execute(cfg, row)
+    except Exception as e:  # any failure of the job becomes a failed row
+        row.status = "failed"
+        row.error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+        row.wall_seconds = time.perf_counter() - t0
+        print(f"[lrsweep] {rid} failed: {type(e).__name__}: {e}")
+    row.finished_at = _now()
+    path = write_row(results_dir, row)
+    print(f"[lrsweep] row {path} ({row.status})")
+    log_row(cfg, row)
+    return row

@@ -1,0 +1,127 @@
+"""Loading models: offline package assets (``pkg:``), local folders, GGUF files and hub ids.
+
+Model classes come from ``MODEL_CLASSES`` keyed on ``model.kind``; nothing here branches on
+model names. ``trust_remote_code`` is passed only as the config says (default false), and
+weights load through transformers' safetensors path (or GGUF, dequantized and cached once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lrsweep import assets
+from lrsweep.errors import ConfigError
+
+KINDS = ("encoder", "causal_lm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _auto_class(kind: str):
+    import transformers
+
+    classes = {"encoder": transformers.AutoModel, "causal_lm": transformers.AutoModelForCausalLM}
+    if kind not in classes:
+        raise ConfigError("model.kind", f"{kind!r} is unknown", KINDS)
+    return classes[kind]
+
+
+def model_dtype(mcfg: DictConfig) -> torch.dtype:
+    if mcfg.dtype not in DTYPES:
+        raise ConfigError("model.dtype", f"{mcfg.dtype!r} is unknown", DTYPES)
+    return DTYPES[mcfg.dtype]
+
+
+def resolve_path(mcfg: DictConfig) -> str:
+    """The local folder (or hub id) the model loads from."""
+    path = assets.resolve(str(mcfg.path), "model.path")
+    looks_local = path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().exists():
+        raise ConfigError("model.path", f"{path} does not exist")
+    if mcfg.get("gguf_file") and not (Path(path) / mcfg.gguf_file).is_file():
+        raise ConfigError("model.gguf_file", f"{mcfg.gguf_file!r} is not a file in {path}")
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def _load_kwargs(mcfg: DictConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": bool(mcfg.get("trust_remote_code", False))}
+    if mcfg.get("revision"):
+        kw["revision"] = mcfg.revision
+    return kw
+
+
+def skeleton(mcfg: DictConfig) -> nn.Module:
+    """The model's module tree with weights on the meta device (cheap; used to validate configs)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    path = resolve_path(mcfg)
+    kw = _load_kwargs(mcfg)
+    if mcfg.get("gguf_file"):
+        kw["gguf_file"] = mcfg.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model.path", f"{path!r} is not a loadable model: {str(e).splitlines()[0]}") from None
+    with init_empty_weights():
+        return _auto_class(mcfg.kind).from_config(config, trust_remote_code=kw["trust_remote_code"])
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _gguf_as_folder(mcfg: DictConfig, path: str, cache_dir: Path) -> str:
+    """Dequantize a GGUF checkpoint once into a safetensors folder keyed by the file's hash."""
+    from filelock import FileLock
+    from transformers import AutoTokenizer
+
+    gguf = Path(path) / mcfg.gguf_file
+    target = cache_dir / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            kw = {**_load_kwargs(mcfg), "gguf_file": mcfg.gguf_file}
+            model = _auto_class(mcfg.kind).from_pretrained(path, dtype=torch.float32, **kw)
+            model.hf_quantizer = None
+            tmp = target.with_name(target.name + ".tmp")
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(path, **kw).save_pretrained(tmp)
+            tmp.rename(target)
+    return str(target)
+
+
+def load(mcfg: DictConfig, device: str, cache_dir: str | Path) -> tuple[nn.Module, Any]:
+    """(model in eval mode on ``device``, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_path(mcfg)
+    if mcfg.get("gguf_file"):
+        path = _gguf_as_folder(mcfg, path, Path(cache_dir))
+    kw = _load_kwargs(mcfg)
+    model = _auto_class(mcfg.kind).from_pretrained(path, dtype=model_dtype(mcfg), use_safetensors=True, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def target_linears(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:
+    """The Linear modules whose qualified name fully matches ``pattern``, in model order."""
+    regex = re.compile(pattern)
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and regex.fullmatch(name)}
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,115 @@
+"""Quantizers: float tensor in, stored tensor (integer codes + metadata) out.
+
+Every quantizer returns a :class:`QTensor` that holds what would be written to disk
+(integer codes and the scales/zero points needed to decode them) together with the
+dequantized value that the compressed model computes with. ``storage_bits`` is counted from
+those stored tensors, never from a formula alone.
+
+Supported ``bits``: 2..8 (integer codes), 16 (fp16), 32 (fp32, i.e. unquantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FLOAT_BITS = (16, 32)
+INT_BITS = tuple(range(2, 9))
+SUPPORTED_BITS = INT_BITS + FLOAT_BITS
+SCHEMES = ("uniform", "channel", "group")
+
+
+@dataclass
+class QTensor:
+    """A stored tensor: integer codes at ``bits`` bits each plus metadata, or a float tensor."""
+
+    value: torch.Tensor  # dequantized values (fp32), what the model computes with
+    bits: int  # bits of each stored entry
+    codes: torch.Tensor | None = None  # integer codes (None when stored as float)
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)  # scales, minima, ...
+
+    @property
+    def storage_bits(self) -> int:
+        stored = self.codes if self.codes is not None else self.value
+        meta = sum(t.numel() * t.element_size() * 8 for t in self.meta.values())
+        return int(stored.numel()) * self.bits + int(meta)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that are saved to disk for this entry."""
+        if self.codes is None:
+            dtype = torch.float16 if self.bits == 16 else torch.float32
+            return {"value": self.value.to(dtype)}
+        return {"codes": self.codes, **self.meta}
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; valid: 2..8, 16, 32")
+
+
+def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128) -> QTensor:
+    """Quantize ``x`` (2-D) at ``bits`` bits with the given scheme.
+
+    - ``uniform``: per-tensor min/max grid with 2^b levels (the LPLR paper's quantizer);
+    - ``channel``: symmetric absmax per output row;
+    - ``group``: symmetric absmax per group of ``group_size`` consecutive entries of a row.
+    """
+    check_bits(bits)
+    x = x.float()
+    if bits in FLOAT_BITS:
+        dtype = torch.float16 if bits == 16 else torch.float32
+        return QTensor(value=x.to(dtype).float(), bits=bits)
+    if scheme == "uniform":
+        return _uniform(x, bits)
+    if scheme == "channel":
+        return _absmax(x, bits, group=x.shape[-1])
+    if scheme == "group":
+        return _absmax(x, bits, group=min(group_size, x.shape[-1]))
+    raise ValueError(f"quantizer scheme={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
+
+
+def _codes_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.int16
+
+
+def _uniform(x: torch.Tensor, bits: int) -> QTensor:
+    lo, hi = x.min(), x.max()
+    levels = 2**bits - 1
+    step = (hi - lo) / levels
+    if step == 0:  # constant tensor: every code is 0
+        step = torch.ones_like(step)
+    codes = torch.clamp(torch.round((x - lo) / step), 0, levels)
+    value = codes * step + lo
+    meta = {"min": lo.reshape(1).float(), "step": step.reshape(1).float()}
+    return QTensor(value=value, bits=bits, codes=codes.to(_codes_dtype(bits)), meta=meta)
+
+
+def _absmax(x: torch.Tensor, bits: int, group: int) -> QTensor:
+    n, d = x.shape
+    pad = (-d) % group
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(n, -1, group)
+    qmax = 2 ** (bits - 1) - 1
+    scale = xp.abs().amax(dim=-1, keepdim=True) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
+    codes = torch.clamp(torch.round(xp / scale), -qmax - 1, qmax)
+    value = (codes * scale).reshape(n, -1)[:, :d]
+    stored_codes = (codes + qmax + 1).reshape(n, -1)[:, :d].to(_codes_dtype(bits))
+    meta = {"scale": scale.reshape(n, -1).half()}
+    return QTensor(value=value, bits=bits, codes=stored_codes, meta=meta)
+
+
+def metadata_bits(shape: tuple[int, int], bits: int, scheme: str, group_size: int = 128) -> int:
+    """Metadata bits of ``quantize`` for a tensor of ``shape`` (the formula the tests check)."""
+    if bits in FLOAT_BITS:
+        return 0
+    n, d = shape
+    if scheme == "uniform":
+        return 2 * 32
+    group = d if scheme == "channel" else min(group_size, d)
+    return n * (-(-d // group)) * 16
+
+
+def tensor_bits(shape: tuple[int, int], bits: int, scheme: str, group_size: int = 128) -> int:
+    """Total stored bits of a ``shape`` tensor quantized at ``bits`` (entries + metadata)."""
+    return shape[0] * shape[1] * bits + metadata_bits(shape, bits, scheme, group_size)

@@ -1,0 +1,158 @@
+"""The result row: one typed schema shared by the runner, W&B logging and analysis.
+
+One JSON object per run at ``<results_dir>/rows/<run_id>.json``, written atomically (unique
+temp file + ``os.replace``) so a reader never sees a partial row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed")
+
+
+@dataclass
+class ResultRow:
+    # identity
+    run_id: str
+    status: str = "failed"  # "ok" | "failed"
+    model: str = ""
+    method: str = ""
+    rank: int | None = None
+    bits: int | None = None
+    budget: float | None = None
+    seed: int = 0
+    device: str = ""
+    task: str | None = None  # evaluation task name (e.g. rotten_tomatoes, news_ppl)
+    run_name: str = ""
+    sweep: str = ""  # the sweep (W&B group) this run was launched in
+    # size
+    params_dense: int | None = None
+    params_compressed: int | None = None
+    bits_dense: int | None = None
+    bits_compressed: int | None = None
+    bits_per_weight: float | None = None
+    compression_ratio: float | None = None
+    layers_compressed: int | None = None
+    exceeds_break_even: bool | None = None
+    # quality
+    recon_rel_err: float | None = None  # parameter-weighted mean of per-layer ||W - W_hat||_F / ||W||_F
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    accuracy_dense: float | None = None
+    accuracy: float | None = None
+    perplexity_dense: float | None = None
+    perplexity: float | None = None
+    cosine_similarity: float | None = None
+    # speed
+    latency_ms_dense: float | None = None
+    latency_ms: float | None = None
+    compress_seconds: float | None = None
+    wall_seconds: float | None = None
+    # provenance
+    started_at: str = ""
+    finished_at: str = ""
+    git_sha: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    host: str = ""
+    gpu_name: str | None = None
+    slurm_job_id: str | None = None
+    slurm_array_index: str | None = None
+    log_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # method/eval details (solver, fallbacks, ...)
+    config: dict[str, Any] = field(default_factory=dict)  # the full resolved config
+    error: dict[str, str] | None = None  # {"type", "message", "traceback"} on failure
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResultRow:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"row has unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    def summary(self) -> dict[str, Any]:
+        """The flat scalars of the row: what goes into the W&B run summary."""
+        return {k: v for k, v in self.to_dict().items() if not isinstance(v, dict | list) and v is not None}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Strict conversion to JSON types: NaN/inf become None, unknown types raise."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalar
+        return _jsonable(obj.item())
+    raise TypeError(f"cannot store {type(obj).__name__} in a result row")
+
+
+def rows_dir(results_dir: str | os.PathLike) -> Path:
+    return Path(results_dir) / "rows"
+
+
+def row_path(results_dir: str | os.PathLike, run_id: str) -> Path:
+    if not run_id or not run_id.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"run_id {run_id!r} is not a plain name")
+    return rows_dir(results_dir) / f"{run_id}.json"
+
+
+def write_row(results_dir: str | os.PathLike, row: ResultRow) -> Path:
+    """Write the row atomically: a unique temp file in the same directory, fsync, os.replace."""
+    path = row_path(results_dir, row.run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(row.to_dict(), indent=1, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{row.run_id}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_row(path: str | os.PathLike) -> ResultRow:
+    return ResultRow.from_dict(json.loads(Path(path).read_text()))
+
+
+def read_rows(results_dir: str | os.PathLike) -> Iterator[ResultRow]:
+    """Every complete row under ``results_dir`` (temp files of writers in flight are ignored)."""
+    d = rows_dir(results_dir)
+    if not d.is_dir():
+        return
+    for path in sorted(d.glob("*.json")):
+        yield read_row(path)
+
+
+def row_status(results_dir: str | os.PathLike, run_id: str) -> str | None:
+    """'ok' / 'failed' for an existing row, None when there is none."""
+    path = row_path(results_dir, run_id)
+    if not path.exists():
+        return None
+    try:
+        return read_row(path).status
+    except (ValueError, TypeError):
+        return None
