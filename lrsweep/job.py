@@ -72,6 +72,10 @@ def _slurm_fields(row: ResultRow) -> None:
     row.slurm_job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" \
         or env.get("SLURM_JOB_ID")
     row.slurm_array_index = env.get("SLURM_ARRAY_TASK_ID")
+    if env.get("SUBMITIT_FOLDER") and env.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: its log file
+        import submitit
+
+        row.log_path = str(submitit.JobEnvironment().paths.stdout)
 
 
 def _threads(cfg: DictConfig) -> None:
