@@ -38,3 +38,53 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
     except Exception as e:  # the row is already on disk: report, do not fail the job
         print(f"[lrsweep] W&B logging failed for {row.run_id}: {type(e).__name__}: {e}")
         return None
+
+
+def read_offline_run(run_dir: str | Path) -> dict:
+    """Read back what an offline W&B run recorded: {"run_id", "name", "group", "config", "summary"}.
+
+    wandb writes no summary json offline; the records live in ``run-*.wandb``, a LevelDB-style
+    log (7-byte file header, 32 KiB blocks, records with a 7-byte header: crc32, length,
+    type) of protobuf ``Record`` messages. Later summary/config updates override earlier ones.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    raw = path.read_bytes()
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer too small for a header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        data = raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):  # FULL / FIRST
+            pending = data
+        elif kind in (3, 4):  # MIDDLE / LAST
+            pending += data
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+    out: dict = {"config": {}, "summary": {}}
+
+    def items(update) -> dict:
+        return {(u.key or ".".join(u.nested_key)): json.loads(u.value_json) for u in update}
+
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(run_id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group,
+                       project=rec.run.project)
+            out["config"].update(items(rec.run.config.update))
+            out["summary"].update(items(rec.run.summary.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+    out["config"].pop("_wandb", None)
+    return out

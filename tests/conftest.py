@@ -1,0 +1,68 @@
+"""Shared test setup: offline W&B, one model/probe cache per test session, Hydra compose helper."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+# Small, fast grid points: a fraction of the probe data, few latency repeats, no W&B.
+FAST = ["logger=none", "eval.probe_train=128", "eval.probe_test=128", "eval.latency.repeats=2",
+        "eval.latency.warmup=1", "progress=false"]
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One cache dir for the whole session (unless LRSWEEP_CACHE is set by the caller)."""
+    if "LRSWEEP_CACHE" not in os.environ:
+        os.environ["LRSWEEP_CACHE"] = str(tmp_path_factory.mktemp("lrsweep-cache"))
+    yield
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> the real config from conf/ through Hydra's compose API."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers launcher configs)
+
+    def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose("config", overrides=overrides or [], return_hydra_config=hydra_cfg)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m lrsweep <args>`` as a user would; returns the completed process."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]),
+                **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lrsweep", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none available)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

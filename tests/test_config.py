@@ -1,0 +1,63 @@
+"""The real YAML composes for every group option; run identity follows the experiment only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF
+from lrsweep.identity import run_id, run_name
+from lrsweep.compress import method_spec
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "hf")
+
+
+def test_defaults(compose):
+    cfg = compose()
+    assert cfg.model.name == "minilm" and cfg.method.name == "svd"
+    assert cfg.rank == 32 and cfg.bits == 16 and cfg.budget is None and cfg.device == "auto"
+    assert cfg.results_dir == "results" and cfg.logger.mode == "offline"
+    assert cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_yaml_composes_and_resolves(compose, method):
+    cfg = compose([f"method={method}"])
+    assert cfg.method.name == method
+    spec = method_spec(cfg.method)
+    assert spec.fn.__module__.startswith("lrsweep.methods")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_yaml_composes(compose, model):
+    cfg = compose([f"model={model}"])
+    assert cfg.model.kind in ("encoder", "causal_lm") and cfg.model.targets
+
+
+def test_launcher_configs_compose(compose):
+    cfg = compose(hydra_cfg=True)
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.parallelism >= 1
+
+
+def test_run_id_ignores_launcher_logger_paths_and_device(compose):
+    base = run_id(compose())
+    for same in (["logger=none"], ["results_dir=/elsewhere"], ["device=cpu"], ["cache_dir=/c"],
+                 ["sweep_name=abc"], ["progress=false"]):
+        assert run_id(compose(same)) == base, same
+
+
+def test_run_id_changes_with_every_experiment_field(compose):
+    base = run_id(compose())
+    changed = [["rank=64"], ["bits=8"], ["seed=1"], ["method=lplr"], ["budget=2.0"], ["eval.probe_test=10"],
+               ["data.split_seed=3"], ["model.targets=encoder\\.layer\\.0\\..*"], ["method.scheme=channel"]]
+    ids = {run_id(compose(c)) for c in changed}
+    assert base not in ids and len(ids) == len(changed)
+
+
+def test_run_name_is_readable_and_safe(compose):
+    cfg = compose(["rank=64", "bits=8", "seed=2"])
+    name = run_name(cfg)
+    assert name.startswith("minilm-svd-r64-b8-s2-") and name.endswith(run_id(cfg))
+    assert "/" not in name
