@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,16 @@ def method_options(mcfg: DictConfig | dict) -> dict[str, Any]:
 def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, budget: float | None,
                  opts: dict[str, Any]) -> int:
     """The rank of an (n x d) layer: ``rank``, or the largest rank that fits ``budget`` bits/weight."""
+    if spec.check:
+        spec.check(n, d, **opts)
     if not spec.has_rank:
         return min(n, d)
+    limit = spec.rank_limit(n, d, **opts)
+    if spec.rank_rule and (r := spec.rank_rule(n, d, bits, **opts)) is not None:
+        if not 1 <= r <= limit:
+            raise ConfigError("method", f"{spec.name}'s rank rule gives rank {r} for a {n}x{d} layer "
+                              f"(valid: 1..{limit})")
+        return r
     if budget is not None:
         r = methods.rank_for_budget(spec, n, d, bits, budget, **opts)
         if r < 1:
@@ -48,8 +57,9 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
         return r
     if rank is None or int(rank) < 1:
         raise ConfigError("rank", f"{rank!r} must be a positive integer")
-    if int(rank) > min(n, d):
-        raise ConfigError("rank", f"{rank} exceeds min(n, d) = {min(n, d)} of a {n}x{d} layer")
+    if int(rank) > limit:
+        raise ConfigError("rank", f"{rank} exceeds the largest rank {limit} of method {spec.name} "
+                          f"for a {n}x{d} layer")
     return int(rank)
 
 
@@ -62,6 +72,10 @@ def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = Non
     if stats is None and (inputs is not None or fisher is not None):
         stats = LayerStats.from_inputs(inputs) if inputs is not None else LayerStats()
         stats.fisher = fisher
+    elif fisher is not None:
+        stats = dataclasses.replace(stats, fisher=fisher)
+    for kind in spec.needs:
+        methods.require(stats, kind, spec.name)
     n, d = W.shape
     r = resolve_rank(spec, n, d, rank, bits, budget, options)
     f = spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **options)

@@ -110,3 +110,101 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class LowRankSparse(Factorization):
+    """W_hat = L @ R + S with S sparse in CSR form: values, column indices and row pointers.
+
+    Indices are counted at ceil(log2 d) bits each and row pointers at ceil(log2(nnz + 1)) bits
+    (packed, like the integer codes of the quantizers).
+    """
+
+    kind: ClassVar[str] = "lowrank_sparse"
+
+    def sparse(self) -> torch.Tensor:
+        """S as a coalesced sparse COO tensor (fp32), decoded from the stored CSR arrays."""
+        s = self.stored
+        values = s["S_values"].value.reshape(-1)
+        crow, cols = s["S_crow"].codes.long(), s["S_col"].codes.long()
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=crow.device), crow.diff())
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size=self.shape, is_coalesced=True)
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.stored["L"].value @ self.stored["R"].value + self.sparse().to_dense()
+
+    def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        return LowRankSparseLinear(self.stored["L"].value, self.stored["R"].value, self.sparse(), bias, dtype)
+
+
+class LowRankSparseLinear(LowRankLinear):
+    """Two GEMMs plus a sparse-dense product: x R^T L^T + x S^T + bias (S kept sparse, fp32)."""
+
+    def __init__(self, L: torch.Tensor, R: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(L, R, bias, dtype)
+        self.register_buffer("S", S.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        sparse = torch.sparse.mm(self.S, flat.T.float()).T.to(x.dtype)
+        return super().forward(x) + sparse.reshape(*x.shape[:-1], -1)
+
+
+def index_tensor(idx: torch.Tensor, bits: int) -> QTensor:
+    """Integer indices stored at ``bits`` bits each (no metadata)."""
+    return QTensor(value=idx.float(), bits=max(1, bits), codes=idx.to(torch.int32))
+
+
+@dataclass
+class Kronecker(Factorization):
+    """W_hat = sum_k A_k kron B_k with A_k (n1 x d1), B_k (n2 x d2); stored as A (r x n1*d1), B (r x n2*d2)."""
+
+    kind: ClassVar[str] = "kronecker"
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return tuple(self.info["a_shape"])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (n1, d1), (n, d) = self.a_shape, self.shape
+        r = self.rank
+        A = self.stored["A"].value.reshape(r, n1, d1)
+        B = self.stored["B"].value.reshape(r, n // n1, d // d1)
+        return A, B
+
+    def reconstruct(self) -> torch.Tensor:
+        A, B = self.factors()
+        return sum(torch.kron(a, b) for a, b in zip(A, B))
+
+    def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        A, B = self.factors()
+        return KroneckerLinear(A, B, bias, dtype)
+
+
+class KroneckerLinear(nn.Module):
+    """x -> sum_k A_k X B_k^T (X = x reshaped to d1 x d2) + bias, never materializing W_hat.
+
+    Cost per token: r * (d1 d2 n2 + n1 d1 n2) multiply-adds instead of n d.
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
+        super().__init__()
+        dtype = dtype or A.dtype
+        self.A = nn.Parameter(A.to(dtype))  # (r, n1, d1)
+        self.B = nn.Parameter(B.to(dtype))  # (r, n2, d2)
+        self.bias = nn.Parameter(bias.to(dtype)) if bias is not None else None
+        r, n1, d1 = A.shape
+        _, n2, d2 = B.shape
+        self.in_features, self.out_features, self.rank = d1 * d2, n1 * n2, r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, n1, d1 = self.A.shape
+        _, n2, d2 = self.B.shape
+        X = x.reshape(-1, d1, d2)
+        T = torch.einsum("tab,kcb->tkac", X, self.B)  # (tokens, r, d1, n2)
+        y = torch.einsum("kia,tkac->tic", self.A, T).reshape(*x.shape[:-1], n1 * n2)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, terms={self.rank}"

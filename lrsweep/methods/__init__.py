@@ -40,6 +40,17 @@ class LayerStats:
         return cls(xtx=X.T @ X, absmean=X.abs().mean(0), n_tokens=X.shape[0])
 
 
+def require(stats: LayerStats | None, kind: str, method: str) -> torch.Tensor:
+    """The statistic ``kind`` of ``stats``, or a clear error naming what is missing."""
+    value = getattr(stats, kind, None) if stats is not None else None
+    if value is None:
+        how = {"xtx": "inputs=X or stats=LayerStats(xtx=X.T @ X)", "absmean": "inputs=X or stats=LayerStats(absmean=...)",
+               "fisher": "fisher=F or stats=LayerStats(fisher=F)"}[kind]
+        raise ValueError(f"method {method} needs the calibration statistic {kind!r}, which is missing "
+                         f"(pass {how}; in a sweep configure calib=...)")
+    return value
+
+
 def lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128, **_: Any) -> int:
     """Stored bits of L (n x r) and R (r x d) quantized at ``bits``."""
     return tensor_bits((n, rank), bits, scheme, group_size) + tensor_bits((rank, d), bits, scheme, group_size)
@@ -52,6 +63,12 @@ class MethodSpec:
     needs: tuple[str, ...] = ()  # calibration statistics (STAT_KINDS)
     storage_bits: Callable[..., int] | None = lowrank_bits  # (n, d, rank, bits, **opts) -> bits
     has_rank: bool = True  # False for methods without a rank (naive quantization)
+    max_rank: Callable[..., int] | None = None  # (n, d, **opts) -> largest rank (default min(n, d))
+    rank_rule: Callable[..., int | None] | None = None  # (n, d, bits, **opts) -> rank chosen by an option
+    check: Callable[..., None] | None = None  # (n, d, **opts): raise ConfigError for bad options
+
+    def rank_limit(self, n: int, d: int, **opts: Any) -> int:
+        return self.max_rank(n, d, **opts) if self.max_rank else min(n, d)
 
     def options(self) -> set[str] | None:
         """Keyword options the callable accepts (None: it takes **kwargs)."""
@@ -64,9 +81,11 @@ class MethodSpec:
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), storage_bits: Callable[..., int] | None = lowrank_bits, has_rank: bool = True):
+def register(name: str, *, needs: tuple[str, ...] = (), storage_bits: Callable[..., int] | None = lowrank_bits,
+             has_rank: bool = True, max_rank: Callable[..., int] | None = None,
+             rank_rule: Callable[..., int | None] | None = None, check: Callable[..., None] | None = None):
     def deco(fn: Callable[..., Factorization]) -> Callable[..., Factorization]:
-        REGISTRY[name] = MethodSpec(name, fn, tuple(needs), storage_bits, has_rank)
+        REGISTRY[name] = MethodSpec(name, fn, tuple(needs), storage_bits, has_rank, max_rank, rank_rule, check)
         fn.needs = tuple(needs)  # type: ignore[attr-defined]
         return fn
 
@@ -91,7 +110,7 @@ def resolve(name: str, target: str | None = None) -> MethodSpec:
 def rank_for_budget(spec: MethodSpec, n: int, d: int, bits: int, budget: float, **opts: Any) -> int:
     """The largest rank whose stored bits fit ``budget`` bits per weight (0 if none fits)."""
     limit = budget * n * d
-    lo, hi = 0, min(n, d)
+    lo, hi = 0, spec.rank_limit(n, d, **opts)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if spec.storage_bits(n, d, mid, bits, **opts) <= limit:

@@ -1,0 +1,44 @@
+"""DRONE (Chen et al., NeurIPS 2021): data-aware low rank, min ||(W - L R) X^T||_F in closed form.
+
+From the input statistic X^T X = V diag(lambda) V^T (i.e. X = U_X S V^T with S = sqrt(lambda)):
+W X^T = (W V S) U_X^T, so the best rank-r W_hat is [W V S]_r S^+ V^T (pseudo-inverse on the
+null space of X). Computed in fp64 from X^T X alone, so model code never holds activations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrsweep.factorization import LowRank
+from lrsweep.methods import register, require
+from lrsweep.methods.svd import balanced, truncated_svd
+from lrsweep.quant import quantize
+
+
+def input_basis(xtx: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V_k, s_k): the eigenvectors of X^T X with eigenvalue > rtol * max and sqrt of those eigenvalues."""
+    lam, V = torch.linalg.eigh(xtx.double())
+    keep = lam > rtol * lam.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if not keep.any():
+        raise ValueError("drone: the xtx statistic is zero (no calibration signal)")
+    return V[:, keep], lam[keep].sqrt()
+
+
+def pad_rank(L: torch.Tensor, R: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad factors to ``rank`` columns/rows when the problem has lower rank than requested."""
+    extra = rank - L.shape[1]
+    if extra <= 0:
+        return L, R
+    return torch.nn.functional.pad(L, (0, extra)), torch.nn.functional.pad(R, (0, 0, 0, extra))
+
+
+@register("drone", needs=("xtx",))
+def drone(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, rtol: float = 1e-12,
+          scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
+    xtx = require(stats, "xtx", "drone").to(W.device)
+    V, s = input_basis(xtx, rtol)
+    U, S, Vh, solver = truncated_svd(W.double() @ V * s, rank, driver)
+    L, R = balanced(U, S, (Vh / s) @ V.T)
+    L, R = pad_rank(L, R, rank)
+    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
+                      solver=solver, input_rank=int(s.numel()))

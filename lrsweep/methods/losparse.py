@@ -1,0 +1,62 @@
+"""LoSparse (Li et al., ICML 2023), one-shot form: W ~ L R + S with S sparse.
+
+L R is the (quantized) truncated SVD; S keeps the ``density * n * d`` largest-magnitude entries of
+the residual W - L R (so S also absorbs the factors' quantization error). S is stored in CSR
+form: values at ``sparse_bits`` (default: ``bits``), column indices and row pointers packed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import LowRankSparse, index_tensor
+from lrsweep.methods import lowrank_bits, register
+from lrsweep.methods.svd import balanced, truncated_svd
+from lrsweep.quant import SUPPORTED_BITS, quantize, tensor_bits
+
+
+def sparse_count(n: int, d: int, density: float) -> int:
+    return max(1, round(density * n * d))
+
+
+def index_bits(n: int, d: int, nnz: int) -> tuple[int, int]:
+    """(bits per column index, bits per row pointer) of an n x d CSR matrix with nnz entries."""
+    return max(1, (d - 1).bit_length()), max(1, nnz.bit_length())
+
+
+def losparse_bits(n: int, d: int, rank: int, bits: int, density: float = 0.01, sparse_bits: int | None = None,
+                  scheme: str = "uniform", group_size: int = 128, **_) -> int:
+    nnz = sparse_count(n, d, density)
+    col_bits, ptr_bits = index_bits(n, d, nnz)
+    values = tensor_bits((1, nnz), sparse_bits or bits, scheme, group_size)
+    return lowrank_bits(n, d, rank, bits, scheme, group_size) + values + nnz * col_bits + (n + 1) * ptr_bits
+
+
+def check(n: int, d: int, density: float = 0.01, sparse_bits: int | None = None, **_) -> None:
+    if not isinstance(density, int | float) or not 0 < density < 1:
+        raise ConfigError("method.density", f"{density!r} must be a fraction of entries in (0, 1)")
+    if sparse_bits is not None and sparse_bits not in SUPPORTED_BITS:
+        raise ConfigError("method.sparse_bits", f"{sparse_bits!r} is not supported", ["null", "2..8", 16, 32])
+
+
+@register("losparse", storage_bits=losparse_bits, check=check)
+def losparse(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, density: float = 0.01,
+             sparse_bits: int | None = None, scheme: str = "uniform", group_size: int = 128,
+             driver: str = "auto") -> LowRankSparse:
+    check(*W.shape, density=density, sparse_bits=sparse_bits)
+    n, d = W.shape
+    W = W.float()
+    U, S, Vh, solver = truncated_svd(W, rank, driver)
+    L, R = balanced(U, S, Vh)
+    Lq, Rq = quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size)
+    resid = (W - Lq.value @ Rq.value).reshape(-1)
+    nnz = sparse_count(n, d, density)
+    idx = resid.abs().topk(nnz).indices.sort().values  # row-major order = CSR order
+    rows, cols = idx // d, idx % d
+    crow = torch.zeros(n + 1, dtype=torch.long, device=W.device)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    col_bits, ptr_bits = index_bits(n, d, nnz)
+    stored = {"L": Lq, "R": Rq, "S_values": quantize(resid[idx].reshape(1, -1), sparse_bits or bits, scheme, group_size),
+              "S_col": index_tensor(cols, col_bits), "S_crow": index_tensor(crow, ptr_bits)}
+    return LowRankSparse(shape=(n, d), rank=rank, stored=stored, info={"solver": solver, "density": density, "nnz": nnz})

@@ -1,0 +1,39 @@
+"""Randomized SVD (Halko, Martinsson, Tropp 2011) with oversampling and power iterations.
+
+Omega ~ N(0, 1) (d x (r+p));  Y = W Omega;  q times: Q = qr(Y), Y = W (W^T Q) re-orthonormalized;
+Q = qr(Y);  B = Q^T W;  B = U_b S V^T;  U = Q U_b; truncate to r. Seeded by ``seed`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrsweep.factorization import LowRank
+from lrsweep.methods import register
+from lrsweep.methods.svd import balanced, compute_dtype
+from lrsweep.quant import quantize
+
+
+def randomized_svd(W: torch.Tensor, rank: int, oversample: int = 10, niter: int = 2,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, S_r, Vh_r) of W by the HMT range finder (fp32; fp64 for fp64 input)."""
+    W = W.to(compute_dtype(W))
+    n, d = W.shape
+    k = min(rank + oversample, n, d)
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    omega = torch.randn(d, k, generator=gen, device=W.device, dtype=W.dtype)
+    Q = torch.linalg.qr(W @ omega).Q
+    for _ in range(niter):
+        Z = torch.linalg.qr(W.T @ Q).Q
+        Q = torch.linalg.qr(W @ Z).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
+    return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
+
+
+@register("rsvd")
+def rsvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, oversample: int = 10,
+         niter: int = 2, scheme: str = "uniform", group_size: int = 128) -> LowRank:
+    U, S, Vh = randomized_svd(W, rank, oversample, niter, seed)
+    L, R = balanced(U, S, Vh)
+    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
+                      solver=f"hmt(oversample={oversample},niter={niter})")

@@ -1,0 +1,41 @@
+"""SVD-LLM (Wang et al., ICLR 2025): truncation-aware whitening by the Cholesky factor of X^T X.
+
+X^T X = C C^T (C lower, fp64); SVD of W C = U S V^T; L = U_r S_r^1/2, R = S_r^1/2 V_r^T C^-1.
+Then ||(W - L R) X^T||_F equals the truncation error of W C. X^T X is often only positive
+semi-definite: a shift lambda * mean(diag) is added (lambda = shift, x10 per retry) and recorded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrsweep.factorization import LowRank
+from lrsweep.methods import register, require
+from lrsweep.methods.svd import balanced, truncated_svd
+from lrsweep.quant import quantize
+
+
+def cholesky_shifted(xtx: torch.Tensor, shift: float, tries: int = 12) -> tuple[torch.Tensor, float]:
+    """(C, added) with C C^T = X^T X + added * I, lower triangular, fp64; added = 0 when PD."""
+    A = xtx.double()
+    A = (A + A.T) / 2
+    scale = float(A.diagonal().mean()) or 1.0
+    added = 0.0
+    for attempt in range(tries + 1):
+        C, info = torch.linalg.cholesky_ex(A + added * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        if int(info) == 0 and torch.isfinite(C).all():
+            return C, added
+        added = shift * scale * 10**attempt
+    raise ValueError(f"svdllm: X^T X is not positive definite even after a shift of {added:.3g}")
+
+
+@register("svdllm", needs=("xtx",))
+def svdllm(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, shift: float = 1e-6,
+           scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
+    xtx = require(stats, "xtx", "svdllm").to(W.device)
+    C, added = cholesky_shifted(xtx, shift)
+    U, S, Vh, solver = truncated_svd(W.double() @ C, rank, driver)
+    Vh = torch.linalg.solve_triangular(C, Vh.double(), upper=False, left=False)
+    L, R = balanced(U, S, Vh)
+    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
+                      solver=solver, cholesky_shift=added)
