@@ -128,7 +128,8 @@ class LowRankSparse(Factorization):
         values = s["S_values"].value.reshape(-1)
         crow, cols = s["S_crow"].codes.long(), s["S_col"].codes.long()
         rows = torch.repeat_interleave(torch.arange(self.shape[0], device=crow.device), crow.diff())
-        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size=self.shape, is_coalesced=True)
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size=self.shape,
+                                       is_coalesced=True, check_invariants=True)
 
     def reconstruct(self) -> torch.Tensor:
         return self.stored["L"].value @ self.stored["R"].value + self.sparse().to_dense()
