@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import evaluate, identity, models
+from lrsweep import calib, checkpoint, evaluate, identity, models
 from lrsweep.compress import compress_model
 from lrsweep.row import ResultRow, row_status, write_row
 from lrsweep.validate import resolve_device, validate
@@ -105,6 +105,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     _threads(cfg)
     torch.manual_seed(int(cfg.seed))
     cache_dir = os.path.abspath(str(cfg.cache_dir))
+    checkpoint.stage("load")
     model, tokenizer = models.load(cfg.model, device, cache_dir)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
@@ -116,9 +117,12 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     row.params_dense = sum(p.numel() for p in model.parameters())
 
     layers = models.target_linears(model, cfg.model.targets)
+    checkpoint.stage("compress", layers=len(layers))
     t0 = time.perf_counter()
-    results = compress_model(model, layers, cfg, progress=bool(cfg.get("progress", True)))
+    results, calib_info = calib.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
     row.compress_seconds = time.perf_counter() - t0
+    if calib_info:
+        row.extra["calib"] = calib_info
 
     weights = sum(r.shape[0] * r.shape[1] for r in results)
     row.layers_compressed = len(results)
@@ -133,6 +137,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     row.extra["layer_ranks"] = {r.name: r.rank for r in results}
     row.extra["layer_seconds"] = {r.name: round(r.seconds, 4) for r in results}
 
+    checkpoint.stage("evaluate")
     for key, value in task.evaluate(model, ctx, state).items():
         setattr(row, key, value)
     row.latency_ms = evaluate.latency_ms(model, ctx)
@@ -153,6 +158,7 @@ def run(cfg: DictConfig) -> ResultRow:
         return read_row(row_path(results_dir, rid))
     validate(cfg)
     row = new_row(cfg)
+    row.extra.update(checkpoint.begin(results_dir, rid))  # earlier attempts, when requeued after preemption
     t0 = time.perf_counter()
     try:
         execute(cfg, row)
@@ -163,6 +169,7 @@ def run(cfg: DictConfig) -> ResultRow:
         print(f"[lrsweep] {rid} failed: {type(e).__name__}: {e}")
     row.finished_at = _now()
     path = write_row(results_dir, row)
+    checkpoint.clear(results_dir, rid)
     print(f"[lrsweep] row {path} ({row.status})")
     log_row(cfg, row)
     return row

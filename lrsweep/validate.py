@@ -15,12 +15,16 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import evaluate, methods, models
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.quant import SUPPORTED_BITS
+
+# a user-given name (sweep_name) may become a W&B group or part of a path: plain characters only
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]*")
 
 
 @lru_cache(maxsize=16)
@@ -64,6 +68,12 @@ def check_results_dir(path: str) -> None:
         raise ConfigError("results_dir", f"{path!r} is not writable ({e.strerror})") from None
 
 
+def check_name(key: str, value: object) -> None:
+    if value is not None and (not PLAIN_NAME.fullmatch(str(value)) or ".." in str(value)):
+        raise ConfigError(key, f"{value!r} is not a plain name (no path separators or '..')",
+                          ["letters, digits and _ . = , + -"])
+
+
 def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     """Raise ConfigError for the first problem of this grid point's config."""
     if cfg.model.get("kind") not in models.KINDS:
@@ -91,7 +101,8 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
         raise ConfigError("method.needs", f"unknown statistics {missing}", methods.STAT_KINDS)
     if spec.needs and not cfg.get("calib"):
         raise ConfigError("calib", f"method {spec.name} needs calibration statistics {list(spec.needs)} "
-                          "but no calibration data is configured", ["calib=default", "calib=<name>"])
+                          "but no calibration data is configured", ["+calib=default", "+calib=<name>"])
+    check_name("sweep_name", cfg.get("sweep_name"))
     if check_device:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)))
@@ -100,3 +111,29 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
             resolve_rank(spec, n, d, rank, bits, cfg.budget, opts)
         except ConfigError as e:
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]} (layer {name})") from None
+
+
+class StopLaunch(BaseException):
+    """A ConfigError leaving a Hydra callback (Hydra turns a callback's Exception into a warning)."""
+
+    def __init__(self, error: ConfigError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class ValidateCallback(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a single run is validated before
+    Hydra creates its output dir, and a sweep's results_dir is checked before the sweep dir is
+    made (its grid points are validated by the launcher), so a bad config leaves nothing behind."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        try:
+            validate(config)
+        except ConfigError as e:
+            raise StopLaunch(e) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        try:
+            check_results_dir(os.path.abspath(str(config.results_dir)))
+        except ConfigError as e:
+            raise StopLaunch(e) from None

@@ -1,0 +1,273 @@
+"""Calibration statistics of the target layers, collected in one pass and cached on disk.
+
+For every target ``nn.Linear`` (only the statistics the method ``needs``):
+  xtx      sum of x xᵀ over the calibration tokens of the layer input (d x d, fp64);
+  absmean  mean |x| per input channel (fp64);
+  fisher   sum over calibration batches of (∂loss/∂W)², the empirical Fisher of the weight
+           (n x d; fp64 accumulation, stored fp32), as in FWSVD's reference code;
+  n_tokens tokens seen (padding excluded).
+Inputs come from forward hooks, gradients from one backward pass per batch over the same forward.
+
+The loss behind the Fisher depends on ``model.kind`` (``SOURCES``):
+  causal_lm  the LM loss on ``calib.n_samples`` random windows of ``calib.seq_len`` tokens of
+             ``calib.text`` (documents disjoint from the perplexity text by default);
+  encoder    cross-entropy of a logistic-regression head fitted on the dense model's embeddings
+             of the labelled calibration texts (``calib.n_samples`` drawn with ``calib.seed`` from
+             the train half of the probe split of ``calib.labelled``): a task loss that needs no
+             MLM head and no labels we do not have.
+
+Statistics are cached with :mod:`lrsweep.cache` keyed by the model key (path, weight-file
+hash, dtype), the calibration source, sample count, sequence length, seed, batch size,
+targets and the statistics collected: the first job of a sweep computes, the others read.
+``calib.sequential=true`` compresses block by block (the name prefix up to the layer
+index, e.g. ``model.layers.3``), taking each block's statistics from the model whose earlier
+blocks are already compressed (as SVD-LLM / GPTQ do); those depend on the method, so they are
+not cached.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrsweep import cache, data
+from lrsweep.compress import LayerResult, compress_model, method_spec
+from lrsweep.methods import LayerStats
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Source:
+    """Calibration batches and the loss for one model kind."""
+
+    config_key: str  # which part of cfg.calib the batches come from
+    batches: Callable[[DictConfig, Any], list[dict[str, torch.Tensor]]]
+    loss: Callable[[nn.Module, DictConfig, list[dict[str, torch.Tensor]], str], Callable[[nn.Module, dict], torch.Tensor]]
+
+
+# ---------------------------------------------------------------- causal LM: windows of text, LM loss
+def _lm_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    c = cfg.calib
+    ids = tokenizer(data.load_text(c.text), return_tensors="pt").input_ids[0]
+    if ids.numel() <= c.seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={c.seq_len}")
+    gen = torch.Generator().manual_seed(int(c.seed))
+    starts = torch.randint(0, ids.numel() - c.seq_len, (int(c.n_samples),), generator=gen)
+    windows = torch.stack([ids[s:s + c.seq_len] for s in starts.tolist()])
+    return [{"input_ids": windows[i:i + c.batch_size]} for i in range(0, len(windows), c.batch_size)]
+
+
+def _lm_loss(model, cfg, batches, device):
+    return lambda m, batch: m(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+# ---------------------------------------------------------------- encoder: labelled texts, probe loss
+def _encoder_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    c = cfg.calib
+    split = data.load_classification(c.labelled, 10**9, 0).train  # the half the probe never tests on
+    pick = torch.randperm(len(split.texts), generator=torch.Generator().manual_seed(int(c.seed)))[:int(c.n_samples)]
+    texts, labels = [split.texts[i] for i in pick.tolist()], [split.labels[i] for i in pick.tolist()]
+    out = []
+    for i in range(0, len(texts), c.batch_size):
+        enc = tokenizer(texts[i:i + c.batch_size], padding=True, truncation=True, max_length=c.seq_len,
+                        return_tensors="pt")
+        out.append({**enc, "labels": torch.tensor(labels[i:i + c.batch_size])})
+    return out
+
+
+def _pooled(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def _probe_loss(model, cfg, batches, device):
+    """Cross-entropy of a logistic-regression head fitted on the dense embeddings of the batches."""
+    from sklearn.linear_model import LogisticRegression
+
+    with torch.no_grad():
+        emb = torch.cat([_pooled(model, _to(b, device)).cpu() for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(emb.numpy(), labels.numpy())
+    coef = torch.tensor(clf.coef_, dtype=torch.float32, device=device)
+    intercept = torch.tensor(clf.intercept_, dtype=torch.float32, device=device)
+
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = _pooled(m, batch) @ coef.T + intercept
+        if logits.shape[1] == 1:  # binary: sklearn keeps one logit
+            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], batch["labels"].float())
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    return loss
+
+
+SOURCES: dict[str, Source] = {
+    "causal_lm": Source("text", _lm_batches, _lm_loss),
+    "encoder": Source("labelled", _encoder_batches, _probe_loss),
+}
+
+
+# ---------------------------------------------------------------- one pass with hooks
+def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class _Accumulator:
+    """Forward hooks summing xᵀx and |x| of each layer's input over the real (unpadded) tokens."""
+
+    def __init__(self, layers: dict[str, nn.Linear], needs: tuple[str, ...]):
+        self.needs, self.mask = needs, None
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.abssum: dict[str, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.n_tokens = dict.fromkeys(layers, 0)
+        self.handles = [lin.register_forward_hook(self._hook(name)) for name, lin in layers.items()]
+
+    def _hook(self, name: str):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0].detach()
+            X = x.reshape(-1, x.shape[-1])
+            if self.mask is not None:
+                X = X[self.mask]
+            X = X.double()
+            self.n_tokens[name] += X.shape[0]
+            if "xtx" in self.needs:
+                self.xtx[name] = self.xtx.get(name, 0) + X.T @ X
+            if "absmean" in self.needs:
+                self.abssum[name] = self.abssum.get(name, 0) + X.abs().sum(0)
+
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict[str, torch.Tensor]],
+            needs: tuple[str, ...], device: str,
+            loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> dict[str, LayerStats]:
+    """LayerStats of ``layers`` over ``batches``: one forward (and, for fisher, one backward) per batch."""
+    acc = _Accumulator(layers, needs)
+    want_grad = "fisher" in needs
+    if want_grad and loss_fn is None:
+        raise ValueError("fisher statistics need a loss function")
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        if want_grad:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for lin in layers.values():
+                lin.weight.requires_grad_(True)
+        for batch in batches:
+            batch = _to(batch, device)
+            mask = batch.get("attention_mask")
+            acc.mask = mask.reshape(-1).bool() if mask is not None else None
+            if want_grad:
+                loss_fn(model, batch).backward()
+                for name, lin in layers.items():
+                    acc.fisher[name] = acc.fisher.get(name, 0) + lin.weight.grad.double() ** 2
+                    lin.weight.grad = None
+            else:
+                with torch.no_grad():
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        acc.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    out = {}
+    for name in layers:
+        n = acc.n_tokens[name]
+        out[name] = LayerStats(
+            xtx=acc.xtx[name].cpu() if name in acc.xtx else None,
+            absmean=(acc.abssum[name] / max(n, 1)).cpu() if name in acc.abssum else None,
+            fisher=acc.fisher[name].float().cpu() if name in acc.fisher else None,
+            n_tokens=n)
+    return out
+
+
+# ---------------------------------------------------------------- cached statistics
+def stats_key(cfg: DictConfig, model_key: dict[str, Any], needs: tuple[str, ...]) -> dict[str, Any]:
+    """Everything the statistics depend on (never the model id alone)."""
+    c = cfg.calib
+    source = SOURCES[cfg.model.kind]
+    return {"version": CACHE_VERSION, "model": model_key, "kind": cfg.model.kind,
+            "source": OmegaConf.to_container(c[source.config_key], resolve=True),
+            "n_samples": int(c.n_samples), "seq_len": int(c.seq_len), "seed": int(c.seed),
+            "batch_size": int(c.batch_size), "targets": str(cfg.model.targets), "stats": sorted(needs)}
+
+
+def _flatten(stats: dict[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {}
+    for name, s in stats.items():
+        for kind in ("xtx", "absmean", "fisher"):
+            if getattr(s, kind) is not None:
+                tensors[f"{name}:{kind}"] = getattr(s, kind)
+    return tensors, {"n_tokens": {name: s.n_tokens for name, s in stats.items()}}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, LayerStats]:
+    out = {name: LayerStats(n_tokens=n) for name, n in info["n_tokens"].items()}
+    for key, t in tensors.items():
+        name, _, kind = key.rpartition(":")
+        setattr(out[name], kind, t)
+    return out
+
+
+def layer_stats(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+                needs: tuple[str, ...]) -> tuple[dict[str, LayerStats], dict[str, Any]]:
+    """(stats per layer, info for the row): read from the cache or computed once under its lock."""
+    cfg = ctx.cfg
+    source = SOURCES[cfg.model.kind]
+    t0 = time.perf_counter()
+
+    def compute():
+        batches = source.batches(cfg, ctx.tokenizer)
+        loss_fn = source.loss(model, cfg, batches, ctx.device) if "fisher" in needs else None
+        return _flatten(collect(model, layers, batches, needs, ctx.device, loss_fn))
+
+    tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "calib", stats_key(cfg, ctx.model_key, needs), compute)
+    stats = _unflatten(tensors, info)
+    return stats, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "stats": sorted(needs),
+                   "n_tokens": max((s.n_tokens for s in stats.values()), default=0)}
+
+
+# ---------------------------------------------------------------- compression with statistics
+def blocks(layers: dict[str, nn.Linear]) -> dict[str, dict[str, nn.Linear]]:
+    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``)."""
+    out: dict[str, dict[str, nn.Linear]] = {}
+    for name, lin in layers.items():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        out.setdefault(m.group(1) if m else name, {})[name] = lin
+    return out
+
+
+def compress(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+             progress: bool = True) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Compress ``layers`` with the statistics the method needs; (layer results, calibration info)."""
+    cfg = ctx.cfg
+    needs = method_spec(cfg.method).needs
+    if not needs:
+        return compress_model(model, layers, cfg, progress=progress), {}
+    if not cfg.calib.get("sequential", False):
+        stats, info = layer_stats(model, layers, ctx, needs)
+        return compress_model(model, layers, cfg, stats=stats, progress=progress), info
+    source = SOURCES[cfg.model.kind]
+    t0 = time.perf_counter()
+    batches = source.batches(cfg, ctx.tokenizer)
+    loss_fn = source.loss(model, cfg, batches, ctx.device) if "fisher" in needs else None
+    results, calib_seconds = [], 0.0
+    for block in blocks(layers).values():
+        t1 = time.perf_counter()
+        stats = collect(model, block, batches, needs, ctx.device, loss_fn)
+        calib_seconds += time.perf_counter() - t1
+        results += compress_model(model, block, cfg, stats=stats, progress=False)
+    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
+                     "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,162 @@
+"""Calibration statistics: values against direct computations, the on-disk cache, the job path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import FAST
+from lrsweep import calib, evaluate, job, models
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import LowRank
+from lrsweep.quant import quantize
+from lrsweep.validate import validate
+
+CALIB = ["+calib=default", "calib.n_samples=8", "calib.batch_size=4", "calib.seq_len=64"]
+Q0 = "encoder.layer.0.attention.self.query"
+
+
+def whitened_svd(W, *, rank, bits=16, seed=0, stats=None, **_):
+    """A data-aware method defined outside the package (``method._target_``): SVD of W C, C C^T = XᵀX."""
+    xtx = stats.xtx.double()
+    C = torch.linalg.cholesky(xtx + 1e-6 * xtx.diagonal().mean() * torch.eye(len(xtx), dtype=xtx.dtype))
+    U, S, Vh = torch.linalg.svd(W.double() @ C, full_matrices=False)
+    R = torch.linalg.solve_triangular(C, Vh[:rank], upper=False, left=False)  # Vh_r C^-1
+    return LowRank.of(quantize((U[:, :rank] * S[:rank]).float(), bits), quantize(R.float(), bits))
+
+
+whitened_svd.needs = ("xtx",)
+TARGET = ["method._target_=test_calib.whitened_svd", "method.name=whitened"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from omegaconf import OmegaConf
+
+    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
+    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
+
+
+def _ctx(cfg, tokenizer, cache_dir):
+    return evaluate.Context(cfg, tokenizer, "cpu", str(cache_dir), job.model_key(cfg))
+
+
+def test_xtx_absmean_equal_direct_inputs_without_padding(minilm):
+    model, tok = minilm
+    texts = ["a short one", "a much longer sentence with quite a few more tokens in it", "mid length text here"]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    layers = {Q0: model.get_submodule(Q0)}
+    stats = calib.collect(model, layers, [batch], ("xtx", "absmean"), "cpu")[Q0]
+    with torch.no_grad():  # the query projection of block 0 reads the embedding output
+        X = torch.cat([model.embeddings(input_ids=tok(t, return_tensors="pt").input_ids)[0] for t in texts]).double()
+    assert stats.n_tokens == X.shape[0] == int(batch["attention_mask"].sum())
+    assert stats.fisher is None and stats.xtx.dtype == torch.float64
+    torch.testing.assert_close(stats.xtx, X.T @ X, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.absmean, X.abs().mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_fisher_is_the_sum_of_squared_batch_gradients(minilm):
+    model, tok = minilm
+    layers = {Q0: model.get_submodule(Q0)}
+    batches = [dict(tok(t, padding=True, return_tensors="pt")) for t in (["one text", "and another"], ["third"])]
+
+    def loss(m, b):
+        return m(**b).last_hidden_state.pow(2).mean()
+
+    fisher = calib.collect(model, layers, batches, ("fisher",), "cpu", loss)[Q0].fisher
+    W = layers[Q0].weight
+    expected = sum(torch.autograd.grad(loss(model, b), W)[0].double() ** 2 for b in batches)
+    torch.testing.assert_close(fisher, expected.float(), rtol=1e-4, atol=1e-12)
+    assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
+    assert fisher.abs().sum() > 0
+
+
+def test_stats_cache_hit_and_recompute_per_key_field(minilm, compose, tmp_path):
+    model, tok = minilm
+    layers = models.target_linears(model, r"encoder\.layer\.0\.attention\.self\.(query|key)")
+
+    def get(*overrides, needs=("xtx",)):
+        cfg = compose([*FAST, *CALIB, *overrides])
+        return calib.layer_stats(model, layers, _ctx(cfg, tok, tmp_path), needs)
+
+    base, info = get()
+    assert not info["cache_hit"] and info["n_tokens"] > 0
+    again, info = get()
+    assert info["cache_hit"] and torch.equal(again[Q0].xtx, base[Q0].xtx)
+    for field in ("calib.seed=1", "calib.n_samples=4", "calib.seq_len=8", "data.split_seed=3"):
+        stats, info = get(field)
+        assert not info["cache_hit"], field
+        assert not torch.equal(stats[Q0].xtx, base[Q0].xtx), field
+    assert not get(r"model.targets='encoder\.layer\.[01]\..*'")[1]["cache_hit"]
+    assert not get(needs=("xtx", "absmean"))[1]["cache_hit"]
+    assert get("calib.seed=1")[1]["cache_hit"]
+    assert len(list((tmp_path / "calib").glob("*.safetensors"))) == 7
+
+
+def test_encoder_fisher_from_probe_loss(minilm, compose, tmp_path):
+    model, tok = minilm
+    layers = models.target_linears(model, r"encoder\.layer\.5\.output\.dense")
+    cfg = compose([*FAST, *CALIB])
+    stats, _ = calib.layer_stats(model, layers, _ctx(cfg, tok, tmp_path), ("fisher", "absmean"))
+    s = stats["encoder.layer.5.output.dense"]
+    assert s.fisher.shape == (384, 1536) and torch.isfinite(s.fisher).all() and s.fisher.sum() > 0
+    assert s.absmean.shape == (1536,) and s.xtx is None
+
+
+def test_calibrated_method_lowers_output_error(minilm, compose, tmp_path):
+    """With the statistics passed, whitening beats plain SVD on ||(W - W_hat) Xᵀ||² = tr(E XᵀX Eᵀ)."""
+    from lrsweep.compress import compress_matrix
+
+    model, tok = minilm
+    name = "encoder.layer.2.intermediate.dense"
+    cfg = compose([*FAST, *CALIB, *TARGET])
+    stats, _ = calib.layer_stats(model, {name: model.get_submodule(name)}, _ctx(cfg, tok, tmp_path), ("xtx",))
+    W, xtx = model.get_submodule(name).weight.detach(), stats[name].xtx
+
+    def out_err(f):
+        E = (W - f.reconstruct()).double()
+        return float(torch.trace(E @ xtx @ E.T))
+
+    plain = compress_matrix(W, "svd", rank=32)
+    white = compress_matrix(W, rank=32, stats=stats[name], target="test_calib.whitened_svd")
+    assert out_err(white) < 0.9 * out_err(plain)
+
+
+def test_data_aware_method_without_calib_is_a_config_error(compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"needs calibration statistics.*\+calib=default"):
+        validate(compose([*FAST, *TARGET, f"results_dir={tmp_path}"]))
+    cfg = compose([*FAST, *TARGET, *CALIB, f"results_dir={tmp_path}"])
+    validate(cfg)
+    assert cfg.calib.labelled.name == cfg.data.name  # encoders calibrate on the task's labelled texts
+
+
+def test_sweep_points_share_the_statistics(compose, tmp_path):
+    """Two grid points of one model: the first computes the statistics, the second reads them."""
+    rows = [job.run(compose([*FAST, *TARGET, *CALIB, f"rank={r}", f"results_dir={tmp_path}",
+                             r"model.targets='encoder\.layer\.[01]\..*'", f"cache_dir={tmp_path}/cache"]))
+            for r in (8, 32)]
+    assert [r.status for r in rows] == ["ok", "ok"], rows[0].error
+    assert [r.extra["calib"]["cache_hit"] for r in rows] == [False, True]
+    assert rows[1].recon_rel_err < rows[0].recon_rel_err
+
+
+def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_path):
+    """Block 0 sees the dense model either way; block 1's statistics come from a compressed block 0."""
+    model, tok = minilm
+    cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'"])
+    results = {}
+    for sequential in (False, True):
+        cfg.calib.sequential = sequential
+        m, _ = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
+        layers = models.target_linears(m, cfg.model.targets)
+        out, info = calib.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
+        results[sequential] = {r.name: r.rel_err for r in out}
+        assert info.get("sequential", False) == sequential
+    block0 = [n for n in results[True] if n.startswith("encoder.layer.0.")]
+    block1 = [n for n in results[True] if n.startswith("encoder.layer.1.")]
+    assert len(block0) == len(block1) == 6
+    assert all(results[True][n] == pytest.approx(results[False][n], rel=1e-6) for n in block0)
+    assert any(abs(results[True][n] - results[False][n]) > 1e-4 for n in block1)
+    assert list(calib.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
