@@ -5,7 +5,7 @@ Every quantizer returns a :class:`QTensor` that holds what would be written to d
 dequantized value that the compressed model computes with. ``storage_bits`` is counted from
 those stored tensors, never from a formula alone.
 
-Supported ``bits``: 2..8 (integer codes), 16 (fp16), 32 (fp32, i.e. unquantized).
+Supported ``bits``: 2..15 (integer codes), 16 (fp16), 32 (fp32, i.e. unquantized).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 FLOAT_BITS = (16, 32)
-INT_BITS = tuple(range(2, 9))
+INT_BITS = tuple(range(2, 16))
 SUPPORTED_BITS = INT_BITS + FLOAT_BITS
 SCHEMES = ("uniform", "channel", "group")
 
@@ -45,7 +45,7 @@ class QTensor:
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; valid: 2..8, 16, 32")
+        raise ValueError(f"bits={bits} is not supported; valid: 2..15, 16, 32")
 
 
 def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128) -> QTensor:

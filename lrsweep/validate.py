@@ -81,7 +81,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     models.model_dtype(cfg.model)
     bits = cfg.bits
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ConfigError("bits", f"{bits!r} is not supported", ["2..8", 16, 32])
+        raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
     rank = cfg.rank
     if cfg.budget is None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ConfigError("rank", f"{rank!r} must be a positive integer")
