@@ -21,6 +21,9 @@ METHOD_META_KEYS = ("name", "_target_", "needs")
 
 
 def method_spec(mcfg: DictConfig | dict) -> MethodSpec:
+    if OmegaConf.is_config(mcfg) and OmegaConf.is_missing(mcfg, "_target_"):
+        raise ConfigError("method._target_", f"method={mcfg.get('name')} needs the callable of your method",
+                          ["method._target_=mypkg.mymodule.myfn"])
     name, target = mcfg.get("name"), mcfg.get("_target_")
     try:
         return methods.resolve(str(name), target)
