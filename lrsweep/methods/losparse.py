@@ -37,7 +37,7 @@ def check(n: int, d: int, density: float = 0.01, sparse_bits: int | None = None,
     if not isinstance(density, int | float) or not 0 < density < 1:
         raise ConfigError("method.density", f"{density!r} must be a fraction of entries in (0, 1)")
     if sparse_bits is not None and sparse_bits not in SUPPORTED_BITS:
-        raise ConfigError("method.sparse_bits", f"{sparse_bits!r} is not supported", ["null", "2..8", 16, 32])
+        raise ConfigError("method.sparse_bits", f"{sparse_bits!r} is not supported", ["null", "2..15", 16, 32])
 
 
 @register("losparse", storage_bits=losparse_bits, check=check)

@@ -50,7 +50,7 @@ def check(n: int, d: int, cr: float | None = None, b1: int | None = None, b2: in
           b_nq: int | None = None, **_) -> None:
     for key, b in (("b1", b1), ("b2", b2), ("b_nq", b_nq)):
         if b is not None and b not in SUPPORTED_BITS:
-            raise ConfigError(f"method.{key}", f"{b!r} is not supported", ["null", "2..8", 16, 32])
+            raise ConfigError(f"method.{key}", f"{b!r} is not supported", ["null", "2..15", 16, 32])
     if cr is not None and (not isinstance(cr, int | float) or cr <= 0):
         raise ConfigError("method.cr", f"{cr!r} must be a positive ratio or null")
 
