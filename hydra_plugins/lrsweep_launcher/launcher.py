@@ -152,7 +152,8 @@ class SweepLauncher(BaseSubmititLauncher):
             if row_status(results_dir, p.run_id) != "ok":
                 from lrsweep.job import new_row
 
-                row = new_row(p.cfg)
+                # without the hydra node: its runtime interpolations are only set inside the job
+                row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
                 row.slurm_job_id = str(job.job_id) if self._EXECUTOR == "slurm" else None
                 row.log_path = str(job.paths.stdout)
                 state = getattr(job, "state", "")
@@ -185,11 +186,90 @@ class LocalLauncher(SweepLauncher):
 
 
 class SlurmLauncher(SweepLauncher):
+    """One SLURM job array per sweep, checked against the cluster before anything is submitted.
+
+    Jobs are checkpointable: on USR2 (preemption, or ``signal_delay_s`` before the time limit)
+    the running point's stage is saved (lrsweep.checkpoint) and submitit requeues the job, which
+    reruns the point; time-outs are requeued at most ``max_num_timeout`` times.
+    """
+
     _EXECUTOR = "slurm"
 
+    def plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Point]:
+        points = super().plan(job_overrides, initial_job_idx)
+        self.preflight(points)
+        if not points:
+            return points
+        from lrsweep.status import active_run_ids
+
+        active = active_run_ids(os.path.abspath(str(points[0].cfg.results_dir)))
+        for p in points:
+            if p.run_id in active and not p.cfg.get("force"):
+                print(f"[lrsweep]   #{p.index} {p.run_id}: still queued or running as job {active[p.run_id]}, "
+                      "not submitted again")
+        return [p for p in points if p.run_id not in active or p.cfg.get("force")]
+
+    def preflight(self, points: list[Point]) -> None:
+        """ConfigError (nothing submitted) for no sbatch, an unknown partition, GPUs the partition lacks."""
+        import shutil
+        import subprocess
+
+        from lrsweep.errors import did_you_mean
+
+        if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+            raise ConfigError("hydra/launcher", "sbatch/sinfo are not on PATH: this machine cannot submit SLURM jobs",
+                              ["hydra/launcher=local", "run from a SLURM login node"])
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise ConfigError("hydra/launcher", f"sinfo failed, the SLURM controller is not reachable: "
+                              f"{(out.stderr or out.stdout).strip()}")
+        gres: dict[str, set[str]] = {}
+        default = None
+        for line in out.stdout.splitlines():
+            name, _, g = line.strip().partition("|")
+            if name.endswith("*"):
+                name = default = name[:-1]
+            gres.setdefault(name, set()).add(g)
+        wanted = [q for q in str(self.params.get("partition") or default or "").split(",") if q]
+        for q in wanted:
+            if q not in gres:
+                raise ConfigError("hydra.launcher.partition", f"{q!r} is not a partition of this cluster"
+                                  f"{did_you_mean(q, gres)}", sorted(gres))
+        gpus = int(self.params.get("gpus_per_node") or 0) or int(self.params.get("gpus_per_task") or 0)
+        if gpus > 0:
+            for q in wanted:
+                if not any("gpu" in g for g in gres[q]):
+                    raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
+                                      f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
+        else:
+            for p in points:
+                if str(p.cfg.device).startswith("cuda"):
+                    raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
+                                      "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu"])
+
     def submit(self, executor, points: list[Point]) -> list[Any]:
-        jobs = executor.map_array(self, *zip(*[self.job_args(p) for p in points]))
-        print(f"[lrsweep] submitted SLURM array {jobs[0].job_id.split('_')[0]} ({len(jobs)} jobs); "
-              f"logs in {Path(str(self.params['submitit_folder'])).parent}")
+        from submitit.core.utils import FailedJobError
+
+        from lrsweep.status import write_manifest
+
+        try:
+            jobs = executor.map_array(self, *zip(*[self.job_args(p) for p in points]))
+        except FailedJobError as e:  # sbatch said no: its message verbatim, nothing was submitted
+            raise ConfigError("hydra/launcher", f"sbatch refused the job array, nothing was submitted:\n"
+                              f"{str(e).strip()}") from None
+        array = str(jobs[0].job_id).split("_")[0]
+        folder = str(Path(str(self.params["submitit_folder"])).parent)
+        results_dir = os.path.abspath(str(points[0].cfg.results_dir))
+        write_manifest(results_dir, Path(str(self.config.hydra.sweep.dir)).name, array, folder,
+                       [{"index": p.index, "run_id": p.run_id, "job_id": str(j.job_id),
+                         "overrides": list(filter_overrides(p.overrides[:-1]))} for p, j in zip(points, jobs)])
+        print(f"[lrsweep] submitted SLURM array {array} ({len(jobs)} jobs); logs in {folder}")
         sys.stdout.flush()
         return jobs
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """On USR2 in the job: save the running point's stage, then let submitit requeue the job."""
+        from lrsweep import checkpoint
+
+        checkpoint.save("USR2: preempted or near the time limit")
+        return super().checkpoint(*args, **kwargs)
