@@ -144,28 +144,33 @@ class SweepLauncher(BaseSubmititLauncher):
         return [self.collect(p, j) for p, j in zip(todo, jobs)]
 
     def collect(self, p: Point, job: Any) -> JobReturn:
-        """The job's JobReturn; a job that died without a row gets a failed row written here."""
+        """The job's JobReturn; a job that died or raised without a row gets a failed row here."""
         try:
-            return job.results()[0]
-        except Exception as e:
-            results_dir = os.path.abspath(str(p.cfg.results_dir))
-            if row_status(results_dir, p.run_id) != "ok":
-                from lrsweep.job import new_row
+            ret = job.results()[0]
+            if ret.status != JobStatus.FAILED:
+                return ret
+            error = ret._return_value  # an exception outside lrsweep's row handling (e.g. an import)
+        except Exception as e:  # killed, timed out, out of memory, ...
+            error = e
+        results_dir = os.path.abspath(str(p.cfg.results_dir))
+        if row_status(results_dir, p.run_id) != "ok":
+            from lrsweep.job import new_row
 
-                # without the hydra node: its runtime interpolations are only set inside the job
-                row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
-                row.slurm_job_id = str(job.job_id) if self._EXECUTOR == "slurm" else None
-                row.log_path = str(job.paths.stdout)
-                state = getattr(job, "state", "")
-                row.error = {"type": type(e).__name__, "message": f"job {job.job_id} ended without a row "
-                             f"(state {state}): {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                             "traceback": (job.stderr() or "")[-4000:] + "\n" + traceback.format_exc()}
-                row.extra["job_state"] = state
-                write_row(results_dir, row)
-            ret = JobReturn()
-            ret.status = JobStatus.COMPLETED  # failures are reported through rows and the exit code
-            ret._return_value = "failed"
-            return ret
+            # without the hydra node: its runtime interpolations are only set inside the job
+            row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
+            row.slurm_job_id = str(job.job_id) if self._EXECUTOR == "slurm" else None
+            row.log_path = str(job.paths.stdout)
+            state = getattr(job, "state", "")
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            row.error = {"type": type(error).__name__,
+                         "message": f"job {job.job_id} ended without a row (state {state}): {first}",
+                         "traceback": (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error))}
+            row.extra["job_state"] = state
+            write_row(results_dir, row)
+        ret = JobReturn()
+        ret.status = JobStatus.COMPLETED  # failures are reported through rows and the exit code
+        ret._return_value = "failed"
+        return ret
 
 
 class LocalLauncher(SweepLauncher):
