@@ -30,6 +30,11 @@ class TextData:
     label_names: list[str]
 
 
+def _builder_kwargs(dcfg: DictConfig) -> dict:
+    """Extra keyword arguments of the ``datasets`` builder (e.g. ``encoding`` of the text builder)."""
+    return OmegaConf.to_container(dcfg.builder_kwargs, resolve=True) if dcfg.get("builder_kwargs") else {}
+
+
 def _label_folders(dcfg: DictConfig):
     """One document per file, labelled by its folder: ``label_folders: <dir>`` with a sub-folder per class."""
     import datasets
@@ -38,7 +43,7 @@ def _label_folders(dcfg: DictConfig):
     parts = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         ds = datasets.load_dataset(dcfg.builder, data_files=str(folder / dcfg.get("file_glob", "*.txt")),
-                                   sample_by="document", split="train")
+                                   sample_by="document", split="train", **_builder_kwargs(dcfg))
         parts.append(ds.add_column(dcfg.label_column, [folder.name] * len(ds)))
     if not parts:
         raise ConfigError("data.label_folders", f"{root} has no class folders")
@@ -54,7 +59,8 @@ def load_dataset(dcfg: DictConfig):
         files = dcfg.get("data_files")
         if files is not None:
             files = [assets.resolve(f, "data.data_files") for f in (files if OmegaConf.is_list(files) else [files])]
-        ds = datasets.load_dataset(dcfg.builder, dcfg.get("subset"), data_files=files, split=dcfg.get("split", "train"))
+        ds = datasets.load_dataset(dcfg.builder, dcfg.get("subset"), data_files=files, split=dcfg.get("split", "train"),
+                                   **_builder_kwargs(dcfg))
     for column, values in (dcfg.get("exclude") or {}).items():
         drop = set(values)
         ds = ds.filter(lambda row: row[column] not in drop)

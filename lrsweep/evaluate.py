@@ -7,7 +7,9 @@ Each task has ``prepare`` (dense-model work, cached on disk by everything it dep
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import cache, data
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import dense_linear
 
 
 @dataclass
@@ -34,6 +38,17 @@ class Task:
     name: str
     prepare: Callable[[nn.Module, Context], Any]
     evaluate: Callable[[nn.Module, Context, Any], dict[str, Any]]
+    kinds: tuple[str, ...] = ("encoder", "causal_lm")  # model kinds the task applies to
+    requires: str | None = None  # an optional package the task needs (import name)
+
+    def check(self, cfg: DictConfig) -> None:
+        """Raise ConfigError when this task cannot run for ``cfg`` (called by validate)."""
+        if cfg.model.kind not in self.kinds:
+            raise ConfigError("eval.task", f"{self.name} needs model.kind in {list(self.kinds)}, "
+                              f"not {cfg.model.kind!r}", ["auto", *sorted(TASKS)])
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            raise ConfigError("eval.task", f"{self.name} needs the optional package {self.requires!r}: "
+                              "pip install -e '.[lm_eval]'")
 
 
 TASKS: dict[str, Task] = {}
@@ -100,7 +115,7 @@ def _probe_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> di
             "accuracy": _probe_accuracy(t, emb), "cosine_similarity": cos}
 
 
-TASKS["probe"] = Task("probe", _probe_prepare, _probe_evaluate)
+TASKS["probe"] = Task("probe", _probe_prepare, _probe_evaluate, kinds=("encoder",))
 
 
 # ---------------------------------------------------------------- causal LM: perplexity
@@ -152,29 +167,210 @@ def _ppl_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict
     return {"task": ctx.cfg.eval.text.name, "perplexity_dense": state["perplexity_dense"], "perplexity": ppl}
 
 
-TASKS["perplexity"] = Task("perplexity", _ppl_prepare, _ppl_evaluate)
+TASKS["perplexity"] = Task("perplexity", _ppl_prepare, _ppl_evaluate, kinds=("causal_lm",))
 
 
-# ---------------------------------------------------------------- latency
+# ---------------------------------------------------------------- causal LM: zero-shot classification
+@torch.no_grad()
+def continuation_logprob(model: nn.Module, tokenizer: Any, context: str, continuation: str, device: str) -> float:
+    """log p(continuation | context), summed over the continuation's tokens.
+
+    Context and continuation are tokenized separately and concatenated (as lm-evaluation-harness
+    does), so every label is scored on the same context tokens.
+    """
+    ctx_ids = tokenizer(context, add_special_tokens=False).input_ids
+    cont_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([ctx_ids + cont_ids], device=device)
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, len(ctx_ids) - 1:-1].double(), -1)
+    return float(logp.gather(1, torch.tensor(cont_ids, device=device)[:, None]).sum())
+
+
+def zeroshot_predictions(model: nn.Module, tokenizer: Any, texts: list[str], template: str,
+                         verbalizers: list[str], device: str) -> list[int]:
+    """For each text, the index of the verbalizer with the highest log-likelihood after the prompt."""
+    preds = []
+    for text in texts:
+        context = template.format(text=text)
+        scores = [continuation_logprob(model, tokenizer, context, v, device) for v in verbalizers]
+        preds.append(max(range(len(scores)), key=scores.__getitem__))
+    return preds
+
+
+def _zeroshot_split(ctx: Context) -> tuple[list[str], list[int], list[str]]:
+    z = ctx.cfg.eval.zeroshot
+    split = data.load_classification(ctx.cfg.data, 0, int(z.n))
+    missing = [n for n in split.label_names if n not in z.verbalizers]
+    if missing:
+        raise ConfigError("eval.zeroshot.verbalizers", f"no verbalizer for labels {missing}", split.label_names)
+    return split.test.texts, split.test.labels, [str(z.verbalizers[n]) for n in split.label_names]
+
+
+def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> float:
+    texts, labels, verbalizers = _zeroshot_split(ctx)
+    preds = zeroshot_predictions(model, ctx.tokenizer, texts, ctx.cfg.eval.zeroshot.template, verbalizers, ctx.device)
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels)
+
+
+def _zeroshot_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
+    key = {"model": ctx.model_key, "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
+           "zeroshot": OmegaConf.to_container(ctx.cfg.eval.zeroshot, resolve=True)}
+    _, info, _ = cache.get_or_compute(ctx.cache_dir, "zeroshot", key,
+                                      lambda: ({}, {"accuracy_dense": _zeroshot_accuracy(model, ctx)}))
+    return info
+
+
+def _zeroshot_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict[str, Any]:
+    return {"task": f"{ctx.cfg.data.name}_zeroshot", "accuracy_dense": state["accuracy_dense"],
+            "accuracy": _zeroshot_accuracy(model, ctx)}
+
+
+TASKS["zeroshot"] = Task("zeroshot", _zeroshot_prepare, _zeroshot_evaluate, kinds=("causal_lm",))
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness (optional extra)
+def _lm_eval_results(model: nn.Module, ctx: Context) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-evaluation-harness run on the in-memory model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    e = ctx.cfg.eval.lm_eval
+    lm = HFLM(pretrained=model, tokenizer=ctx.tokenizer, batch_size=int(e.batch_size), device=ctx.device)
+    manager = TaskManager(include_path=e.include_path) if e.get("include_path") else TaskManager()
+    out = simple_evaluate(model=lm, tasks=list(e.tasks), num_fewshot=e.get("num_fewshot"), limit=e.get("limit"),
+                          task_manager=manager, random_seed=int(ctx.cfg.seed))
+    return {task: {k: float(v) for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            for task, res in out["results"].items()}
+
+
+def _lm_eval_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
+    key = {"model": ctx.model_key, "lm_eval": OmegaConf.to_container(ctx.cfg.eval.lm_eval, resolve=True)}
+    _, info, _ = cache.get_or_compute(ctx.cache_dir, "lm_eval", key, lambda: ({}, {"results": _lm_eval_results(model, ctx)}))
+    return info["results"]
+
+
+def _lm_eval_evaluate(model: nn.Module, ctx: Context, dense: dict[str, Any]) -> dict[str, Any]:
+    """accuracy / accuracy_dense: ``eval.lm_eval.metric`` of the first task; all metrics in extra."""
+    e = ctx.cfg.eval.lm_eval
+    results, first = _lm_eval_results(model, ctx), str(e.tasks[0])
+    return {"task": f"lm_eval:{first}", "accuracy_dense": dense.get(first, {}).get(e.metric),
+            "accuracy": results.get(first, {}).get(e.metric),
+            "extra": {"lm_eval": {"dense": dense, "compressed": results}}}
+
+
+TASKS["lm_eval"] = Task("lm_eval", _lm_eval_prepare, _lm_eval_evaluate, kinds=("causal_lm",), requires="lm_eval")
+
+
+# ---------------------------------------------------------------- latency and memory
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+def timed(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median and p90 wall time (ms) of ``fn`` after ``warmup`` calls, synchronizing CUDA around each."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median": statistics.median(times), "p90": float(torch.tensor(times).quantile(0.9))}
+
+
+def _shapes(lcfg: DictConfig) -> list[tuple[int, int]]:
+    """(batch, tokens): the primary shape first, then ``latency.shapes`` (e.g. decode-like 1 token)."""
+    out = [(int(lcfg.batch_size), int(lcfg.seq_len))]
+    for b, t in lcfg.get("shapes") or []:
+        if (int(b), int(t)) not in out:
+            out.append((int(b), int(t)))
+    return out
+
+
+@dataclass
+class Speed:
+    median_ms: float  # of the primary shape (eval.latency.batch_size x seq_len)
+    p90_ms: float
+    shapes: dict[str, dict[str, float]]  # "b<batch>xt<tokens>" -> {median, p90}
+    model_bytes: int  # parameters and buffers in memory
+
+
 @torch.no_grad()
-def latency_ms(model: nn.Module, ctx: Context) -> float:
-    """Median wall time (ms) of one forward pass on a fixed batch, after warm-up."""
+def speed(model: nn.Module, ctx: Context) -> Speed:
+    """Whole-model forward latency at every configured shape, and the model's bytes in memory."""
     lcfg = ctx.cfg.eval.latency
     vocab = getattr(ctx.tokenizer, "vocab_size", 1000)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (lcfg.batch_size, lcfg.seq_len), generator=gen).to(ctx.device)
-    for _ in range(lcfg.warmup):
-        model(input_ids=ids)
-    _sync(ctx.device)
-    times = []
-    for _ in range(lcfg.repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids)
-        _sync(ctx.device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    shapes = {}
+    for b, t in _shapes(lcfg):
+        ids = torch.randint(0, vocab, (b, t), generator=gen).to(ctx.device)
+        shapes[f"b{b}xt{t}"] = timed(lambda: model(input_ids=ids), ctx.device, int(lcfg.warmup), int(lcfg.repeats))
+    first = next(iter(shapes.values()))
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return Speed(first["median"], first["p90"], shapes, nbytes)
+
+
+def latency_ms(model: nn.Module, ctx: Context) -> float:
+    """Median wall time (ms) of one forward pass at the primary shape, after warm-up."""
+    return speed(model, ctx).median_ms
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------- per-layer latency, dense fallback
+@torch.no_grad()
+def as_dense(module: nn.Module, device: str) -> nn.Linear:
+    """The nn.Linear computing the same affine map as ``module`` (W_hat from the identity, bias from 0)."""
+    p = next(module.parameters())
+    d = module.in_features
+    eye = torch.eye(d, device=device, dtype=p.dtype)
+    bias = module(torch.zeros(1, d, device=device, dtype=p.dtype))[0]
+    W = (module(eye) - bias).T
+    has_bias = bias.abs().max() > 0
+    return dense_linear(W, bias if has_bias else None, p.dtype)
+
+
+@torch.no_grad()
+def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str, Any]:
+    """Time each compressed layer against its dense equivalent on the primary shape's tokens.
+
+    With ``inference.fallback=auto`` a layer whose dense equivalent is faster is replaced by it
+    (same W_hat, so the metrics do not change; its memory becomes n x d). Returns the row extras:
+    ``layer_latency`` {name: {factorized_ms, dense_ms}} and ``fallback_layers``.
+    """
+    from lrsweep.models import set_module
+
+    icfg = ctx.cfg.get("inference") or {}
+    mode = str(icfg.get("fallback", "off"))
+    lcfg = ctx.cfg.eval.latency
+    if mode not in ("off", "auto"):
+        raise ConfigError("inference.fallback", f"{mode!r} is unknown", ["off", "auto"])
+    if mode == "off" and not lcfg.get("per_layer", False):
+        return {}
+    tokens = int(lcfg.batch_size) * int(lcfg.seq_len)
+    timings, fell_back = {}, []
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear) or not hasattr(module, "in_features"):
+            continue  # already dense (e.g. a method that stores a dense matrix)
+        p = next(module.parameters())
+        x = torch.randn(tokens, module.in_features, device=ctx.device, dtype=p.dtype)
+        dense = as_dense(module, ctx.device)
+        fact = timed(lambda: module(x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
+        dns = timed(lambda: dense(x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
+        timings[name] = {"factorized_ms": round(fact, 4), "dense_ms": round(dns, 4)}
+        if mode == "auto" and dns < fact:
+            set_module(model, name, dense)
+            fell_back.append(name)
+    out: dict[str, Any] = {"layer_latency": timings, "layer_latency_tokens": tokens}
+    if mode == "auto":
+        out["fallback_layers"] = fell_back
+    return out

@@ -113,7 +113,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, model_key(cfg))
     task = evaluate.task_for(cfg)
     state = task.prepare(model, ctx)
-    row.latency_ms_dense = evaluate.latency_ms(model, ctx)
+    dense_speed = evaluate.speed(model, ctx)
     row.params_dense = sum(p.numel() for p in model.parameters())
 
     layers = models.target_linears(model, cfg.model.targets)
@@ -138,9 +138,18 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     row.extra["layer_seconds"] = {r.name: round(r.seconds, 4) for r in results}
 
     checkpoint.stage("evaluate")
+    row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
     for key, value in task.evaluate(model, ctx, state).items():
-        setattr(row, key, value)
-    row.latency_ms = evaluate.latency_ms(model, ctx)
+        if key == "extra":
+            row.extra.update(value)
+        else:
+            setattr(row, key, value)
+    speed = evaluate.speed(model, ctx)
+    row.latency_ms_dense, row.latency_ms_dense_p90 = dense_speed.median_ms, dense_speed.p90_ms
+    row.latency_ms, row.latency_ms_p90 = speed.median_ms, speed.p90_ms
+    row.model_bytes_dense, row.model_bytes = dense_speed.model_bytes, speed.model_bytes
+    row.extra["latency"] = {"dense": dense_speed.shapes, "compressed": speed.shapes}
+    row.peak_mem_mb = evaluate.peak_memory_mb(device)
     row.wall_seconds = time.perf_counter() - t_all
     row.status = "ok"
 

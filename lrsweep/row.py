@@ -52,8 +52,13 @@ class ResultRow:
     perplexity: float | None = None
     cosine_similarity: float | None = None
     # speed
-    latency_ms_dense: float | None = None
+    latency_ms_dense: float | None = None  # median forward time at eval.latency's primary shape
     latency_ms: float | None = None
+    latency_ms_dense_p90: float | None = None
+    latency_ms_p90: float | None = None
+    peak_mem_mb: float | None = None  # peak of the job: CUDA max allocated on a GPU, max RSS on CPU
+    model_bytes_dense: int | None = None  # parameters + buffers in memory
+    model_bytes: int | None = None
     compress_seconds: float | None = None
     wall_seconds: float | None = None
     # provenance

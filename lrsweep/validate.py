@@ -96,6 +96,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     task = cfg.eval.task
     if task != "auto" and task not in evaluate.TASKS:
         raise ConfigError("eval.task", f"{task!r} is unknown", ["auto", *sorted(evaluate.TASKS)])
+    evaluate.task_for(cfg).check(cfg)
     missing = [s for s in spec.needs if s not in methods.STAT_KINDS]
     if missing:
         raise ConfigError("method.needs", f"unknown statistics {missing}", methods.STAT_KINDS)
