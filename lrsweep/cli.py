@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hydra_plugins.lrsweep_launcher import launcher  # registers the launcher configs
 from lrsweep.errors import ConfigError, did_you_mean
+from lrsweep.validate import StopLaunch
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -80,7 +81,10 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print them in one line
     verbose = any(a.lower() in ("verbose=true", "verbose=1") for a in sys.argv[1:])
     try:
-        _task()
+        try:
+            _task()
+        except StopLaunch as stop:  # raised by lrsweep.validate.ValidateCallback
+            raise stop.error from None
     except ConfigError as e:
         if verbose:
             raise

