@@ -1,39 +1,146 @@
-"""Load result rows into one pandas DataFrame (columns from the shared row schema)."""
+"""Load result rows into one pandas DataFrame (columns from the shared row schema).
+
+Sources are results dirs (``<dir>/rows/*.json``) or W&B projects written as
+``wandb:<entity>/<project>``. One row per run_id: the newest ok row wins, else the newest
+failed one. Failed runs are kept (``ok`` is False, ``error_line`` says why). The nested
+config is flattened into ``config.<dotted.key>`` columns. Dtypes follow the row's type hints:
+optional ints are ``Int64``, floats ``float64``, optional bools ``boolean``, times UTC.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import types
+import typing
 from collections.abc import Iterable
+from typing import Any
 
 import pandas as pd
 
 from lrsweep.row import ResultRow, read_rows
 
-TABLE_COLUMNS = ["model", "method", "rank", "bits", "bits_per_weight", "compression_ratio", "recon_rel_err",
+TABLE_COLUMNS = ["model", "method", "rank", "bits", "budget", "seed", "bits_per_weight", "compression_ratio", "recon_rel_err",
                  "accuracy_dense", "accuracy", "perplexity_dense", "perplexity", "latency_ms_dense", "latency_ms"]
+# columns added here, next to the schema's
+DERIVED = ["ok", "error_line", "speedup", "source"]
+WANDB_PREFIX = "wandb:"
 
 
-def frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
-    """One row per run; the nested config is flattened into ``config.<dotted.key>`` columns."""
-    records = []
-    for row in rows:
-        d = row.to_dict()
-        config = d.pop("config")
-        d.update({f"config.{k}": v for k, v in pd.json_normalize(config, sep=".").iloc[0].items()} if config else {})
-        records.append(d)
-    df = pd.DataFrame.from_records(records, columns=None if records else ResultRow.columns())
-    for col in ResultRow.columns():
+def _dtype(hint: Any) -> str | None:
+    args = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    optional, args = type(None) in args, args - {type(None)}
+    if len(args) != 1:
+        return None
+    (t,) = args
+    if t is bool:
+        return "boolean"
+    if t is int:
+        return "Int64" if optional else "int64"
+    if t is float:
+        return "float64"
+    if t is str:
+        return "str"
+    return None  # dicts stay python objects
+
+
+SCHEMA_DTYPES = {k: d for k, h in typing.get_type_hints(ResultRow).items() if (d := _dtype(h))}
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists and scalars are leaves)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def error_line(error: dict[str, str] | None) -> str | None:
+    if not error:
+        return None
+    lines = [ln for ln in str(error.get("message", "")).splitlines() if ln.strip()]
+    return f"{error.get('type', 'Error')}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _record(row: ResultRow, source: str) -> dict[str, Any]:
+    d = row.to_dict()
+    config = d["config"] or {}
+    d.update({f"config.{k}": v for k, v in flatten(config).items()})
+    d["source"] = source
+    return d
+
+
+def frame(rows: Iterable[ResultRow], source: str = "") -> pd.DataFrame:
+    """One line per row (no de-duplication), schema columns first, typed."""
+    records = [_record(r, source) for r in rows]
+    df = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    for col in ResultRow.columns() + ["source"]:
         if col not in df:
-            df[col] = None
-    return df
+            df[col] = pd.Series([None] * len(df), dtype=object)
+    for col, dtype in SCHEMA_DTYPES.items():
+        df[col] = df[col].astype(dtype)
+    for col in ("started_at", "finished_at"):
+        df[col] = pd.to_datetime(df[col].replace("", None), utc=True, format="ISO8601")
+    df["ok"] = df["status"] == "ok"
+    df["error_line"] = df["error"].map(error_line).astype("str")
+    df["speedup"] = df["latency_ms_dense"] / df["latency_ms"]
+    first = ResultRow.columns() + [c for c in DERIVED if c != "source"] + ["source"]
+    return df[first + sorted(c for c in df.columns if c not in first)]
 
 
-def load(*results_dirs: str | os.PathLike) -> pd.DataFrame:
-    """All rows of one or more results dirs; one row per run_id (the newest ok one wins)."""
-    rows = [r for d in results_dirs for r in read_rows(d)]
-    df = frame(rows)
+def dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per run_id: the newest ok row, else the newest failed row."""
     if df.empty:
-        return df
-    df["_ok"] = df["status"] == "ok"
-    df = df.sort_values(["_ok", "finished_at"]).drop_duplicates("run_id", keep="last").drop(columns="_ok")
-    return df.reset_index(drop=True)
+        return df.reset_index(drop=True)
+    order = df.sort_values(["ok", "finished_at"], na_position="first", kind="stable")
+    return order.drop_duplicates("run_id", keep="last").sort_index().reset_index(drop=True)
+
+
+def wandb_rows(project: str, api: Any = None) -> list[ResultRow]:
+    """Rows rebuilt from the runs of a W&B project (summary = row scalars, config = config).
+
+    Offline (``WANDB_MODE`` offline/disabled) or unreachable, it warns and returns no rows.
+    """
+    if api is None:
+        if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+            print(f"[analysis] W&B is offline: skipped {project}", file=sys.stderr)
+            return []
+        try:
+            import wandb
+
+            api = wandb.Api(timeout=20)
+        except Exception as e:  # no key, no network: skip this source, say so
+            print(f"[analysis] W&B unavailable, skipped {project}: {type(e).__name__}: {e}", file=sys.stderr)
+            return []
+    fields = set(ResultRow.columns()) - {"config"}
+    rows = []
+    try:
+        for run in api.runs(project):
+            summary = dict(getattr(run.summary, "_json_dict", run.summary))
+            data = {k: v for k, v in summary.items() if k in fields}
+            config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+            if "run_id" not in data:
+                continue  # not an lrsweep run
+            rows.append(ResultRow.from_dict({**data, "config": config}))
+    except Exception as e:
+        print(f"[analysis] W&B unavailable, skipped {project}: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+    return rows
+
+
+def load(*sources: str | os.PathLike) -> pd.DataFrame:
+    """All rows of results dirs and/or ``wandb:<entity>/<project>``; one line per run_id."""
+    frames = []
+    for src in sources:
+        src = str(src)
+        if src.startswith(WANDB_PREFIX):
+            frames.append(frame(wandb_rows(src[len(WANDB_PREFIX):]), src))
+        else:
+            frames.append(frame(read_rows(src), os.path.abspath(src)))
+    frames = [f for f in frames if not f.empty] or [frame([])]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return dedupe(df)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis.load import TABLE_COLUMNS, frame
+from analysis.load import frame
 from analysis.plot import tradeoff_plot
 from analysis.table import run_table
 from lrsweep.row import ResultRow
@@ -12,7 +12,7 @@ from lrsweep.row import ResultRow
 
 def print_summary(rows: list[ResultRow], results_dir: str) -> None:
     df = frame(rows)
-    ok = df[df["status"] == "ok"]
+    ok = df[df["ok"]]
     if ok.empty:
         return
     print(run_table(ok, "markdown"))

@@ -1,12 +1,25 @@
-"""Tables of runs as Markdown or LaTeX (pandas does the formatting)."""
+"""Tables as Markdown or LaTeX (pandas does the formatting).
+
+- ``run_table``: one line per run.
+- ``paper_table``: methods as rows, compression levels as (grouped) columns, ``mean ± std``
+  over seeds, the best mean of each column in bold; LaTeX through ``Styler.to_latex`` (booktabs).
+- ``sweep_summary``: ok / failed / missing counts per value of each swept axis, and the failed
+  runs with their error line.
+"""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from analysis.load import TABLE_COLUMNS
+from analysis.plot import better
 
 FORMATS = ("markdown", "latex", "csv")
+DENSE = "dense"
 
 
 def run_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
@@ -20,3 +33,174 @@ def run_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
     if fmt == "csv":
         return table.to_csv(index=False)
     raise ValueError(f"format {fmt!r} is unknown; valid: {', '.join(FORMATS)}")
+
+
+# ---- paper tables --------------------------------------------------------------------------------
+
+def levels(values: pd.Series, tol: float = 0.05, decimals: int = 2) -> pd.Series:
+    """Column levels: floats within ``tol`` (relative) of a level's smallest value share the level,
+    labelled by their mean rounded to ``decimals`` (3.992 and 4.0 bits per weight: one column)."""
+    if not pd.api.types.is_float_dtype(values):
+        return values
+    uniq = sorted(values.dropna().unique())
+    bins, start = {}, None
+    for v in uniq:
+        start = v if start is None or v > start * (1 + tol) else start
+        bins[v] = start
+    labels = pd.Series(uniq).groupby(pd.Series(uniq).map(bins)).transform("mean").round(decimals)
+    return values.map(dict(zip(uniq, labels)))
+
+
+def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
+                metric: str = "accuracy", decimals: int = 2) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(mean, std, count) of ``metric`` pivoted to ``rows`` × ``cols``; std is over seeds (ddof=1)."""
+    rows, cols = list(rows), list(cols)
+    d = df.dropna(subset=[metric]).copy()
+    if d.empty:
+        raise ValueError(f"no rows have a value for {metric!r}")
+    for c in cols:
+        d[c] = levels(d[c], decimals=decimals)
+    for c in rows + cols:
+        d[c] = d[c].astype(object).where(d[c].notna(), "—")
+    g = d.groupby(rows + cols)[metric]
+    pivot = {s: g.agg(s).unstack(cols).sort_index(axis=1) for s in ("mean", "std", "count")}
+    return pivot["mean"], pivot["std"], pivot["count"]
+
+
+def _cell(mean: float, std: float, n: float, digits: int, pm: str) -> str:
+    if pd.isna(mean):
+        return "--"
+    return f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f}{pm}{std:.{digits}f}"
+
+
+def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
+                metric: str = "accuracy", digits: int = 3, decimals: int = 2, pm: str = " ± ",
+                dense: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(cell strings, bold mask): the best mean per column is bold (ties all bold); a ``dense``
+    row (mean of ``<metric>_dense``) comes first when the rows have it, never bold."""
+    mean, std, count = paper_cells(df, rows, cols, metric, decimals)
+    direction = better(metric)
+    best = mean.max() if direction == "max" else mean.min()
+    bold = mean.eq(best, axis=1) & mean.notna()
+    cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) for m, s, n in zip(mean[c], std[c], count[c])]
+                          for c in mean.columns}, index=mean.index)
+    cells.columns = mean.columns
+    dense_col = f"{metric}_dense"
+    if dense and dense_col in df and df[dense_col].notna().any():
+        key = (DENSE,) * len(rows) if len(rows) > 1 else DENSE
+        vals = df[dense_col].dropna()
+        top = pd.DataFrame([[_cell(vals.mean(), vals.std(), 1, digits, pm)] * len(cells.columns)],
+                           index=pd.MultiIndex.from_tuples([key], names=rows) if len(rows) > 1 else
+                           pd.Index([key], name=rows[0]), columns=cells.columns)
+        cells = pd.concat([top, cells])
+        bold = pd.concat([pd.DataFrame(False, index=top.index, columns=bold.columns), bold])
+    return cells, bold
+
+
+def _column_names(columns: pd.Index, cols: Sequence[str]) -> list[str]:
+    if isinstance(columns, pd.MultiIndex):
+        return [" / ".join(f"{c}={v}" for c, v in zip(cols, key)) for key in columns]
+    return [f"{cols[0]}={v}" for v in columns]
+
+
+def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
+                metric: str = "accuracy", fmt: str = "markdown", digits: int = 3, decimals: int = 2,
+                caption: str | None = None) -> str:
+    """The paper table as Markdown (``**best**``), LaTeX (booktabs, ``\\textbf{best}``) or CSV."""
+    rows, cols = list(rows), list(cols)
+    if fmt == "latex":
+        cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ")
+        cells.columns = cells.columns.set_names([c.replace("_", " ") for c in cols])
+        cells.index = cells.index.set_names([r.replace("_", " ") for r in rows])
+        styler = cells.style.apply(lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else "").values, axis=None)
+        n_idx = len(rows)
+        return styler.to_latex(hrules=True, multicol_align="c", caption=caption,
+                               column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
+    cells, bold = paper_frame(df, rows, cols, metric, digits, decimals)
+    if fmt == "markdown":
+        out = cells.where(~bold, "**" + cells + "**")
+        out.columns = _column_names(out.columns, cols)
+        return out.reset_index().to_markdown(index=False, stralign="right")
+    if fmt == "csv":
+        out = cells.copy()
+        out.columns = _column_names(out.columns, cols)
+        return out.reset_index().to_csv(index=False)
+    raise ValueError(f"format {fmt!r} is unknown; valid: {', '.join(FORMATS)}")
+
+
+# ---- sweep summary --------------------------------------------------------------------------------
+
+AXES = ("model", "method", "rank", "bits", "budget", "seed")
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def _column(df: pd.DataFrame, key: str) -> str:
+    return key if key in df else f"config.{key}"
+
+
+def expected_grid(df: pd.DataFrame, results_dirs: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """The grid of swept values: from each sweep's ``hydra/<sweep>/multirun.yaml`` (command-line
+    sweep overrides and ``hydra.sweeper.params``), else the product of the values seen in rows."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    grids = []
+    parser = OverridesParser.create()
+    for d in results_dirs:
+        for path in sorted(Path(d).glob("hydra/*/multirun.yaml")):
+            h = OmegaConf.load(path).hydra
+            args = [f"{k}={v}" for k, v in (h.sweeper.get("params") or {}).items()] + list(h.overrides.task)
+            axes = {}
+            for o in parser.parse_overrides(args):
+                axes[o.key_or_group] = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+            axes = {k: v for k, v in axes.items() if v is not None}
+            if axes:
+                grids.append(pd.DataFrame(list(itertools.product(*axes.values())), columns=list(axes)))
+    if grids:
+        return pd.concat(grids, ignore_index=True).drop_duplicates().reset_index(drop=True)
+    axes = {a: list(df[a].dropna().unique()) for a in AXES if a in df and df[a].nunique() > 1}
+    axes = axes or {"method": list(df["method"].dropna().unique())}
+    return pd.DataFrame(list(itertools.product(*axes.values())), columns=list(axes))
+
+
+def sweep_summary(df: pd.DataFrame, results_dirs: Sequence[str | Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(counts, failed): ok / failed / missing grid points per value of each swept axis, and
+    the failed runs (run_id, run_name, error_line)."""
+    grid = expected_grid(df, results_dirs)
+    status = []
+    for _, point in grid.iterrows():
+        match = pd.Series(True, index=df.index)
+        for key, value in point.items():
+            col = _column(df, key)
+            match &= df[col].map(lambda v, value=value: _same(v, value)) if col in df else False
+        found = df.loc[match, "ok"]
+        status.append("missing" if found.empty else "ok" if found.any() else "failed")
+    grid = grid.assign(status=status)
+    counts = []
+    for key in grid.columns.drop("status"):
+        c = grid.groupby(key, sort=False)["status"].value_counts().unstack(fill_value=0)
+        for s in ("ok", "failed", "missing"):
+            if s not in c:
+                c[s] = 0
+        c = c[["ok", "failed", "missing"]].reset_index().rename(columns={key: "value"})
+        counts.append(c.assign(axis=key)[["axis", "value", "ok", "failed", "missing"]])
+    counts = pd.concat(counts, ignore_index=True)
+    counts["value"] = counts["value"].astype(str)
+    failed = df.loc[~df["ok"], ["run_id", "run_name", "error_line"]].reset_index(drop=True)
+    return counts, failed
+
+
+def summary_markdown(df: pd.DataFrame, results_dirs: Sequence[str | Path] = ()) -> str:
+    counts, failed = sweep_summary(df, results_dirs)
+    total = counts.groupby("axis")[["ok", "failed", "missing"]].sum().iloc[0]
+    out = [f"{total['ok']} ok, {total['failed']} failed, {total['missing']} missing", "",
+           counts.to_markdown(index=False)]
+    if len(failed):
+        out += ["", "Failed runs:", "", failed.to_markdown(index=False)]
+    return "\n".join(out)
