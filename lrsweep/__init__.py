@@ -2,5 +2,6 @@
 
 from lrsweep.compress import compress_matrix
 from lrsweep.factorization import Factorization
+from lrsweep.save import load_compressed
 
-__all__ = ["compress_matrix", "Factorization"]
+__all__ = ["compress_matrix", "Factorization", "load_compressed"]

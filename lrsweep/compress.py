@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,6 +94,7 @@ class LayerResult:
     dense_bits: int
     rel_err: float
     seconds: float
+    factorization: Factorization | None = field(default=None, repr=False)  # kept only for save_compressed
 
     @property
     def exceeds_break_even(self) -> bool:
@@ -121,5 +122,6 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: DictConf
         bias = lin.bias.detach() if lin.bias is not None else None
         set_module(model, name, f.as_module(bias, dtype=W.dtype))
         dense_bits = n * d * torch.finfo(W.dtype).bits
-        results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds))
+        results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
+                                   f if cfg.get("save_compressed") else None))
     return results

@@ -150,6 +150,14 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     row.model_bytes_dense, row.model_bytes = dense_speed.model_bytes, speed.model_bytes
     row.extra["latency"] = {"dense": dense_speed.shapes, "compressed": speed.shapes}
     row.peak_mem_mb = evaluate.peak_memory_mb(device)
+    if cfg.get("save_compressed"):
+        from lrsweep.save import save_compressed
+
+        metrics = {k: getattr(row, k) for k in ("task", "accuracy", "perplexity", "cosine_similarity", "recon_rel_err")}
+        out = save_compressed(model, {r.name: r.factorization for r in results if r.factorization is not None},
+                              Path(os.path.abspath(str(cfg.results_dir))) / "models" / row.run_id, tokenizer,
+                              str(cfg.model.kind), metrics)
+        row.extra["saved_model"] = str(out)
     row.wall_seconds = time.perf_counter() - t_all
     row.status = "ok"
 
