@@ -8,6 +8,7 @@ subclass :class:`Factorization` and register themselves in ``KINDS`` for saving/
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -144,11 +145,13 @@ class LowRankSparseLinear(LowRankLinear):
     def __init__(self, L: torch.Tensor, R: torch.Tensor, S: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype | None = None):
         super().__init__(L, R, bias, dtype)
-        self.register_buffer("S", S.float())
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("S", S.float().to_sparse_csr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        sparse = torch.sparse.mm(self.S, flat.T.float()).T.to(x.dtype)
+        sparse = (self.S @ flat.T.float()).T.to(x.dtype)
         return super().forward(x) + sparse.reshape(*x.shape[:-1], -1)
 
 
@@ -202,9 +205,12 @@ class KroneckerLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r, n1, d1 = self.A.shape
         _, n2, d2 = self.B.shape
-        X = x.reshape(-1, d1, d2)
-        T = torch.einsum("tab,kcb->tkac", X, self.B)  # (tokens, r, d1, n2)
-        y = torch.einsum("kia,tkac->tic", self.A, T).reshape(*x.shape[:-1], n1 * n2)
+        t = x.numel() // (d1 * d2)
+        # T[t, a, k, c] = sum_b X[t, a, b] B_k[c, b]: one GEMM against all B_k at once
+        T = (x.reshape(t * d1, d2) @ self.B.reshape(r * n2, d2).T).reshape(t, d1, r, n2)
+        # y[t, i, c] = sum_{k, a} A_k[i, a] T[t, a, k, c]: one batched GEMM against all A_k
+        T = T.permute(0, 2, 1, 3).reshape(t, r * d1, n2)
+        y = (self.A.permute(1, 0, 2).reshape(n1, r * d1) @ T).reshape(*x.shape[:-1], n1 * n2)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
