@@ -1,0 +1,115 @@
+"""Time and relative error of every method on LLaMA-7B-shaped matrices, next to torch.linalg.svd
+and the two-GEMM floor (W @ S and Q^T @ W, the matrix products any rank-r method must do).
+
+    python benchmarks/methods.py                     # 4096x4096 and 11008x4096 at r=256
+    python benchmarks/methods.py --quick             # 1024x1024 and 2752x1024 at r=64 (CPU: ~1-2 min)
+    python benchmarks/methods.py --shapes 2048x2048 --rank 128 --methods svd,rsvd,lplr --device cuda
+
+The weights are synthetic with a power-law spectrum (sigma_i ~ i^-0.5, like trained
+projections); data-aware methods get statistics of N = 2 d synthetic inputs with uneven
+channel scales, computed outside the timed region. Times are the median of ``--repeats`` runs
+after one warm-up; ``x floor`` = time / two-GEMM time, ``svd/x`` = torch.linalg.svd time / time,
+``err +%`` = relative error above the Eckart-Young optimum of rank r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+from lrsweep.methods import REGISTRY, LayerStats
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int):
+    out = fn()  # warm-up (and the result)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def weight(n: int, d: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = min(n, d)
+    s = torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -0.5
+    A = torch.randn(n, k, generator=g, device=device) / n**0.5
+    B = torch.randn(k, d, generator=g, device=device) / d**0.5
+    return (A * s) @ B
+
+
+def statistics_for(n: int, d: int, device: torch.device, seed: int = 1) -> LayerStats:
+    g = torch.Generator(device=device).manual_seed(seed)
+    X = torch.randn(2 * d, d, generator=g, device=device) * torch.rand(d, generator=g, device=device).add(0.1)
+    F = torch.rand(n, d, generator=g, device=device) * torch.rand(n, 1, generator=g, device=device)
+    stats = LayerStats(xtx=(X.T @ X).double(), absmean=X.abs().mean(0).double(), fisher=F, n_tokens=2 * d)
+    return stats
+
+
+def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device: torch.device,
+                repeats: int) -> list[list]:
+    W = weight(n, d, device)
+    norm = float(torch.linalg.norm(W))
+    stats = statistics_for(n, d, device) if any(REGISTRY[m].needs for m in methods) else None
+    S = torch.randn(d, rank, device=device)
+    Q = torch.linalg.qr(torch.randn(n, rank, device=device)).Q
+    t_gemm1, _ = timed(lambda: W @ S, device, repeats)
+    t_gemm2, _ = timed(lambda: Q.T @ W, device, repeats)
+    floor = t_gemm1 + t_gemm2
+    t_svd, (U, sv, Vh) = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, max(1, repeats // 2))
+    optimum = float(sv[rank:].square().sum().sqrt()) / norm
+    shape = f"{n}x{d}"
+    rows = [[shape, "two GEMMs (floor)", floor, 1.0, t_svd / floor, None, None],
+            [shape, "torch.linalg.svd (full)", t_svd, t_svd / floor, 1.0, optimum, 0.0]]
+    for name in methods:
+        spec = REGISTRY[name]
+        t, f = timed(lambda: spec.fn(W, rank=rank, bits=bits, seed=0, stats=stats), device, repeats)
+        err = float(torch.linalg.norm(W - f.reconstruct())) / norm
+        label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "")
+        extra = 100 * (err / optimum - 1) if spec.has_rank and name != "kronecker" else None
+        rows.append([shape, label, t, t / floor, t_svd / t, err, extra])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1024x1024 and 2752x1024 at r=64")
+    p.add_argument("--shapes", help="comma-separated NxD (default: 4096x4096,11008x4096)")
+    p.add_argument("--rank", type=int, help="default 256 (64 with --quick)")
+    p.add_argument("--bits", type=int, default=32, help="bits of the factors (default 32: unquantized)")
+    p.add_argument("--methods", default=",".join(sorted(REGISTRY)))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    shapes = args.shapes or ("1024x1024,2752x1024" if args.quick else "4096x4096,11008x4096")
+    rank = args.rank or (64 if args.quick else 256)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        p.error(f"unknown methods {unknown}; valid: {', '.join(sorted(REGISTRY))}")
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for s in shapes.split(","):
+        n, d = (int(v) for v in s.lower().split("x"))
+        rows += bench_shape(n, d, rank, args.bits, methods, device, args.repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}")
+    print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%"],
+                   floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f"), tablefmt="github", missingval="-"))
+
+
+if __name__ == "__main__":
+    main()
