@@ -150,6 +150,16 @@ class _Accumulator:
         for h in self.handles:
             h.remove()
 
+    def result(self) -> dict[str, LayerStats]:
+        out = {}
+        for name, n in self.n_tokens.items():
+            out[name] = LayerStats(
+                xtx=self.xtx[name].cpu() if name in self.xtx else None,
+                absmean=(self.abssum[name] / max(n, 1)).cpu() if name in self.abssum else None,
+                fisher=self.fisher[name].float().cpu() if name in self.fisher else None,
+                n_tokens=n)
+        return out
+
 
 def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict[str, torch.Tensor]],
             needs: tuple[str, ...], device: str,
@@ -182,15 +192,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict[s
         acc.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
-    out = {}
-    for name in layers:
-        n = acc.n_tokens[name]
-        out[name] = LayerStats(
-            xtx=acc.xtx[name].cpu() if name in acc.xtx else None,
-            absmean=(acc.abssum[name] / max(n, 1)).cpu() if name in acc.abssum else None,
-            fisher=acc.fisher[name].float().cpu() if name in acc.fisher else None,
-            n_tokens=n)
-    return out
+    return acc.result()
 
 
 # ---------------------------------------------------------------- cached statistics
@@ -254,6 +256,8 @@ def compress(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
     """Compress ``layers`` with the statistics the method needs; (layer results, calibration info)."""
     cfg = ctx.cfg
     needs = method_spec(cfg.method).needs
+    if cfg.get("stream", False):
+        return streamed(model, layers, ctx, needs)
     if not needs:
         return compress_model(model, layers, cfg, progress=progress), {}
     if not cfg.calib.get("sequential", False):
@@ -271,3 +275,110 @@ def compress(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
         results += compress_model(model, block, cfg, stats=stats, progress=False)
     return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
                      "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ---------------------------------------------------------------- streamed: one block at a time on the device
+class _Caught(Exception):
+    pass
+
+
+def _move(obj: Any, device: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block receives for each batch: the model runs (where it is) up to it."""
+    caught = []
+
+    def hook(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache shared across batches
+    try:
+        for batch in batches:
+            try:
+                with torch.no_grad():
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+        model.config.use_cache = use_cache
+    return caught
+
+
+def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def streamed(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+             needs: tuple[str, ...]) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Compress block by block with only the current block on ``ctx.device`` (the model stays on CPU).
+
+    Statistics (xtx, absmean) come from the block's inputs, propagated from block to block on the
+    device (GPTQ-style): through the dense block, or the compressed one with ``calib.sequential``.
+    Returns the layer results and, per block, seconds and peak device memory.
+    """
+    cfg, device = ctx.cfg, ctx.device
+    groups = blocks(layers)
+    if "fisher" in needs:
+        raise ValueError("stream=true propagates activations block by block; fisher needs a backward pass "
+                         "through the whole model (use stream=false)")
+    inputs, masks = [], []
+    if needs:
+        batches = SOURCES[cfg.model.kind].batches(cfg, ctx.tokenizer)
+        first = model.get_submodule(next(iter(groups)))
+        inputs = [_move(x, device) for x in _first_block_inputs(model, first, batches)]
+        masks = [b.get("attention_mask") for b in batches]
+    sequential = bool(cfg.calib.get("sequential", False)) if needs else False
+    cuda = device.startswith("cuda")
+    results, per_block = [], {}
+    for name, block_layers in groups.items():
+        block = model.get_submodule(name)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        block.to(device)
+        stats, outputs = None, []
+        if needs:
+            acc = _Accumulator(block_layers, needs)
+            try:
+                for (args, kwargs), mask in zip(inputs, masks):
+                    acc.mask = mask.reshape(-1).bool().to(device) if mask is not None else None
+                    outputs.append(_run_block(block, args, kwargs))
+            finally:
+                acc.remove()
+            stats = acc.result()
+        results += compress_model(model, block_layers, cfg, stats=stats, progress=False)
+        if sequential:  # the next block sees this block compressed
+            outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
+        inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
+        block.to("cpu")
+        if cuda:
+            torch.cuda.synchronize(device)
+        per_block[name] = {"seconds": round(time.perf_counter() - t0, 3), "layers": len(block_layers)}
+        if cuda:
+            per_block[name]["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    info: dict[str, Any] = {"stream": True, "device": device, "blocks": per_block}
+    if cuda:
+        info["peak_mem_mb"] = max(b["peak_mem_mb"] for b in per_block.values())
+    if needs:
+        info.update(stats=sorted(needs), sequential=sequential, cache_hit=False)
+    return results, info

@@ -53,6 +53,8 @@ def versions() -> dict[str, str]:
 
 def model_key(cfg: DictConfig) -> dict[str, Any]:
     """What identifies the dense weights: resolved path, a hash of the weight files, dtype."""
+    if cfg.model.get("random_init"):  # seeded random weights: the config and seed are the identity
+        return {"random_init": OmegaConf.to_container(cfg.model, resolve=True)}
     path = Path(models.resolve_path(cfg.model))
     h = hashlib.sha256()
     if path.is_dir():
@@ -115,6 +117,8 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     state = task.prepare(model, ctx)
     dense_speed = evaluate.speed(model, ctx)
     row.params_dense = sum(p.numel() for p in model.parameters())
+    if cfg.get("stream", False):  # compressed block by block on the device while the model waits on CPU
+        model.to("cpu")
 
     layers = models.target_linears(model, cfg.model.targets)
     checkpoint.stage("compress", layers=len(layers))
@@ -122,7 +126,8 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     results, calib_info = calib.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
     row.compress_seconds = time.perf_counter() - t0
     if calib_info:
-        row.extra["calib"] = calib_info
+        row.extra["stream" if calib_info.get("stream") else "calib"] = calib_info
+    model.to(device)
 
     weights = sum(r.shape[0] * r.shape[1] for r in results)
     row.layers_compressed = len(results)

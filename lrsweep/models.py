@@ -1,4 +1,5 @@
-"""Loading models: offline package assets (``pkg:``), local folders, GGUF files and hub ids.
+"""Loading models: offline package assets (``pkg:``), local folders, GGUF files, hub ids, and
+random-weight models of any size (``model.random_init``: a transformers config, seeded).
 
 Model classes come from ``MODEL_CLASSES`` keyed on ``model.kind``; nothing here branches on
 model names. ``trust_remote_code`` is passed only as the config says (default false), and
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import assets
@@ -56,19 +57,34 @@ def _load_kwargs(mcfg: DictConfig) -> dict[str, Any]:
     return kw
 
 
+def random_config(mcfg: DictConfig):
+    """The transformers config of a random-weight model (``model.random_init``: model_type + sizes)."""
+    from transformers import AutoConfig
+
+    spec = OmegaConf.to_container(mcfg.random_init, resolve=True)
+    model_type = spec.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **spec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("model.random_init.model_type", f"{model_type!r}: {e}") from None
+
+
 def skeleton(mcfg: DictConfig) -> nn.Module:
     """The model's module tree with weights on the meta device (cheap; used to validate configs)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    path = resolve_path(mcfg)
     kw = _load_kwargs(mcfg)
-    if mcfg.get("gguf_file"):
-        kw["gguf_file"] = mcfg.gguf_file
-    try:
-        config = AutoConfig.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
-        raise ConfigError("model.path", f"{path!r} is not a loadable model: {str(e).splitlines()[0]}") from None
+    if mcfg.get("random_init"):
+        config = random_config(mcfg)
+    else:
+        path = resolve_path(mcfg)
+        if mcfg.get("gguf_file"):
+            kw["gguf_file"] = mcfg.gguf_file
+        try:
+            config = AutoConfig.from_pretrained(path, **kw)
+        except (OSError, ValueError) as e:
+            raise ConfigError("model.path", f"{path!r} is not a loadable model: {str(e).splitlines()[0]}") from None
     with init_empty_weights():
         return _auto_class(mcfg.kind).from_config(config, trust_remote_code=kw["trust_remote_code"])
 
@@ -100,10 +116,28 @@ def _gguf_as_folder(mcfg: DictConfig, path: str, cache_dir: Path) -> str:
     return str(target)
 
 
+def _load_random(mcfg: DictConfig, device: str) -> tuple[nn.Module, Any]:
+    """A seeded random-weight model of ``model.random_init`` sizes (built on CPU) and ``model.tokenizer``."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(int(mcfg.get("seed", 0)))
+    model = _auto_class(mcfg.kind).from_config(random_config(mcfg), dtype=model_dtype(mcfg))
+    tok_path = assets.resolve(str(mcfg.tokenizer), "model.tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, **_load_kwargs(mcfg))
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError("model.tokenizer", f"{len(tokenizer)} tokens exceed the model's vocab_size "
+                          f"{model.config.vocab_size}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
 def load(mcfg: DictConfig, device: str, cache_dir: str | Path) -> tuple[nn.Module, Any]:
     """(model in eval mode on ``device``, tokenizer)."""
     from transformers import AutoTokenizer
 
+    if mcfg.get("random_init"):
+        return _load_random(mcfg, device)
     path = resolve_path(mcfg)
     if mcfg.get("gguf_file"):
         path = _gguf_as_folder(mcfg, path, Path(cache_dir))

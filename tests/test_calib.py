@@ -160,3 +160,52 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     assert all(results[True][n] == pytest.approx(results[False][n], rel=1e-6) for n in block0)
     assert any(abs(results[True][n] - results[False][n]) > 1e-4 for n in block1)
     assert list(calib.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
+
+
+def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):
+    cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'", *extra,
+                   *model_cfg_overrides])
+    m, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
+    out, info = calib.compress(m, models.target_linears(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
+    return {r.name: r.rel_err for r in out}, info
+
+
+@pytest.mark.parametrize("sequential", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_streamed_blocks_match_whole_model_calibration(compose, tmp_path, sequential):
+    """Block-by-block propagation (stream=true) gives the statistics of a whole-model pass."""
+    seq = f"calib.sequential={str(sequential).lower()}"
+    whole, _ = _rel_errs([], compose, tmp_path, seq)
+    streamed, info = _rel_errs([], compose, tmp_path, seq, "stream=true")
+    assert info["stream"] and list(info["blocks"]) == ["encoder.layer.0", "encoder.layer.1"]
+    assert info["sequential"] == sequential
+    assert streamed.keys() == whole.keys()
+    for name in whole:
+        assert streamed[name] == pytest.approx(whole[name], rel=1e-4), name
+
+
+def test_llama_random_streamed_job_on_cpu(compose, tmp_path):
+    """model=llama7b_random (reduced width, 2 blocks) through the whole job with stream=true."""
+    small = ["model=llama7b_random", "model.num_layers=2", "model.random_init.hidden_size=128",
+             "model.random_init.intermediate_size=344", "model.random_init.num_attention_heads=4",
+             "model.random_init.num_key_value_heads=4", "model.random_init.vocab_size=30528"]
+    cfg = compose([*FAST, *small, "stream=true", "method=svd", "rank=16", f"results_dir={tmp_path}",
+                   "eval.ppl_tokens=256", "eval.ppl_context=128", "eval.ppl_stride=128",
+                   "eval.latency.batch_size=1", "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
+    row = job.run(cfg)
+    assert row.status == "ok", row.error
+    assert list(row.extra["stream"]["blocks"]) == ["model.layers.0", "model.layers.1"]
+    assert row.layers_compressed == 14 and row.perplexity_dense > 1 and row.perplexity > 1
+    assert row.perplexity != row.perplexity_dense and row.recon_rel_err > 0.5  # random weights: no low-rank structure
+    again = job.model_key(compose([*FAST, *small, "model.seed=1"]))
+    assert again != job.model_key(cfg)  # the seed is part of the random model's identity
+
+
+@pytest.mark.gpu
+def test_llama7b_block_streamed_on_gpu_peak_memory(compose, tmp_path):
+    """Full 7B layer sizes: peak GPU memory while compressing stays near one block (~0.8 GB fp32)."""
+    cfg = compose([*FAST, "model=llama7b_random", "model.num_layers=2", "stream=true", "device=cuda",
+                   "method=svd", "rank=256", f"results_dir={tmp_path}", "eval.ppl_tokens=1024"])
+    row = job.run(cfg)
+    assert row.status == "ok", row.error
+    block_mb = 202_375_168 * 4 / 2**20  # parameters of one LLaMA-7B block in fp32
+    assert row.extra["stream"]["peak_mem_mb"] < 2.5 * block_mb
