@@ -20,13 +20,13 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}.fail td{color:#a00}.note{color:#666;font-size:.9em}
-.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:1 1 480px}figcaption{font-size:.85em;color:#555}"""
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:0 1 calc(50% - .5em)}figcaption{font-size:.85em;color:#555}"""
 
 
 def _paper_html(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric: str) -> str:
     cells, bold = table.paper_frame(df, rows, cols, metric)
     styler = cells.style.apply(lambda _: bold.map(lambda b: "font-weight:bold" if b else "").values, axis=None)
-    return styler.to_html()
+    return styler.format_index(table.level_label, axis=1).to_html()
 
 
 def _figure(path: Path, out: Path, caption: str) -> str:

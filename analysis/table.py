@@ -67,6 +67,10 @@ def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
     return pivot["mean"], pivot["std"], pivot["count"]
 
 
+def level_label(v: object) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _cell(mean: float, std: float, n: float, digits: int, pm: str) -> str:
     if pd.isna(mean):
         return "--"
@@ -113,6 +117,7 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
         cells.columns = cells.columns.set_names([c.replace("_", " ") for c in cols])
         cells.index = cells.index.set_names([r.replace("_", " ") for r in rows])
         styler = cells.style.apply(lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else "").values, axis=None)
+        styler = styler.format_index(level_label, axis=1)
         n_idx = len(rows)
         return styler.to_latex(hrules=True, multicol_align="c", caption=caption,
                                column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
@@ -191,6 +196,7 @@ def sweep_summary(df: pd.DataFrame, results_dirs: Sequence[str | Path] = ()) -> 
         c = c[["ok", "failed", "missing"]].reset_index().rename(columns={key: "value"})
         counts.append(c.assign(axis=key)[["axis", "value", "ok", "failed", "missing"]])
     counts = pd.concat(counts, ignore_index=True)
+    counts.columns.name = None
     counts["value"] = counts["value"].astype(str)
     failed = df.loc[~df["ok"], ["run_id", "run_name", "error_line"]].reset_index(drop=True)
     return counts, failed
