@@ -241,6 +241,17 @@ def layer_stats(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
                    "n_tokens": max((s.n_tokens for s in stats.values()), default=0)}
 
 
+def check(cfg: DictConfig, needs: tuple[str, ...]) -> None:
+    """ConfigError (before launch) for calibration settings that cannot work."""
+    from lrsweep.errors import ConfigError
+
+    if needs and cfg.model.kind not in SOURCES:
+        raise ConfigError("model.kind", f"no calibration source for {cfg.model.kind!r}", sorted(SOURCES))
+    if needs and cfg.get("stream", False) and "fisher" in needs:
+        raise ConfigError("stream", "stream=true propagates activations block by block; the Fisher needs a "
+                          "backward pass through the whole model", ["stream=false"])
+
+
 # ---------------------------------------------------------------- compression with statistics
 def blocks(layers: dict[str, nn.Linear]) -> dict[str, dict[str, nn.Linear]]:
     """Layers grouped by block: the name up to its first numeric component (``model.layers.3``)."""

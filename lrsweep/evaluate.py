@@ -338,6 +338,12 @@ def as_dense(module: nn.Module, device: str) -> nn.Linear:
     return dense_linear(W, bias if has_bias else None, p.dtype)
 
 
+def check_inference(cfg: DictConfig) -> None:
+    mode = str((cfg.get("inference") or {}).get("fallback", "off"))
+    if mode not in ("off", "auto"):
+        raise ConfigError("inference.fallback", f"{mode!r} is unknown", ["off", "auto"])
+
+
 @torch.no_grad()
 def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str, Any]:
     """Time each compressed layer against its dense equivalent on the primary shape's tokens.
@@ -348,11 +354,9 @@ def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str
     """
     from lrsweep.models import set_module
 
-    icfg = ctx.cfg.get("inference") or {}
-    mode = str(icfg.get("fallback", "off"))
+    check_inference(ctx.cfg)
+    mode = str((ctx.cfg.get("inference") or {}).get("fallback", "off"))
     lcfg = ctx.cfg.eval.latency
-    if mode not in ("off", "auto"):
-        raise ConfigError("inference.fallback", f"{mode!r} is unknown", ["off", "auto"])
     if mode == "off" and not lcfg.get("per_layer", False):
         return {}
     tokens = int(lcfg.batch_size) * int(lcfg.seq_len)

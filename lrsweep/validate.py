@@ -18,7 +18,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import evaluate, methods, models
+from lrsweep import calib, evaluate, methods, models
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.quant import SUPPORTED_BITS
@@ -97,6 +97,8 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if task != "auto" and task not in evaluate.TASKS:
         raise ConfigError("eval.task", f"{task!r} is unknown", ["auto", *sorted(evaluate.TASKS)])
     evaluate.task_for(cfg).check(cfg)
+    evaluate.check_inference(cfg)
+    calib.check(cfg, spec.needs)
     missing = [s for s in spec.needs if s not in methods.STAT_KINDS]
     if missing:
         raise ConfigError("method.needs", f"unknown statistics {missing}", methods.STAT_KINDS)

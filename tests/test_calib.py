@@ -129,6 +129,9 @@ def test_data_aware_method_without_calib_is_a_config_error(compose, tmp_path):
         validate(compose([*FAST, *TARGET, f"results_dir={tmp_path}"]))
     cfg = compose([*FAST, *TARGET, *CALIB, f"results_dir={tmp_path}"])
     validate(cfg)
+    with pytest.raises(ConfigError, match="stream=true propagates"):
+        validate(compose([*FAST, "method=fwsvd", "stream=true", f"results_dir={tmp_path}"]))
+    assert compose(["method=fwsvd"]).calib.n_samples > 0  # data-aware method yamls pull in calib/default
     assert cfg.calib.labelled.name == cfg.data.name  # encoders calibrate on the task's labelled texts
 
 
