@@ -181,7 +181,7 @@ def sweep_summary(df: pd.DataFrame, results_dirs: Sequence[str | Path] = ()) -> 
     status = []
     for _, point in grid.iterrows():
         match = pd.Series(True, index=df.index)
-        for key, value in point.items():
+        for key, value in point.dropna().items():  # NaN: an axis another sweep of this dir did not have
             col = _column(df, key)
             match &= df[col].map(lambda v, value=value: _same(v, value)) if col in df else False
         found = df.loc[match, "ok"]

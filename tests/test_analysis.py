@@ -146,6 +146,20 @@ def test_sweep_summary_counts_and_failed_runs(results):
     assert failed.to_dict("records") == [{"run_id": "a16s1", "run_name": "", "error_line": "ValueError: boom"}]
 
 
+def test_sweep_summary_grid_from_multirun_yaml(results):
+    """The expected grid comes from the sweep's multirun.yaml: task sweep overrides + sweeper params."""
+    d, _ = results
+    sweep = d / "hydra" / "2026-01-01_10-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      seed: 0,1,2\n"
+        "  overrides:\n    task: ['method=a,b', 'rank=8,16', 'bits=4', 'seed=0,1']\n")
+    counts, _ = table.sweep_summary(load(d), [d])
+    c = counts.set_index(["axis", "value"])
+    assert set(counts["axis"]) == {"method", "rank", "seed"}  # bits=4 is not swept; seed: the task wins
+    assert c.loc[("method", "a")].tolist() == [3, 1, 0] and c.loc[("seed", "1")].tolist() == [2, 1, 1]
+
+
 def _colours(png) -> int:
     img = mpimg.imread(png)
     return len(np.unique((img[..., :3] * 255).astype(int).reshape(-1, 3), axis=0))
