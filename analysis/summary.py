@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from analysis.load import frame
-from analysis.plot import tradeoff_plot
+from analysis.plot import default_metric, tradeoff_plot
 from analysis.table import run_table
 from lrsweep.row import ResultRow
 
@@ -16,5 +16,11 @@ def print_summary(rows: list[ResultRow], results_dir: str) -> None:
     if ok.empty:
         return
     print(run_table(ok, "markdown"))
-    path = tradeoff_plot(ok, Path(results_dir) / "tradeoff.png")
-    print(f"[lrsweep] plot: {path}")
+    try:
+        y = default_metric(ok)
+    except ValueError:
+        return  # no metric to draw
+    if ok[["bits_per_weight", y]].dropna().empty:
+        return
+    path = tradeoff_plot(ok, Path(results_dir) / "tradeoff.png", y=y)
+    print(f"[lrsweep] plot: {path} (.pdf next to it); report: python -m analysis report {results_dir} -o report/")
