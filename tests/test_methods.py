@@ -318,3 +318,26 @@ def test_bad_bits_method_and_options():
         compress_matrix(W, "lplr", rank=R, b1=17)
     with pytest.raises(TypeError, match="alpha"):
         compress_matrix(W, "svd", rank=R, alpha=0.5)
+
+
+# ---- the real runner -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_every_method_gives_an_ok_row_in_a_real_sweep(tmp_path):
+    """``python -m lrsweep -m method=<each> rank=32`` on minilm: one ok row per method (~5 min on 2 cores)."""
+    import json
+
+    from conftest import FAST, run_cli
+
+    proc = run_cli("-m", f"method={','.join(ALL)}", "rank=32", f"results_dir={tmp_path}", *FAST,
+                   "eval.probe_train=200", "eval.probe_test=200", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json"))}
+    assert sorted(rows) == ALL
+    for name, row in rows.items():
+        assert row["status"] == "ok", (name, row["error"])
+        assert 0 < row["bits_per_weight"] <= 32 and row["accuracy"] is not None
+        if REGISTRY[name].needs:
+            assert row["extra"]["calib"]["stats"] == list(REGISTRY[name].needs)
