@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -127,11 +128,20 @@ def _dense(df: pd.DataFrame, y: str) -> float | None:
     return None
 
 
+def set_log(ax, which: str = "y", base: int = 10) -> None:
+    """Log scale with plain tick labels (0.5, 2, 100), no labelled minor ticks."""
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log", base=base)
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(mticker.LogLocator(base, subs=(1.0, 2.0, 5.0) if base == 10 else (1.0,), numticks=6))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(mticker.NullFormatter())
+
+
 def _scales(ax, x: pd.Series, y: pd.Series, logx: bool | None, logy: bool | None) -> None:
     if use_log(x) if logx is None else logx:
-        ax.set_xscale("log", base=2)
+        set_log(ax, "x", 2)
     if use_log(y) if logy is None else logy:
-        ax.set_yscale("log")
+        set_log(ax, "y")
 
 
 def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight", y: str | None = None,
@@ -351,18 +361,20 @@ def layer_plot(df: pd.DataFrame, out: str | Path, reference: str | None = "quant
                 for j, t in enumerate(types):
                     ax = axes[i, j]
                     part = lv[lv["type"] == t]
+                    shown = []
                     for meth, g in part.groupby("method", sort=False):
                         color, marker = sty[meth]
                         yv = g["rel_err"] / g["layer"].map(ref).values if ratio and ref is not None and len(ref) \
                             else g["rel_err"]
+                        shown.append(yv)
                         xv = g["block"] if g["block"].notna().all() else g["order"]
                         is_ref = meth == reference
                         ax.plot(xv, yv, marker=marker, color="0.2" if is_ref else color, ls="--" if is_ref else "-",
                                 label=f"{meth} (reference)" if is_ref else str(meth))
                     if ratio and ref is not None and len(ref):
                         ax.axhline(1.0, color="0.2", ls="--", lw=0.9)
-                    if use_log(part["rel_err"]):
-                        ax.set_yscale("log")
+                    if shown and use_log(pd.concat(shown)):
+                        set_log(ax, "y")
                     if i == 0:
                         ax.set_title(t, fontsize=7)
                     if j == 0:
@@ -377,7 +389,8 @@ def layer_plot(df: pd.DataFrame, out: str | Path, reference: str | None = "quant
                         handles[lab] = h
                         labels.append(lab)
             fig.legend(handles.values(), labels, loc="outside lower center", ncols=min(len(labels), 6))
-            fig.suptitle(f"{model}: per-layer relative error at equal bits", fontsize=8)
+            what = f"error relative to {reference}" if ratio and reference else "relative error"
+            fig.suptitle(f"{model}: per-layer {what} at equal bits per weight", fontsize=8)
             stem = out.with_name(f"{out.stem}_{model}" if lf["model"].nunique() > 1 else out.stem)
             paths.append(savefig(fig, stem.with_suffix(".png")))
     return paths

@@ -74,6 +74,10 @@ def build(sources: Sequence[str | Path], out: str | Path, x: str = "bits_per_wei
             for p in plot.layer_plot(ok, figs / "layers.png", reference=ref):
                 body.append(_figure(p, out, "per layer in model order, one panel per layer type"
                                     + (f"; dashed: {ref}" if ref else "")))
+            if ref:
+                for p in plot.layer_plot(ok, figs / "layers_ratio.png", reference=ref, ratio=True):
+                    body.append(_figure(p, out, f"the same, each method's error divided by {ref}'s "
+                                                "(below 1: better than naive quantization at equal bits)"))
         body.append("<h2>Tables</h2>")
         for y in dict.fromkeys([main, "recon_rel_err"]):
             if y not in metrics:
