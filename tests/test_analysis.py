@@ -168,9 +168,11 @@ def _colours(png) -> int:
 def test_figures_written_and_not_empty(results, tmp_path):
     d, _ = results
     ok = load(d).query("ok")
+    few = ok.assign(layer_errors=ok["layer_errors"].map(  # two layer types: two panels (drawing is slow)
+        lambda e: {k: v for k, v in e.items() if k.endswith(("query", "key"))}))
     paths = [plot.tradeoff_plot(ok, tmp_path / "t.png", x="rank", y="accuracy"),
              plot.pareto_plot(ok, tmp_path / "p.png", y="recon_rel_err"),
-             *plot.layer_plot(ok, tmp_path / "l.png", reference="b")]
+             *plot.layer_plot(few, tmp_path / "l.png", reference="b")]
     for p in paths:
         assert p.stat().st_size > 5000 and p.with_suffix(".pdf").stat().st_size > 1000
         assert _colours(p) > 20  # drawn, not a blank canvas
