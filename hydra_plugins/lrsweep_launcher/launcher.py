@@ -33,6 +33,9 @@ from lrsweep.row import row_status, write_row
 class LrsweepLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.lrsweep_launcher.launcher.LocalLauncher"
     parallelism: int = 2  # grid points running at once (size to the machine's cores / cpus_per_task)
+    # submitit sends USR2 30 s before timeout_min; a timed-out point then fails (it would time out again
+    # if rerun from scratch), a preempted one (USR2 before that, e.g. job._interrupt()) is requeued
+    max_num_timeout: int = 0
 
 
 @dataclass
@@ -161,9 +164,11 @@ class SweepLauncher(BaseSubmititLauncher):
             row.slurm_job_id = str(job.job_id) if self._EXECUTOR == "slurm" else None
             row.log_path = str(job.paths.stdout)
             state = getattr(job, "state", "")
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            # submitit's first two lines say what happened ("... has not produced any output (state: ...)")
+            first = " ".join(str(error).strip().splitlines()[:2])
             row.error = {"type": type(error).__name__,
-                         "message": f"job {job.job_id} ended without a row (state {state}): {first}",
+                         "message": f"job {job.job_id} ended without a row (state {state}; killed, out of memory "
+                                    f"or crashed): {first}",
                          "traceback": (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error))}
             row.extra["job_state"] = state
             write_row(results_dir, row)
