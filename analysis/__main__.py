@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--rows", nargs="+", default=["method"])
     t.add_argument("--cols", nargs="+", default=["bits_per_weight"], help="column groups, outermost first")
     t.add_argument("--metric", default=None)
+    t.add_argument("--row-order", nargs="+", default=None, help="first row values in this order (default: "
+                   "methods in the figures' order)")
     t.add_argument("--digits", type=int, default=3)
     t.add_argument("--decimals", type=int, default=2, help="rounding of float column levels")
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             print(run_table(ok, args.format))
         else:
             print(paper_table(ok, args.rows, args.cols, args.metric or plot.default_metric(ok), args.format,
-                              digits=args.digits, decimals=args.decimals))
+                              digits=args.digits, decimals=args.decimals, row_order=args.row_order))
         return 0
     col = None if args.col == "none" else args.col
     scales = dict(logx=SCALES[args.logx], logy=SCALES[args.logy])

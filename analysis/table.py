@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.load import TABLE_COLUMNS
-from analysis.plot import better
+from analysis.plot import KNOWN, better
 
 FORMATS = ("markdown", "latex", "csv")
 DENSE = "dense"
@@ -52,7 +52,8 @@ def levels(values: pd.Series, tol: float = 0.05, decimals: int = 2) -> pd.Series
 
 
 def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
-                metric: str = "accuracy", decimals: int = 2) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+                metric: str = "accuracy", decimals: int = 2, row_order: Sequence | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(mean, std, count) of ``metric`` pivoted to ``rows`` × ``cols``; std is over seeds (ddof=1)."""
     rows, cols = list(rows), list(cols)
     d = df.dropna(subset=[metric]).copy()
@@ -64,7 +65,18 @@ def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
         d[c] = d[c].astype(object).where(d[c].notna(), "—")
     g = d.groupby(rows + cols)[metric]
     pivot = {s: g.agg(s).unstack(cols).sort_index(axis=1) for s in ("mean", "std", "count")}
-    return pivot["mean"], pivot["std"], pivot["count"]
+    order = _row_order(pivot["mean"].index, rows, row_order)
+    return tuple(pivot[s].loc[order] for s in ("mean", "std", "count"))
+
+
+def _row_order(index: pd.Index, rows: list[str], row_order: Sequence | None) -> list:
+    """``row_order`` (values of the first row key) first, then methods in the figures' order, then
+    the rest sorted."""
+    first = index.get_level_values(0) if isinstance(index, pd.MultiIndex) else index
+    known = list(row_order or []) + (KNOWN if rows[0] == "method" else [])
+    rank = {v: i for i, v in reversed(list(enumerate(known)))}
+    pos = sorted(range(len(index)), key=lambda i: (rank.get(first[i], len(rank)), str(first[i]), i))
+    return [index[i] for i in pos]
 
 
 def level_label(v: object) -> str:
@@ -79,10 +91,10 @@ def _cell(mean: float, std: float, n: float, digits: int, pm: str) -> str:
 
 def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", digits: int = 3, decimals: int = 2, pm: str = " ± ",
-                dense: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                dense: bool = True, row_order: Sequence | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(cell strings, bold mask): the best mean per column is bold (ties all bold); a ``dense``
     row (mean of ``<metric>_dense``) comes first when the rows have it, never bold."""
-    mean, std, count = paper_cells(df, rows, cols, metric, decimals)
+    mean, std, count = paper_cells(df, rows, cols, metric, decimals, row_order)
     direction = better(metric)
     best = mean.max() if direction == "max" else mean.min()
     bold = mean.eq(best, axis=1) & mean.notna()
@@ -109,11 +121,11 @@ def _column_names(columns: pd.Index, cols: Sequence[str]) -> list[str]:
 
 def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", fmt: str = "markdown", digits: int = 3, decimals: int = 2,
-                caption: str | None = None) -> str:
+                caption: str | None = None, row_order: Sequence | None = None) -> str:
     """The paper table as Markdown (``**best**``), LaTeX (booktabs, ``\\textbf{best}``) or CSV."""
     rows, cols = list(rows), list(cols)
     if fmt == "latex":
-        cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ")
+        cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ", row_order=row_order)
         cells.columns = cells.columns.set_names([c.replace("_", " ") for c in cols])
         cells.index = cells.index.set_names([r.replace("_", " ") for r in rows])
         styler = cells.style.apply(lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else "").values, axis=None)
@@ -121,11 +133,11 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
         n_idx = len(rows)
         return styler.to_latex(hrules=True, multicol_align="c", caption=caption,
                                column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
-    cells, bold = paper_frame(df, rows, cols, metric, digits, decimals)
+    cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, row_order=row_order)
     if fmt == "markdown":
         out = cells.where(~bold, "**" + cells + "**")
         out.columns = _column_names(out.columns, cols)
-        return out.reset_index().to_markdown(index=False, stralign="right")
+        return out.reset_index().to_markdown(index=False, colalign=("left",) * len(rows) + ("right",) * out.shape[1])
     if fmt == "csv":
         out = cells.copy()
         out.columns = _column_names(out.columns, cols)

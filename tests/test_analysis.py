@@ -118,6 +118,9 @@ def test_paper_table_cells_and_bold(results):
     assert cells.loc["dense"].tolist() == ["0.900", "0.900"]
     assert bold.loc["a", 1.0] and not bold.loc["b", 1.0] and bold.loc["b", 2.0] and not bold.loc["a", 2.0]
     assert not bold.loc["dense"].any()
+    assert cells.index.tolist() == ["dense", "a", "b"]
+    assert table.paper_frame(ok, ["method"], ["bits_per_weight"], "accuracy", row_order=["b"])[0].index.tolist() \
+        == ["dense", "b", "a"]
     md = table.paper_table(ok, metric="accuracy")
     assert f"**0.850 ± {std}**" in md and "**0.650**" in md and "bits_per_weight=1.0" in md
     tex = table.paper_table(ok, metric="accuracy", fmt="latex")
