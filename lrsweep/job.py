@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import platform
 import socket
@@ -141,6 +142,9 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     row.params_compressed = sum(p.numel() for p in model.parameters())
     row.extra["layer_ranks"] = {r.name: r.rank for r in results}
     row.extra["layer_seconds"] = {r.name: round(r.seconds, 4) for r in results}
+    info = {r.name: r.info for r in results if r.info}
+    if info:  # method details per layer (solver, Cholesky shift, a_shape, nnz, ...)
+        row.extra["method_info"] = json.loads(json.dumps(info, default=str))
 
     checkpoint.stage("evaluate")
     row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
