@@ -341,3 +341,31 @@ def test_every_method_gives_an_ok_row_in_a_real_sweep(tmp_path):
         assert 0 < row["bits_per_weight"] <= 32 and row["accuracy"] is not None
         if REGISTRY[name].needs:
             assert row["extra"]["calib"]["stats"] == list(REGISTRY[name].needs)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["method=kronecker", "method.a_shape=[5,4]"], "method.a_shape"),
+    (["method=kronecker", "rank=400"], "rank"),
+    (["method=losparse", "method.density=1.5"], "method.density"),
+    (["method=lplr", "method.cr=0.0001"], "method"),
+    (["method=lplr", "method.b1=17"], "method.b1"),
+    (["method=svd", "+method.alpha=0.5"], "method.alpha"),
+    (["method=drone", "~calib"], "calib"),
+    (["method=asvd", "budget=0.001"], "budget"),
+])
+def test_bad_method_config_fails_validation_before_launch(compose, tmp_path, overrides, key):
+    from lrsweep.validate import validate
+
+    cfg = compose([*overrides, f"results_dir={tmp_path}", "logger=none"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, check_device=False)
+    assert e.value.key == key, str(e.value)
+
+
+def test_good_method_configs_validate(compose, tmp_path):
+    from lrsweep.validate import validate
+
+    for method in ALL:
+        validate(compose([f"method={method}", f"results_dir={tmp_path}", "logger=none"]), check_device=False)
+    validate(compose(["method=lplr", "method.cr=1.0", "method.b_nq=4", "bits=8", f"results_dir={tmp_path}"]),
+             check_device=False)
