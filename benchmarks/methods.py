@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -30,7 +31,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn, device: torch.device, repeats: int):
-    out = fn()  # warm-up (and the result)
+    """(median seconds, result); one untimed warm-up run first on CUDA (kernels, workspaces)."""
+    out = fn() if device.type == "cuda" else None
     times = []
     for _ in range(repeats):
         sync(device)
@@ -65,8 +67,8 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     stats = statistics_for(n, d, device) if any(REGISTRY[m].needs for m in methods) else None
     S = torch.randn(d, rank, device=device)
     Q = torch.linalg.qr(torch.randn(n, rank, device=device)).Q
-    t_gemm1, _ = timed(lambda: W @ S, device, repeats)
-    t_gemm2, _ = timed(lambda: Q.T @ W, device, repeats)
+    t_gemm1, _ = timed(lambda: W @ S, device, max(5, repeats))
+    t_gemm2, _ = timed(lambda: Q.T @ W, device, max(5, repeats))
     floor = t_gemm1 + t_gemm2
     t_svd, (U, sv, Vh) = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, max(1, repeats // 2))
     optimum = float(sv[rank:].square().sum().sqrt()) / norm
@@ -80,6 +82,7 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
         label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "")
         extra = 100 * (err / optimum - 1) if spec.has_rank and name != "kronecker" else None
         rows.append([shape, label, t, t / floor, t_svd / t, err, extra])
+        print(f"  {shape} {label}: {t:.4f} s, rel err {err:.4f}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -91,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=int, default=32, help="bits of the factors (default 32: unquantized)")
     p.add_argument("--methods", default=",".join(sorted(REGISTRY)))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="timed runs per method, median reported (default 3; 1 with --quick)")
     args = p.parse_args(argv)
     shapes = args.shapes or ("1024x1024,2752x1024" if args.quick else "4096x4096,11008x4096")
     rank = args.rank or (64 if args.quick else 256)
+    repeats = args.repeats or (1 if args.quick else 3)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
@@ -104,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for s in shapes.split(","):
         n, d = (int(v) for v in s.lower().split("x"))
-        rows += bench_shape(n, d, rank, args.bits, methods, device, args.repeats)
+        rows += bench_shape(n, d, rank, args.bits, methods, device, repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}")
+    print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}, median of {repeats}")
     print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%"],
                    floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f"), tablefmt="github", missingval="-"))
 
