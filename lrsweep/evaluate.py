@@ -121,7 +121,11 @@ TASKS["probe"] = Task("probe", _probe_prepare, _probe_evaluate, kinds=("encoder"
 # ---------------------------------------------------------------- causal LM: perplexity
 @torch.no_grad()
 def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, device: str) -> float:
-    """HF's sliding-window perplexity: each window scores only the tokens not scored before."""
+    """HF's sliding-window perplexity: each window scores only the tokens not scored before.
+
+    Each window's mean loss is weighted by the tokens it actually scores (labels after the shift);
+    HF's guide subtracts one token per window instead, a difference below 0.2 % at 512-token windows.
+    """
     seq_len = input_ids.shape[1]
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     for begin in range(0, seq_len, stride):
