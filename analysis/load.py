@@ -1,7 +1,7 @@
 """Load result rows into one pandas DataFrame (columns from the shared row schema).
 
-Sources are results dirs (``<dir>/rows/*.json``) or W&B projects written as
-``wandb:<entity>/<project>``. One row per run_id: the newest ok row wins, else the newest
+Sources are results dirs (``<dir>/rows/*.json``; without rows, the offline W&B runs in
+``<dir>/wandb/``) or W&B projects written as ``wandb:<entity>/<project>``. One row per run_id: the newest ok row wins, else the newest
 failed one. Failed runs are kept (``ok`` is False, ``error_line`` says why). The nested
 config is flattened into ``config.<dotted.key>`` columns. Dtypes follow the row's type hints:
 optional ints are ``Int64``, floats ``float64``, optional bools ``boolean``, times UTC.
@@ -14,6 +14,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -100,6 +101,29 @@ def dedupe(df: pd.DataFrame) -> pd.DataFrame:
     return order.drop_duplicates("run_id", keep="last").sort_index().reset_index(drop=True)
 
 
+def row_from_wandb(summary: dict[str, Any], config: dict[str, Any]) -> ResultRow | None:
+    """A row from a W&B run's summary (the row's scalars + layer_errors) and config; None when the
+    run is not an lrsweep run. Fields W&B does not hold (error, extra, versions) stay empty."""
+    fields = set(ResultRow.columns()) - {"config"}
+    data = {k: v for k, v in summary.items() if k in fields}
+    if "run_id" not in data:
+        return None
+    return ResultRow.from_dict({**data, "config": {k: v for k, v in config.items() if not k.startswith("_")}})
+
+
+def offline_rows(results_dir: str | os.PathLike) -> list[ResultRow]:
+    """Rows rebuilt from offline W&B runs under ``results_dir`` (``wandb/offline-run-*``)."""
+    from lrsweep.logger import read_offline_run
+
+    rows = []
+    for run_dir in sorted(Path(results_dir).glob("wandb/offline-run-*")):
+        if run_dir.is_dir() and any(run_dir.glob("run-*.wandb")):
+            run = read_offline_run(run_dir)
+            if (row := row_from_wandb(run["summary"], run["config"])) is not None:
+                rows.append(row)
+    return rows
+
+
 def wandb_rows(project: str, api: Any = None) -> list[ResultRow]:
     """Rows rebuilt from the runs of a W&B project (summary = row scalars, config = config).
 
@@ -116,16 +140,12 @@ def wandb_rows(project: str, api: Any = None) -> list[ResultRow]:
         except Exception as e:  # no key, no network: skip this source, say so
             print(f"[analysis] W&B unavailable, skipped {project}: {type(e).__name__}: {e}", file=sys.stderr)
             return []
-    fields = set(ResultRow.columns()) - {"config"}
     rows = []
     try:
         for run in api.runs(project):
-            summary = dict(getattr(run.summary, "_json_dict", run.summary))
-            data = {k: v for k, v in summary.items() if k in fields}
-            config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
-            if "run_id" not in data:
-                continue  # not an lrsweep run
-            rows.append(ResultRow.from_dict({**data, "config": config}))
+            row = row_from_wandb(dict(getattr(run.summary, "_json_dict", run.summary)), dict(run.config))
+            if row is not None:
+                rows.append(row)
     except Exception as e:
         print(f"[analysis] W&B unavailable, skipped {project}: {type(e).__name__}: {e}", file=sys.stderr)
         return []
@@ -139,8 +159,10 @@ def load(*sources: str | os.PathLike) -> pd.DataFrame:
         src = str(src)
         if src.startswith(WANDB_PREFIX):
             frames.append(frame(wandb_rows(src[len(WANDB_PREFIX):]), src))
-        else:
+        elif (Path(src) / "rows").is_dir() or not any(Path(src).glob("wandb/offline-run-*")):
             frames.append(frame(read_rows(src), os.path.abspath(src)))
+        else:  # no row files, but offline W&B runs: read those
+            frames.append(frame(offline_rows(src), os.path.abspath(src)))
     frames = [f for f in frames if not f.empty] or [frame([])]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return dedupe(df)

@@ -219,8 +219,9 @@ def minilm_rows(tmp_path_factory):
     d = tmp_path_factory.mktemp("minilm")
     for method in ("quant", "lplr", "svd"):
         GlobalHydra.instance().clear()
+        logger = "wandb" if method == "quant" else "none"  # offline (conftest): one W&B run to read back
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=[f"method={method}", "bits=4", "budget=4", "logger=none",
+            cfg = compose("config", overrides=[f"method={method}", "bits=4", "budget=4", f"logger={logger}",
                                                "eval.probe_train=32", "eval.probe_test=32", "eval.latency.repeats=1",
                                                "eval.latency.warmup=0", "progress=false", f"results_dir={d}"])
         assert job.run(cfg).status == "ok"
@@ -253,3 +254,16 @@ def test_report_on_real_rows(minilm_rows, tmp_path):
         assert name in html
         assert next((tmp_path / "report").rglob(name)).stat().st_size > 0
     assert "3 ok, 0 failed, 0 missing" in (tmp_path / "report" / "tables" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_as_a_source(minilm_rows, tmp_path):
+    """A dir with offline W&B runs and no row files loads the same run from W&B's records."""
+    import shutil
+
+    shutil.copytree(minilm_rows / "wandb", tmp_path / "wandb")
+    (row,) = load(tmp_path).to_dict("records")
+    (ref,) = load(minilm_rows).query("method == 'quant'").to_dict("records")
+    assert row["run_id"] == ref["run_id"] and row["ok"]
+    assert row["recon_rel_err"] == ref["recon_rel_err"] and row["layer_errors"] == ref["layer_errors"]
+    assert row["config.method.name"] == "quant" and row["bits_per_weight"] == ref["bits_per_weight"]
