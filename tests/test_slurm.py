@@ -31,7 +31,7 @@ from lrsweep.methods.svd import svd
 
 def flaky(W, *, rank, bits=16, seed=0, stats=None, **opts):
     """svd, but: raise / hard-exit at the ranks named in SLURM_TEST_FAIL; the first attempt at a rank
-    sleeps SLURM_TEST_SLEEP per layer (a requeued job does not)."""
+    sleeps SLURM_TEST_SLEEP per layer (a requeued job does not, unless SLURM_TEST_SLEEP_ALWAYS)."""
     first = True
     if os.environ.get("SLURM_TEST_MARKER"):
         marker = Path(os.environ["SLURM_TEST_MARKER"], f"started-{rank}-{os.environ.get('SLURM_RESTART_COUNT', '0')}")
@@ -42,10 +42,11 @@ def flaky(W, *, rank, bits=16, seed=0, stats=None, **opts):
         raise RuntimeError(f"injected failure at rank {rank}")
     if f"die{rank}" in how:
         os._exit(3)
-    time.sleep(float(os.environ.get("SLURM_TEST_SLEEP", "0")) if first else 0)
+    time.sleep(float(os.environ.get("SLURM_TEST_SLEEP", "0")) if first or os.environ.get("SLURM_TEST_SLEEP_ALWAYS") else 0)
     return svd(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)
 '''
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3"]
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3"]  # 2 jobs side by side
+SMALL = [*FAST, "eval.probe_train=64", "eval.probe_test=64"]
 
 
 def _cluster_problem() -> str | None:
@@ -117,7 +118,7 @@ def _status(results: Path, *extra: str, env: dict | None = None) -> subprocess.C
 @pytest.mark.slurm
 def test_array_of_four_ok_rows_then_rerun_skips_all(cluster, tmp_path):
     results = tmp_path / "res"
-    proc = run_cli("-m", *SLURM, "method=svd,lplr", "rank=8,16", *FAST, f"results_dir={results}", cwd=tmp_path)
+    proc = run_cli("-m", *SLURM, "method=svd,lplr", "rank=8,16", *SMALL, f"results_dir={results}", cwd=tmp_path)
     assert proc.returncode == 0, _out(proc)
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout, _out(proc)
     array = _array_id(proc.stdout)
@@ -134,7 +135,7 @@ def test_array_of_four_ok_rows_then_rerun_skips_all(cluster, tmp_path):
     st = _status(results)
     assert st.returncode == 0 and "ok 4, failed 0, missing 0" in st.stdout, st.stdout + st.stderr
 
-    again = run_cli("-m", *SLURM, "method=svd,lplr", "rank=8,16", *FAST, f"results_dir={results}", cwd=tmp_path)
+    again = run_cli("-m", *SLURM, "method=svd,lplr", "rank=8,16", *SMALL, f"results_dir={results}", cwd=tmp_path)
     assert again.returncode == 0, _out(again)
     assert "0 to run, 4 already ok" in again.stdout and "submitted SLURM array" not in again.stdout
 
@@ -142,7 +143,7 @@ def test_array_of_four_ok_rows_then_rerun_skips_all(cluster, tmp_path):
 @pytest.mark.slurm
 def test_failures_are_isolated_and_rerun_submits_only_them(cluster, tmp_path, plugin):
     results = tmp_path / "res"
-    args = ["-m", *SLURM, FLAKY, "rank=8,16,32", *FAST, f"results_dir={results}"]
+    args = ["-m", *SLURM, FLAKY, "rank=8,16,32", *SMALL, f"results_dir={results}"]
     proc = run_cli(*args, cwd=tmp_path, env={**plugin, "SLURM_TEST_FAIL": "raise16,die32"})
     assert proc.returncode == 1, _out(proc)
     assert "1 ok, 2 failed, 0 skipped" in proc.stdout, _out(proc)
@@ -165,7 +166,7 @@ def test_failures_are_isolated_and_rerun_submits_only_them(cluster, tmp_path, pl
 def test_usr2_requeues_the_job_which_ends_with_one_ok_row(cluster, tmp_path, plugin):
     results = tmp_path / "res"
     env = {**os.environ, **plugin, "SLURM_TEST_SLEEP": "0.3"}  # ~11 s of compression (36 layers)
-    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=15", FLAKY, "rank=8", *FAST,
+    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=15", FLAKY, "rank=8", *SMALL,
            f"results_dir={results}"]
     log = tmp_path / "sweep.log"
     with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
@@ -191,10 +192,39 @@ def test_usr2_requeues_the_job_which_ends_with_one_ok_row(cluster, tmp_path, plu
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
+def test_time_outs_are_requeued_at_most_max_num_timeout_times(cluster, tmp_path, plugin):
+    # with a limit under 10 min, submitit takes every USR2 for a time-out: the first is requeued
+    # (max_num_timeout=1), the second ends the job with a failed row
+    results = tmp_path / "res"
+    env = {**os.environ, **plugin, "SLURM_TEST_SLEEP": "2", "SLURM_TEST_SLEEP_ALWAYS": "1"}
+    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=5", "hydra.launcher.signal_delay_s=1",
+           "hydra.launcher.max_num_timeout=1", FLAKY, "rank=8", *SMALL, f"results_dir={results}"]
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
+        for attempt in (0, 1):
+            marker = Path(plugin["SLURM_TEST_MARKER"]) / f"started-8-{attempt}"
+            for _ in range(360):
+                if marker.exists() or sweep.poll() is not None:
+                    break
+                time.sleep(0.5)
+            assert marker.exists(), log.read_text()[-3000:]
+            subprocess.run(["scancel", "--signal=USR2", _array_id(log.read_text())], check=True)
+        sweep.wait(timeout=300)
+    stdout = log.read_text()
+    assert sweep.returncode == 1 and "0 ok, 1 failed, 0 skipped" in stdout, stdout[-4000:]
+    (row,) = read_rows(results)
+    assert row.status == "failed" and "timed-out too many times" in row.error["message"], row.error
+    assert row.extra["requeues"] == 1 and row.extra["interrupted"][0]["stage"] == "compress"
+    states = [s for _, s in _sacct(_array_id(stdout), duplicates=True)]
+    assert states == ["REQUEUED", "COMPLETED"], states
+
+
+@pytest.mark.slurm
 def test_detached_sweep_status_and_resubmit(cluster, tmp_path, plugin):
     results = tmp_path / "res"
     t0 = time.perf_counter()
-    proc = run_cli("-m", *SLURM, "hydra.launcher.wait=false", FLAKY, "rank=8,16", *FAST, f"results_dir={results}",
+    proc = run_cli("-m", *SLURM, "hydra.launcher.wait=false", FLAKY, "rank=8,16", *SMALL, f"results_dir={results}",
                    cwd=tmp_path, env={**plugin, "SLURM_TEST_FAIL": "die16"})
     assert proc.returncode == 0, _out(proc)
     array = _array_id(proc.stdout)
@@ -225,7 +255,7 @@ def test_detached_sweep_status_and_resubmit(cluster, tmp_path, plugin):
 
 def test_no_sbatch_on_path_is_one_clear_error(tmp_path):
     results = tmp_path / "res"
-    proc = run_cli("-m", *SLURM, "rank=8,16", *FAST, f"results_dir={results}", cwd=tmp_path,
+    proc = run_cli("-m", *SLURM, "rank=8", *SMALL, f"results_dir={results}", cwd=tmp_path,
                    env={"PATH": str(Path(sys.executable).parent)})
     assert proc.returncode == 2, _out(proc)
     assert "sbatch/sinfo are not on PATH" in proc.stderr and "hydra/launcher=local" in proc.stderr
@@ -241,7 +271,7 @@ def test_no_sbatch_on_path_is_one_clear_error(tmp_path):
 def test_bad_cluster_input_is_one_clear_error(cluster, tmp_path, override, message):
     results = tmp_path / "res"
     before = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID"], capture_output=True, text=True).stdout
-    proc = run_cli("-m", *SLURM, "rank=8,16", override, *FAST, f"results_dir={results}", cwd=tmp_path)
+    proc = run_cli("-m", *SLURM, "rank=8", override, *SMALL, f"results_dir={results}", cwd=tmp_path)
     assert proc.returncode == 2, _out(proc)
     assert message in proc.stderr, _out(proc)
     assert not list(read_rows(results)) and not (results / "sweeps").exists()
@@ -252,7 +282,7 @@ def test_bad_cluster_input_is_one_clear_error(cluster, tmp_path, override, messa
 @pytest.mark.slurm
 def test_sbatch_refusal_is_surfaced_verbatim(cluster, tmp_path):
     results = tmp_path / "res"
-    proc = run_cli("-m", *SLURM, "rank=8", "hydra.launcher.constraint=no_such_feature", *FAST,
+    proc = run_cli("-m", *SLURM, "rank=8", "hydra.launcher.constraint=no_such_feature", *SMALL,
                    f"results_dir={results}", cwd=tmp_path)
     assert proc.returncode == 2, _out(proc)
     assert "sbatch refused the job array, nothing was submitted" in proc.stderr
