@@ -369,3 +369,21 @@ def test_good_method_configs_validate(compose, tmp_path):
         validate(compose([f"method={method}", f"results_dir={tmp_path}", "logger=none"]), check_device=False)
     validate(compose(["method=lplr", "method.cr=1.0", "method.b_nq=4", "bits=8", f"results_dir={tmp_path}"]),
              check_device=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ALL)
+def test_cuda_matches_cpu(method):
+    """On CUDA every method runs on the device (gesvda for the SVD family) at the CPU's error."""
+    W = typical()
+    kw = calib()
+    cpu = compress_matrix(W, method, rank=R, bits=8, **kw)
+    gpu = compress_matrix(W.cuda(), method, rank=R, bits=8, inputs=kw["inputs"].cuda(), fisher=kw["fisher"].cuda())
+    assert gpu.reconstruct().is_cuda
+    assert gpu.rel_error(W.cuda()) == pytest.approx(cpu.rel_error(W), rel=0.05, abs=1e-3)
+    if "solver" in gpu.info and method != "rsvd":
+        assert gpu.info["solver"] == "torch.linalg.svd[gesvda]"
+    x = torch.randn(3, D, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = gpu.as_module(torch.zeros(N, device="cuda"), dtype=torch.bfloat16)(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
