@@ -39,7 +39,7 @@ def run(tmp_path: Path, *args: str, multirun: bool = False):
 
 
 @pytest.mark.parametrize("override, key, fragments", [
-    ("model=minilmm", "model", ["'minilmm' is unknown", "did you mean 'minilm'", "valid: hf, minilm"]),
+    ("model=minilmm", "model", ["'minilmm' is unknown", "did you mean 'minilm'", "(valid: hf, ", " minilm, "]),
     ("method=svdd", "method", ["'svdd' is unknown", "did you mean 'svd'", "valid:"]),
     ("eval=defualt", "eval", ["'defualt' is unknown", "did you mean 'default'", "valid: default"]),
     ("hydra/launcher=locall", "hydra/launcher", ["'locall' is unknown", "did you mean 'local'", "valid:"]),
@@ -111,6 +111,12 @@ def test_targets_not_a_regex(tmp_path):
 def test_calibration_method_without_calibration_data(tmp_path):
     res, out = run(tmp_path, "method._target_=faultlib.faults.needs_xtx", "~method.scheme", "~method.group_size")
     refused(res, out, "calib", "needs calibration statistics ['xtx']", "no calibration data")
+
+
+def test_kronecker_shape_not_dividing_the_layer(tmp_path):
+    res, out = run(tmp_path, "method=kronecker", "method.a_shape=[5,7]", "rank=2")
+    refused(res, out, "method.a_shape", "[5, 7] does not divide the 384x384 layer",
+            "(layer encoder.layer.0.attention.self.query)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
