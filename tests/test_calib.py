@@ -15,6 +15,8 @@ from lrsweep.quant import quantize
 from lrsweep.validate import validate
 
 CALIB = ["+calib=default", "calib.n_samples=8", "calib.batch_size=4", "calib.seq_len=64"]
+QUICK = ["eval.latency.batch_size=2", "eval.latency.seq_len=16", "eval.latency.shapes=[]", "eval.probe_train=64",
+         "eval.probe_test=64"]  # job runs: a small latency shape and probe
 Q0 = "encoder.layer.0.attention.self.query"
 
 
@@ -137,7 +139,7 @@ def test_data_aware_method_without_calib_is_a_config_error(compose, tmp_path):
 
 def test_sweep_points_share_the_statistics(compose, tmp_path):
     """Two grid points of one model: the first computes the statistics, the second reads them."""
-    rows = [job.run(compose([*FAST, *TARGET, *CALIB, f"rank={r}", f"results_dir={tmp_path}",
+    rows = [job.run(compose([*FAST, *QUICK, *TARGET, *CALIB, f"rank={r}", f"results_dir={tmp_path}",
                              r"model.targets='encoder\.layer\.[01]\..*'", f"cache_dir={tmp_path}/cache"]))
             for r in (8, 32)]
     assert [r.status for r in rows] == ["ok", "ok"], rows[0].error
@@ -191,7 +193,7 @@ def test_llama_random_streamed_job_on_cpu(compose, tmp_path):
     small = ["model=llama7b_random", "model.num_layers=2", "model.random_init.hidden_size=128",
              "model.random_init.intermediate_size=344", "model.random_init.num_attention_heads=4",
              "model.random_init.num_key_value_heads=4", "model.random_init.vocab_size=30528"]
-    cfg = compose([*FAST, *small, "stream=true", "method=svd", "rank=16", f"results_dir={tmp_path}",
+    cfg = compose([*FAST, *QUICK, *small, "stream=true", "method=svd", "rank=16", f"results_dir={tmp_path}",
                    "eval.ppl_tokens=256", "eval.ppl_context=128", "eval.ppl_stride=128",
                    "eval.latency.batch_size=1", "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
     row = job.run(cfg)

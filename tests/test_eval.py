@@ -104,12 +104,12 @@ def test_zeroshot_label_scoring_two_examples(tiny_lm, minilm):
 
 def test_probe_accuracy_is_stable_across_runs(minilm, compose, tmp_path):
     model, tok = minilm
-    cfg = compose([*FAST, "eval.probe_train=96", "eval.probe_test=96"])
+    cfg = compose([*FAST, "eval.probe_train=64", "eval.probe_test=64"])
     accs = []
     for run in ("a", "b"):  # two cold caches: computed twice from scratch
         ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path / run), job.model_key(cfg))
         accs.append(evaluate.task_for(cfg).prepare(model, ctx)["info"]["accuracy_dense"])
-    assert accs[0] == accs[1] and 0.55 < accs[0] <= 1
+    assert accs[0] == accs[1] and 0.5 < accs[0] <= 1
 
 
 def test_bbc_five_topics_from_folders(compose):

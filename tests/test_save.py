@@ -70,7 +70,8 @@ def test_saved_codes_are_the_stored_bits(minilm, compose, tmp_path):
 
 
 def test_job_saves_a_model_that_reproduces_its_logged_accuracy(compose, tmp_path):
-    cfg = compose([*FAST, BLOCKS, "rank=8", "bits=8", "save_compressed=true", f"results_dir={tmp_path}"])
+    cfg = compose([*FAST, BLOCKS, "rank=8", "bits=8", "save_compressed=true", f"results_dir={tmp_path}",
+                   "eval.latency.batch_size=2", "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
     row = job.run(cfg)
     assert row.status == "ok", row.error
     path = row.extra["saved_model"]
