@@ -245,7 +245,8 @@ class SlurmLauncher(SweepLauncher):
             if q not in gres:
                 raise ConfigError("hydra.launcher.partition", f"{q!r} is not a partition of this cluster"
                                   f"{did_you_mean(q, gres)}", sorted(gres))
-        gpus = int(self.params.get("gpus_per_node") or 0) or int(self.params.get("gpus_per_task") or 0)
+        gpus = int(self.params.get("gpus_per_node") or 0) or int(self.params.get("gpus_per_task") or 0) \
+            or int("gpu" in str(self.params.get("gres") or ""))
         if gpus > 0:
             for q in wanted:
                 if not any("gpu" in g for g in gres[q]):
