@@ -56,13 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--x", default="bits_per_weight")
     r.add_argument("--metric", default=None)
     r.add_argument("--reference", default="quant")
+    r.add_argument("--rows", nargs="+", default=["method"], help="paper table rows")
+    r.add_argument("--cols", nargs="+", default=["bits_per_weight"], help="paper table column groups")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "report":
-        print(report.build(args.sources, args.out, x=args.x, metric=args.metric, reference=args.reference))
+        print(report.build(args.sources, args.out, x=args.x, metric=args.metric, reference=args.reference,
+                           rows=args.rows, cols=args.cols))
         return 0
     df = load(*args.sources)
     if args.query and not df.empty:

@@ -88,7 +88,8 @@ def build(sources: Sequence[str | Path], out: str | Path, x: str = "bits_per_wei
                                                                 caption=plot.label(y, False).replace("_", " ")))
             body.append(f"<h3>{html.escape(plot.label(y, False))}</h3>{_paper_html(ok, rows, cols, y)}"
                         f"<p class=note><a href='tables/{stem}.tex'>LaTeX</a> · <a href='tables/{stem}.md'>Markdown"
-                        "</a> · bold: best per column; mean ± std over seeds</p>")
+                        "</a> · bold: best per column; mean ± std over seeds; † best of several "
+                        "configurations at that level</p>")
         (tabs / "runs.md").write_text(table.run_table(ok, "markdown") + "\n")
     summary = table.summary_markdown(df, [s for s in sources if not str(s).startswith("wandb:")])
     (tabs / "summary.md").write_text(summary + "\n")

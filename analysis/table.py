@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.load import TABLE_COLUMNS
-from analysis.plot import KNOWN, better
+from analysis.plot import GROUP_KEYS, KNOWN, better
 
 FORMATS = ("markdown", "latex", "csv")
+NOTE = "best of several configurations at this level (add their keys to the rows or columns to see each)"
 DENSE = "dense"
 
 
@@ -53,20 +54,30 @@ def levels(values: pd.Series, tol: float = 0.05, decimals: int = 2) -> pd.Series
 
 def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", decimals: int = 2, row_order: Sequence | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(mean, std, count) of ``metric`` pivoted to ``rows`` × ``cols``; std is over seeds (ddof=1)."""
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(mean, std, count, configs) of ``metric`` pivoted to ``rows`` × ``cols``.
+
+    mean/std (ddof=1)/count are over the seeds of one configuration (GROUP_KEYS). When several
+    configurations fall into one cell (e.g. rank 64 at 8 bits and rank 128 at 4 bits both at 2 bits
+    per weight), the cell holds the best of them; ``configs`` says how many there were.
+    """
     rows, cols = list(rows), list(cols)
     d = df.dropna(subset=[metric]).copy()
     if d.empty:
         raise ValueError(f"no rows have a value for {metric!r}")
     for c in cols:
         d[c] = levels(d[c], decimals=decimals)
-    for c in rows + cols:
+    keys = rows + cols
+    config = [k for k in GROUP_KEYS if k in d and k not in keys]
+    for c in keys + config:
         d[c] = d[c].astype(object).where(d[c].notna(), "—")
-    g = d.groupby(rows + cols)[metric]
-    pivot = {s: g.agg(s).unstack(cols).sort_index(axis=1) for s in ("mean", "std", "count")}
+    per = d.groupby(keys + config)[metric].agg(["mean", "std", "count"]).reset_index()
+    per = per.sort_values("mean", ascending=better(metric) == "min", kind="stable")
+    per["configs"] = per.groupby(keys)["mean"].transform("size")
+    best = per.drop_duplicates(keys).set_index(keys)
+    pivot = {s: best[s].unstack(cols).sort_index(axis=1) for s in ("mean", "std", "count", "configs")}
     order = _row_order(pivot["mean"].index, rows, row_order)
-    return tuple(pivot[s].loc[order] for s in ("mean", "std", "count"))
+    return tuple(pivot[s].loc[order] for s in ("mean", "std", "count", "configs"))
 
 
 def _row_order(index: pd.Index, rows: list[str], row_order: Sequence | None) -> list:
@@ -91,14 +102,17 @@ def _cell(mean: float, std: float, n: float, digits: int, pm: str) -> str:
 
 def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", digits: int = 3, decimals: int = 2, pm: str = " ± ",
-                dense: bool = True, row_order: Sequence | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                dense: bool = True, row_order: Sequence | None = None, dagger: str = " †"
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(cell strings, bold mask): the best mean per column is bold (ties all bold); a ``dense``
-    row (mean of ``<metric>_dense``) comes first when the rows have it, never bold."""
-    mean, std, count = paper_cells(df, rows, cols, metric, decimals, row_order)
+    row (mean of ``<metric>_dense``) comes first when the rows have it, never bold; ``dagger``
+    marks a cell that is the best of several configurations."""
+    mean, std, count, configs = paper_cells(df, rows, cols, metric, decimals, row_order)
     direction = better(metric)
     best = mean.max() if direction == "max" else mean.min()
     bold = mean.eq(best, axis=1) & mean.notna()
-    cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) for m, s, n in zip(mean[c], std[c], count[c])]
+    cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) + (dagger if k > 1 else "")
+                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c])]
                           for c in mean.columns}, index=mean.index)
     cells.columns = mean.columns
     dense_col = f"{metric}_dense"
@@ -125,19 +139,24 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
     """The paper table as Markdown (``**best**``), LaTeX (booktabs, ``\\textbf{best}``) or CSV."""
     rows, cols = list(rows), list(cols)
     if fmt == "latex":
-        cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ", row_order=row_order)
+        cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ", row_order=row_order,
+                                  dagger=r"$^\dagger$")
         cells.columns = cells.columns.set_names([c.replace("_", " ") for c in cols])
         cells.index = cells.index.set_names([r.replace("_", " ") for r in rows])
         styler = cells.style.apply(lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else "").values, axis=None)
         styler = styler.format_index(level_label, axis=1)
         n_idx = len(rows)
-        return styler.to_latex(hrules=True, multicol_align="c", caption=caption,
-                               column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
+        tex = styler.to_latex(hrules=True, multicol_align="c", caption=caption,
+                              column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
+        if cells.map(lambda c: c.endswith("$^\\dagger$")).any().any():
+            tex = tex.replace("\\end{tabular}\n", "\\end{tabular}\n\\\\[2pt]{\\footnotesize $^\\dagger$ " + NOTE + "}\n")
+        return tex
     cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, row_order=row_order)
     if fmt == "markdown":
         out = cells.where(~bold, "**" + cells + "**")
         out.columns = _column_names(out.columns, cols)
-        return out.reset_index().to_markdown(index=False, colalign=("left",) * len(rows) + ("right",) * out.shape[1])
+        md = out.reset_index().to_markdown(index=False, colalign=("left",) * len(rows) + ("right",) * out.shape[1])
+        return md + (f"\n\n† {NOTE}" if cells.map(lambda c: c.endswith(" †")).any().any() else "")
     if fmt == "csv":
         out = cells.copy()
         out.columns = _column_names(out.columns, cols)

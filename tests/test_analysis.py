@@ -134,6 +134,17 @@ def test_paper_table_cells_and_bold(results):
     assert list(cells2.columns) == [(4, 8), (4, 16)]
 
 
+def test_paper_table_best_of_several_configurations(results):
+    """Two configurations at one level: the cell is the better one's mean ± std over its seeds, marked."""
+    d, _ = results
+    ok = load(d).query("ok")
+    other = ok[(ok["method"] == "a") & (ok["rank"] == 8)].assign(bits=8, accuracy=[0.95, 0.97])
+    cells, _ = table.paper_frame(pd.concat([ok, other]), ["method"], ["bits_per_weight"], "accuracy")
+    assert cells.loc["a", 1.0] == f"0.960 ± {np.std([0.95, 0.97], ddof=1):.3f} †"
+    assert cells.loc["b", 1.0].endswith("0.071")  # one configuration: no mark
+    assert "† best of several" in table.paper_table(pd.concat([ok, other]), metric="accuracy")
+
+
 def test_levels_merge_nearby_bits_per_weight():
     lv = table.levels(pd.Series([3.992, 4.0, 1.0, 1.02, 2.0]))
     assert lv.tolist() == [4.0, 4.0, 1.01, 1.01, 2.0]
