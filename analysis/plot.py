@@ -1,5 +1,7 @@
 """Paper figures with matplotlib: tradeoff curves, Pareto fronts, the per-layer comparison.
 
+Tradeoff lines join the best configuration at each x (all configurations are drawn as points).
+
 Every figure is written as PNG and PDF (same stem), in one style sized for a paper column
 (3.4 in per panel, 8 pt text); a method keeps its colour and marker in every figure.
 Values are means over seeds, error bars ± one standard deviation (ddof=1).
@@ -55,6 +57,13 @@ def better(col: str) -> str:
                      f"{', '.join(sorted(HIGHER_BETTER | LOWER_BETTER))}")
 
 
+def _direction(col: str) -> str | None:
+    try:
+        return better(col)
+    except ValueError:
+        return None
+
+
 def default_metric(df: pd.DataFrame) -> str:
     for col in ("accuracy", "perplexity", "recon_rel_err"):
         if col in df and df[col].notna().any():
@@ -80,9 +89,9 @@ def styles(values: Sequence) -> dict:
 
 
 def use_log(values: pd.Series) -> bool:
-    """Log scale when every value is positive and they span at least a factor of 20."""
+    """Log scale when every value is positive and they span at least a factor of 10."""
     v = pd.to_numeric(values, errors="coerce").dropna()
-    return bool(len(v) and (v > 0).all() and v.max() / v.min() >= 20)
+    return bool(len(v) and (v > 0).all() and v.max() / v.min() >= 10)
 
 
 def aggregate(df: pd.DataFrame, keys: Sequence[str], y: str) -> pd.DataFrame:
@@ -160,8 +169,10 @@ def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight",
             part = df if key is None else df[df[col] == key]
             keys = [hue] + [k for k in GROUP_KEYS if k not in (hue, col, x)]
             agg = aggregate(part, keys + [x], y)
-            # a line joins configurations that differ only along x (mean over the other keys)
-            line = agg.groupby([hue, x], sort=True)["mean"].mean().reset_index()
+            # the line joins, at each x, the best configuration there (several may share an x:
+            # rank 64 at 4 bits and rank 32 at 8 bits); every configuration is drawn as a point
+            pick = {"max": "max", "min": "min"}.get(_direction(y), "mean")
+            line = agg.groupby([hue, x], sort=True)["mean"].agg(pick).reset_index()
             for h, g in line.groupby(hue, sort=False):
                 color, marker = sty[h]
                 pts = agg[agg[hue] == h]
@@ -307,8 +318,11 @@ def comparison_levels(df: pd.DataFrame, reference: str | None = "quant", tol: fl
             others["dist"] = (others["bits_per_weight"] / q - 1).abs()
             others = others[others["dist"] <= tol]
             best = others.loc[others.groupby("method")["dist"].idxmin()] if len(others) else others
-            out.append(pd.concat([r.to_frame().T, best.drop(columns="dist")]).assign(level=q))
-    return pd.concat(out, ignore_index=True) if out else cfgs.assign(level=[])
+            if len(best):  # a level where only the reference sits compares nothing
+                out.append(pd.concat([r.to_frame().T, best.drop(columns="dist")]).assign(level=q))
+    if not out:
+        raise ValueError(f"no configuration is within {tol:.0%} of a {reference} configuration's bits per weight")
+    return pd.concat(out, ignore_index=True)
 
 
 def layer_frame(df: pd.DataFrame, reference: str | None = "quant", tol: float = 0.15) -> pd.DataFrame:

@@ -71,7 +71,12 @@ def build(sources: Sequence[str | Path], out: str | Path, x: str = "bits_per_wei
             if ref is None:
                 body.append(f"<p class=note>no {html.escape(reference)} rows: methods compared at equal bits per "
                             "weight without a reference</p>")
-            for p in plot.layer_plot(ok, figs / "layers.png", reference=ref):
+            try:
+                paths = plot.layer_plot(ok, figs / "layers.png", reference=ref)
+            except ValueError as e:  # nothing at equal bits to compare
+                paths, ref = [], None
+                body.append(f"<p class=note>{html.escape(str(e))}</p>")
+            for p in paths:
                 body.append(_figure(p, out, "per layer in model order, one panel per layer type"
                                     + (f"; dashed: {ref}" if ref else "")))
             if ref:
