@@ -40,7 +40,7 @@ from lrsweep import cache, data
 from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.methods import LayerStats
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: statistics shared by layers reading the same input are stored once
 
 
 @dataclass
@@ -121,7 +121,11 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
 
 
 class _Accumulator:
-    """Forward hooks summing xᵀx and |x| of each layer's input over the real (unpadded) tokens."""
+    """Forward hooks summing xᵀx and |x| of each layer's input over the real (unpadded) tokens.
+
+    Layers that read the very tensor the previously hooked layer read (q/k/v, gate/up) share
+    that layer's statistics: computed once, held and cached once.
+    """
 
     def __init__(self, layers: dict[str, nn.Linear], needs: tuple[str, ...]):
         self.needs, self.mask = needs, None
@@ -129,10 +133,25 @@ class _Accumulator:
         self.abssum: dict[str, torch.Tensor] = {}
         self.fisher: dict[str, torch.Tensor] = {}
         self.n_tokens = dict.fromkeys(layers, 0)
+        self.shares: dict[str, str] = {}  # layer -> the layer whose input (and statistics) it shares
+        self._last: tuple[str, torch.Tensor] | None = None  # the last accumulated layer and its input
         self.handles = [lin.register_forward_hook(self._hook(name)) for name, lin in layers.items()]
+
+    def _shared(self, name: str, x: torch.Tensor) -> bool:
+        same = self._last is not None and self._last[1] is x
+        if name not in self.shares and same and self.n_tokens[name] == 0:
+            self.shares[name] = self._last[0]
+        if name in self.shares:
+            if not (same and self._last[0] == self.shares[name]):
+                raise RuntimeError(f"{name} stopped sharing its input with {self.shares[name]}")
+            return True
+        self._last = (name, x)
+        return False
 
     def _hook(self, name: str):
         def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._shared(name, args[0]):
+                return
             x = args[0].detach()
             X = x.reshape(-1, x.shape[-1])
             if self.mask is not None:
@@ -149,10 +168,16 @@ class _Accumulator:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self._last = None
 
     def result(self) -> dict[str, LayerStats]:
         out = {}
         for name, n in self.n_tokens.items():
+            if name in self.shares:
+                src = out[self.shares[name]]
+                out[name] = LayerStats(src.xtx, src.absmean, self.fisher[name].float().cpu() if name in self.fisher
+                                       else None, src.n_tokens)
+                continue
             out[name] = LayerStats(
                 xtx=self.xtx[name].cpu() if name in self.xtx else None,
                 absmean=(self.abssum[name] / max(n, 1)).cpu() if name in self.abssum else None,
@@ -207,17 +232,25 @@ def stats_key(cfg: DictConfig, model_key: dict[str, Any], needs: tuple[str, ...]
 
 
 def _flatten(stats: dict[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {}
+    """Tensors named ``<layer>:<kind>``; a tensor shared by several layers is stored once (``alias``)."""
+    tensors, alias, seen = {}, {}, {}
     for name, s in stats.items():
         for kind in ("xtx", "absmean", "fisher"):
-            if getattr(s, kind) is not None:
-                tensors[f"{name}:{kind}"] = getattr(s, kind)
-    return tensors, {"n_tokens": {name: s.n_tokens for name, s in stats.items()}}
+            t = getattr(s, kind)
+            if t is None:
+                continue
+            if id(t) in seen:
+                alias[f"{name}:{kind}"] = seen[id(t)]
+            else:
+                seen[id(t)] = f"{name}:{kind}"
+                tensors[f"{name}:{kind}"] = t
+    return tensors, {"n_tokens": {name: s.n_tokens for name, s in stats.items()}, "alias": alias}
 
 
 def _unflatten(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, LayerStats]:
     out = {name: LayerStats(n_tokens=n) for name, n in info["n_tokens"].items()}
-    for key, t in tensors.items():
+    entries = {**tensors, **{key: tensors[src] for key, src in info.get("alias", {}).items()}}
+    for key, t in entries.items():
         name, _, kind = key.rpartition(":")
         setattr(out[name], kind, t)
     return out

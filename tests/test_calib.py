@@ -59,6 +59,23 @@ def test_xtx_absmean_equal_direct_inputs_without_padding(minilm):
     torch.testing.assert_close(stats.absmean, X.abs().mean(0), rtol=1e-5, atol=1e-7)
 
 
+def test_layers_reading_one_input_share_statistics(minilm):
+    """q, k, v read the same tensor: one xtx, computed once, equal to collecting k on its own."""
+    model, tok = minilm
+    batch = dict(tok(["a short one", "another, longer, text for the batch"], padding=True, return_tensors="pt"))
+    names = [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    layers = {n: model.get_submodule(n) for n in names}
+    stats = calib.collect(model, layers, [batch, batch], ("xtx", "absmean"), "cpu")
+    alone = calib.collect(model, {names[1]: layers[names[1]]}, [batch, batch], ("xtx", "absmean"), "cpu")[names[1]]
+    assert stats[names[1]].xtx is stats[names[0]].xtx and stats[names[2]].absmean is stats[names[0]].absmean
+    torch.testing.assert_close(stats[names[1]].xtx, alone.xtx)
+    assert stats[names[2]].n_tokens == alone.n_tokens
+    tensors, info = calib._flatten(stats)
+    assert len(tensors) == 2 and len(info["alias"]) == 4
+    back = calib._unflatten(tensors, info)
+    assert all(torch.equal(back[n].xtx, alone.xtx) for n in names)
+
+
 def test_fisher_is_the_sum_of_squared_batch_gradients(minilm):
     model, tok = minilm
     layers = {Q0: model.get_submodule(Q0)}
