@@ -2,8 +2,9 @@
 
 S ~ N(0, 1/m) (d x m);  L = Q(W S) at b1 bits;  W* = argmin_Z ||L Z - W||_F;  R = Q'(W*) at b2 bits.
 
-The least squares goes through a QR of the (tall, n x m) quantized L in the working precision:
-one GEMM for W S, one for Q^T W, and an m x m triangular solve, so LPLR costs about two GEMMs.
+The least squares goes through a QR of the (tall, n x m) quantized L in the working precision
+(CholeskyQR2: small GEMMs, Householder when L is ill-conditioned): one GEMM for W S, one for
+Q^T W, and an m x m triangular solve, so LPLR costs about two GEMMs.
 A rank-deficient L (possible at very low bits) falls back to a rank-revealing solver (gelsy, fp64).
 The paper's rank rule: ``cr`` (with ``b_nq``, default ``bits``) sets the rank so that LPLR at
 b1/b2 bits stores ``cr`` times the bits of naive ``b_nq``-bit quantization of W; it overrides ``rank``.
@@ -24,10 +25,23 @@ def lplr_bits(n: int, d: int, rank: int, bits: int, b1: int | None = None, b2: i
     return tensor_bits((n, rank), b1 or bits, scheme, group_size) + tensor_bits((rank, d), b2 or bits, scheme, group_size)
 
 
+def tall_qr(L: torch.Tensor, max_cond: float = 1e3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall L: CholeskyQR2 (three small GEMMs, two triangular solves; as orthogonal as
+    Householder while cond(L) <= max_cond) with Householder QR when L is worse conditioned."""
+    R1, info = torch.linalg.cholesky_ex(L.T @ L, upper=True)
+    diag = R1.diagonal().abs()
+    if int(info) == 0 and bool(diag.min() * max_cond > diag.max()):
+        Q1 = torch.linalg.solve_triangular(R1, L, upper=True, left=False)
+        R2, info = torch.linalg.cholesky_ex(Q1.T @ Q1, upper=True)
+        if int(info) == 0:
+            return torch.linalg.solve_triangular(R2, Q1, upper=True, left=False), R2 @ R1
+    return torch.linalg.qr(L)
+
+
 def least_squares(L: torch.Tensor, W: torch.Tensor, rcond: float = 1e-5) -> torch.Tensor:
     """argmin_Z ||L Z - W||_F (fp32) through a QR of L; rank-revealing fp64 fallback when ill-conditioned."""
     L, W = L.float(), W.float()
-    Q, Rl = torch.linalg.qr(L)
+    Q, Rl = tall_qr(L)
     diag = Rl.diagonal().abs()
     if diag.numel() and bool(diag.min() > rcond * diag.max()):
         return torch.linalg.solve_triangular(Rl, Q.T @ W, upper=True)
