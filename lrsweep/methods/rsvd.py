@@ -1,7 +1,7 @@
 """Randomized SVD (Halko, Martinsson, Tropp 2011) with oversampling and power iterations.
 
 Omega ~ N(0, 1) (d x (r+p), p = ``oversample``, default max(10, r/2));  Y = W Omega;  q times: Q = qr(Y), Y = W (W^T Q) re-orthonormalized;
-Q = qr(Y);  B = Q^T W;  B = U_b S V^T;  U = Q U_b; truncate to r. Seeded by ``seed`` only.
+Q = qr(Y);  B = Q^T W;  (thin QRs by CholeskyQR2 when well conditioned, else Householder);  B = U_b S V^T;  U = Q U_b; truncate to r. Seeded by ``seed`` only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from lrsweep.factorization import LowRank
 from lrsweep.methods import register
+from lrsweep.methods.lplr import tall_qr
 from lrsweep.methods.svd import balanced, compute_dtype
 from lrsweep.quant import quantize
 
@@ -27,10 +28,10 @@ def randomized_svd(W: torch.Tensor, rank: int, oversample: int | None = None, ni
     k = min(rank + oversample, n, d)
     gen = torch.Generator(device=W.device).manual_seed(seed)
     omega = torch.randn(d, k, generator=gen, device=W.device, dtype=W.dtype)
-    Q = torch.linalg.qr(W @ omega).Q
+    Q = tall_qr(W @ omega)[0]
     for _ in range(niter):
-        Z = torch.linalg.qr(W.T @ Q).Q
-        Q = torch.linalg.qr(W @ Z).Q
+        Z = tall_qr(W.T @ Q)[0]
+        Q = tall_qr(W @ Z)[0]
     Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
 
