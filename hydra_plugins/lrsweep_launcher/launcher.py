@@ -117,7 +117,27 @@ class SweepLauncher(BaseSubmititLauncher):
         return executor
 
     def job_args(self, p: Point) -> tuple:
-        return (p.overrides, "hydra.sweep.dir", p.index, f"job_id_for_{p.index}", Singleton.get_state())
+        return (p.overrides, "hydra.sweep.dir", p.index, f"job_id_for_{p.index}", Singleton.get_state(), p.cfg)
+
+    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict, planned: DictConfig | None = None) -> JobReturn:
+        """Run the job on the config composed and validated at launch (``planned``), not on a
+        fresh composition: a queued job must not pick up conf/ or code edits made after the
+        launch, or its row would land under another run_id than the one the sweep waits for."""
+        if planned is None:
+            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        import submitit
+        from hydra.core.utils import run_job, setup_globals
+        from omegaconf import open_dict
+
+        assert self.hydra_context is not None and self.task_function is not None
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        with open_dict(planned.hydra.job) as job:
+            job.id = submitit.JobEnvironment().job_id
+            planned.hydra.job.num = job_num
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=planned,
+                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
     def submit(self, executor, points: list[Point]) -> list[Any]:
         raise NotImplementedError
