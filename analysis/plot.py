@@ -153,16 +153,21 @@ def _scales(ax, x: pd.Series, y: pd.Series, logx: bool | None, logy: bool | None
         set_log(ax, "y")
 
 
-def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight", y: str | None = None,
-                  hue: str = "method", col: str | None = "model", logx: bool | None = None,
-                  logy: bool | None = None) -> Path:
-    """``y`` against ``x``: one line per ``hue``, one panel per ``col``, mean ± std over seeds."""
+def _prepare(df: pd.DataFrame, x: str, y: str | None, hue: str, col: str | None):
+    """(y, rows having x and y, facet column or None, hue styles) shared by the scatter figures."""
     y = y or default_metric(df)
     df = df.dropna(subset=[x, y])
     if df.empty:
         raise ValueError(f"no rows have both {x} and {y}")
     col = col if col and col in df and df[col].nunique() > 1 else None
-    sty = styles(df[hue].dropna().unique())
+    return y, df, col, styles(df[hue].dropna().unique())
+
+
+def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight", y: str | None = None,
+                  hue: str = "method", col: str | None = "model", logx: bool | None = None,
+                  logy: bool | None = None) -> Path:
+    """``y`` against ``x``: one line per ``hue``, one panel per ``col``, mean ± std over seeds."""
+    y, df, col, sty = _prepare(df, x, y, hue, col)
     with plt.rc_context(STYLE):
         fig, panels = _facets(df, col)
         for key, ax in panels:
@@ -225,12 +230,7 @@ def pareto_plot(df: pd.DataFrame, out: str | Path, x: str = "compression_ratio",
                 logy: bool | None = None) -> Path:
     """Configurations (mean over seeds) over (``x``, ``y``); the front per panel in full colour,
     dominated points faded; the dense model as a line."""
-    y = y or default_metric(df)
-    df = df.dropna(subset=[x, y])
-    if df.empty:
-        raise ValueError(f"no rows have both {x} and {y}")
-    col = col if col and col in df and df[col].nunique() > 1 else None
-    sty = styles(df[hue].dropna().unique())
+    y, df, col, sty = _prepare(df, x, y, hue, col)
     with plt.rc_context(STYLE):
         fig, panels = _facets(df, col)
         for key, ax in panels:
