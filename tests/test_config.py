@@ -10,7 +10,7 @@ from conftest import CONF
 from lrsweep.identity import run_id, run_name
 from lrsweep.compress import method_spec
 
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if p.stem != "custom")
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml") if p.stem != "hf")
 
 
@@ -28,6 +28,15 @@ def test_every_method_yaml_composes_and_resolves(compose, method):
     assert cfg.method.name == method
     spec = method_spec(cfg.method)
     assert spec.fn.__module__.startswith("lrsweep.methods")
+
+
+def test_custom_method_needs_a_target(compose):
+    from lrsweep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method._target_"):
+        method_spec(compose(["method=custom"]).method)
+    spec = method_spec(compose(["method=custom", "method._target_=lrsweep.methods.svd.svd"]).method)
+    assert spec.name == "svd"
 
 
 @pytest.mark.parametrize("model", MODELS)
