@@ -126,17 +126,20 @@ class SweepLauncher(BaseSubmititLauncher):
         launch, or its row would land under another run_id than the one the sweep waits for."""
         if planned is None:
             return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
+        import copy
+
         import submitit
         from hydra.core.utils import run_job, setup_globals
-        from omegaconf import open_dict
+        from omegaconf import open_dict, read_write
 
         assert self.hydra_context is not None and self.task_function is not None
         Singleton.set_state(singleton_state)
         setup_globals()
-        with open_dict(planned.hydra.job) as job:
-            job.id = submitit.JobEnvironment().job_id
-            planned.hydra.job.num = job_num
-        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=planned,
+        config = copy.deepcopy(planned)  # run_job makes it read-only; a requeued job starts again from here
+        with read_write(config.hydra.job), open_dict(config.hydra.job):
+            config.hydra.job.id = submitit.JobEnvironment().job_id
+            config.hydra.job.num = job_num
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=config,
                        job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
 
     def submit(self, executor, points: list[Point]) -> list[Any]:
