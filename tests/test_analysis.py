@@ -225,7 +225,7 @@ def minilm_rows(tmp_path_factory):
 
     import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers launcher configs first)
     from lrsweep import job
-    from tests.conftest import CONF
+    from conftest import CONF
 
     d = tmp_path_factory.mktemp("minilm")
     for method in ("quant", "lplr", "svd"):
