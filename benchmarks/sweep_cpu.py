@@ -35,6 +35,7 @@ def main() -> int:
         if p.returncode != 0:
             print(p.stdout[-3000:], p.stderr[-3000:])
             return 1
+    print("\n".join(line for line in p1.stdout.splitlines() if line.startswith("|")))
     print(p1.stdout.strip().splitlines()[-1], "|", p2.stdout.strip().splitlines()[-1])
     print(f"{'run':<28}{'wall s':>8}")
     print(f"{'sweep (4 points, cold cache)':<28}{first:>8.1f}")
