@@ -184,16 +184,21 @@ def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight",
                 ax.errorbar(pts[x], pts["mean"], yerr=pts["std"], fmt="none", ecolor=color, capsize=2, lw=0.8)
                 ax.plot(pts[x], pts["mean"], ls="none", marker=marker, color=color)
                 ax.plot(g[x], g["mean"], marker=marker, color=color, label=str(h))
-            dense = _dense(part, y)
-            if dense is not None:
-                ax.axhline(dense, color="0.3", ls="--", lw=0.9, label="dense")
-            _scales(ax, part[x], part[y], logx, logy)
-            ax.set_xlabel(label(x))
-            ax.set_ylabel(label(y))
-            if key is not None:
-                ax.set_title(str(key))
+            _finish_panel(ax, key, part, x, y, part[x], part[y], logx, logy)
         _legend(fig, panels)
         return savefig(fig, out)
+
+
+def _finish_panel(ax, key, part: pd.DataFrame, x: str, y: str, xs, ys, logx, logy) -> None:
+    """Dense reference line, axis scales from the plotted values, labels and the facet title."""
+    dense = _dense(part, y)
+    if dense is not None:
+        ax.axhline(dense, color="0.3", ls="--", lw=0.9, label="dense")
+    _scales(ax, xs, ys, logx, logy)
+    ax.set_xlabel(label(x))
+    ax.set_ylabel(label(y))
+    if key is not None:
+        ax.set_title(str(key))
 
 
 def _legend(fig, panels) -> None:
@@ -249,14 +254,7 @@ def pareto_plot(df: pd.DataFrame, out: str | Path, x: str = "compression_ratio",
             front = pts[pts["front"]].sort_values(x)
             ax.plot(front[x], front["mean"], color="0.2", lw=0.8, zorder=0, drawstyle="steps-post"
                     if better(x) == better(y) else "steps-pre", label="Pareto front")
-            dense = _dense(part, y)
-            if dense is not None:
-                ax.axhline(dense, color="0.3", ls="--", lw=0.9, label="dense")
-            _scales(ax, pts[x], pts["mean"], logx, logy)
-            ax.set_xlabel(label(x))
-            ax.set_ylabel(label(y))
-            if key is not None:
-                ax.set_title(str(key))
+            _finish_panel(ax, key, part, x, y, pts[x], pts["mean"], logx, logy)
         _legend(fig, panels)
         return savefig(fig, out)
 
