@@ -317,11 +317,6 @@ def speed(model: nn.Module, ctx: Context) -> Speed:
     return Speed(first["median"], first["p90"], shapes, nbytes)
 
 
-def latency_ms(model: nn.Module, ctx: Context) -> float:
-    """Median wall time (ms) of one forward pass at the primary shape, after warm-up."""
-    return speed(model, ctx).median_ms
-
-
 def peak_memory_mb(device: str) -> float:
     """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
     if device.startswith("cuda"):

@@ -22,7 +22,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import calib, checkpoint, evaluate, identity, models
-from lrsweep.compress import compress_model
 from lrsweep.row import ResultRow, row_status, write_row
 from lrsweep.validate import resolve_device, validate
 
