@@ -47,6 +47,12 @@ class Factorization:
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         raise NotImplementedError
 
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters of ``module`` (made by ``as_module``) that hold each stored tensor's
+        value, by stored name (reshaped they equal ``stored[name].value``): what healing trains
+        and re-quantizes. Stored tensors absent here (sparse indices, ...) stay frozen."""
+        return {}
+
     def rel_error(self, W: torch.Tensor) -> float:
         W = W.float()
         return float(torch.linalg.norm(W - self.reconstruct().float()) / torch.linalg.norm(W))
@@ -68,6 +74,9 @@ class LowRank(Factorization):
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         return LowRankLinear(self.stored["L"].value, self.stored["R"].value, bias, dtype)
 
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {"L": module.second.weight, "R": module.first.weight}
+
 
 @dataclass
 class Dense(Factorization):
@@ -85,6 +94,9 @@ class Dense(Factorization):
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         return dense_linear(self.stored["W"].value, bias, dtype)
+
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {"W": module.weight}
 
 
 def dense_linear(W: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None) -> nn.Linear:
@@ -138,6 +150,9 @@ class LowRankSparse(Factorization):
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         return LowRankSparseLinear(self.stored["L"].value, self.stored["R"].value, self.sparse(), bias, dtype)
 
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {"L": module.second.weight, "R": module.first.weight}  # S (values at fixed support) frozen
+
 
 class LowRankSparseLinear(LowRankLinear):
     """Two GEMMs plus a sparse-dense product: x R^T L^T + x S^T + bias (S kept sparse, fp32)."""
@@ -184,6 +199,9 @@ class Kronecker(Factorization):
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         A, B = self.factors()
         return KroneckerLinear(A, B, bias, dtype)
+
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        return {"A": module.A, "B": module.B}
 
 
 class KroneckerLinear(nn.Module):

@@ -28,6 +28,8 @@ class QTensor:
     bits: int  # bits of each stored entry
     codes: torch.Tensor | None = None  # integer codes (None when stored as float)
     meta: dict[str, torch.Tensor] = field(default_factory=dict)  # scales, minima, ...
+    scheme: str | None = None  # the quantizer that made it (None: not from ``quantize``, e.g. indices)
+    group_size: int = 128
 
     @property
     def storage_bits(self) -> int:
@@ -59,14 +61,24 @@ def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: in
     x = x.float()
     if bits in FLOAT_BITS:
         dtype = torch.float16 if bits == 16 else torch.float32
-        return QTensor(value=x.to(dtype).float(), bits=bits)
-    if scheme == "uniform":
-        return _uniform(x, bits)
-    if scheme == "channel":
-        return _absmax(x, bits, group=x.shape[-1])
-    if scheme == "group":
-        return _absmax(x, bits, group=min(group_size, x.shape[-1]))
-    raise ValueError(f"quantizer scheme={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
+        q = QTensor(value=x.to(dtype).float(), bits=bits)
+    elif scheme == "uniform":
+        q = _uniform(x, bits)
+    elif scheme == "channel":
+        q = _absmax(x, bits, group=x.shape[-1])
+    elif scheme == "group":
+        q = _absmax(x, bits, group=min(group_size, x.shape[-1]))
+    else:
+        raise ValueError(f"quantizer scheme={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
+    q.scheme, q.group_size = scheme, group_size
+    return q
+
+
+def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
+    """``x`` (new values of the stored tensor ``q``, e.g. after training) quantized the way ``q`` was."""
+    if q.scheme is None:
+        raise ValueError("this stored tensor was not made by quantize(); it cannot be re-quantized")
+    return quantize(x.detach().reshape(q.value.shape), q.bits, q.scheme, q.group_size)
 
 
 def _codes_dtype(bits: int) -> torch.dtype:
