@@ -94,7 +94,7 @@ class LayerResult:
     dense_bits: int
     rel_err: float
     seconds: float
-    factorization: Factorization | None = field(default=None, repr=False)  # kept only for save_compressed
+    factorization: Factorization | None = field(default=None, repr=False)  # kept for save_compressed / heal
     info: dict[str, Any] = field(default_factory=dict)  # the method's details (solver, shift, ...)
 
     @property
@@ -124,5 +124,5 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: DictConf
         set_module(model, name, f.as_module(bias, dtype=W.dtype))
         dense_bits = n * d * torch.finfo(W.dtype).bits
         results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
-                                   f if cfg.get("save_compressed") else None, f.info))
+                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, f.info))
     return results

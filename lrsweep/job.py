@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import calib, checkpoint, evaluate, identity, models
+from lrsweep import calib, checkpoint, evaluate, heal, identity, models
+from lrsweep.compress import LayerResult
 from lrsweep.row import ResultRow, row_status, write_row
 from lrsweep.validate import resolve_device, validate
 
@@ -97,6 +98,32 @@ def new_row(cfg: DictConfig) -> ResultRow:
     return row
 
 
+def _size_fields(row: ResultRow, results: list[LayerResult]) -> None:
+    """Size and reconstruction fields of the row from the layer results."""
+    weights = sum(r.shape[0] * r.shape[1] for r in results)
+    row.layers_compressed = len(results)
+    row.layer_errors = {r.name: r.rel_err for r in results}
+    row.recon_rel_err = sum(r.rel_err * r.shape[0] * r.shape[1] for r in results) / weights
+    row.bits_dense = sum(r.dense_bits for r in results)
+    row.bits_compressed = sum(r.storage_bits for r in results)
+    row.bits_per_weight = row.bits_compressed / weights
+    row.compression_ratio = row.bits_dense / row.bits_compressed
+    row.exceeds_break_even = any(r.exceeds_break_even for r in results)
+
+
+def _heal(model, originals, results, ctx, task, state, row: ResultRow) -> None:
+    """Measure the compressed model, heal it, and keep the first measurements as ``*_pre_heal``."""
+    _size_fields(row, results)
+    row.recon_rel_err_pre_heal, row.bits_per_weight_pre_heal = row.recon_rel_err, row.bits_per_weight
+    for key, value in task.evaluate(model, ctx, state).items():
+        if hasattr(row, f"{key}_pre_heal"):
+            setattr(row, f"{key}_pre_heal", value)
+    row.heal = str(ctx.cfg.heal.name)
+    t0 = time.perf_counter()
+    row.extra["heal"] = heal.apply(model, originals, results, ctx)
+    row.heal_seconds = time.perf_counter() - t0
+
+
 def execute(cfg: DictConfig, row: ResultRow) -> None:
     """Fill ``row`` with the measurements of this grid point (raises on failure)."""
     t_all = time.perf_counter()
@@ -121,6 +148,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
         model.to("cpu")
 
     layers = models.target_linears(model, cfg.model.targets)
+    before = heal.snapshot(model) if cfg.get("heal") else {}
     checkpoint.stage("compress", layers=len(layers))
     t0 = time.perf_counter()
     results, calib_info = calib.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
@@ -128,16 +156,11 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     if calib_info:
         row.extra["stream" if calib_info.get("stream") else "calib"] = calib_info
     model.to(device)
+    if cfg.get("heal"):
+        checkpoint.stage("heal")
+        _heal(model, heal.replaced(before, model), results, ctx, task, state, row)
 
-    weights = sum(r.shape[0] * r.shape[1] for r in results)
-    row.layers_compressed = len(results)
-    row.layer_errors = {r.name: r.rel_err for r in results}
-    row.recon_rel_err = sum(r.rel_err * r.shape[0] * r.shape[1] for r in results) / weights
-    row.bits_dense = sum(r.dense_bits for r in results)
-    row.bits_compressed = sum(r.storage_bits for r in results)
-    row.bits_per_weight = row.bits_compressed / weights
-    row.compression_ratio = row.bits_dense / row.bits_compressed
-    row.exceeds_break_even = any(r.exceeds_break_even for r in results)
+    _size_fields(row, results)
     row.params_compressed = sum(p.numel() for p in model.parameters())
     row.extra["layer_ranks"] = {r.name: r.rank for r in results}
     row.extra["layer_seconds"] = {r.name: round(r.seconds, 4) for r in results}

@@ -51,6 +51,14 @@ class ResultRow:
     perplexity_dense: float | None = None
     perplexity: float | None = None
     cosine_similarity: float | None = None
+    # healing (heal=distill | dsee): the fields above describe the healed model, these the model before
+    heal: str | None = None
+    heal_seconds: float | None = None
+    recon_rel_err_pre_heal: float | None = None
+    bits_per_weight_pre_heal: float | None = None
+    accuracy_pre_heal: float | None = None
+    perplexity_pre_heal: float | None = None
+    cosine_similarity_pre_heal: float | None = None
     # speed
     latency_ms_dense: float | None = None  # median forward time at eval.latency's primary shape
     latency_ms: float | None = None

@@ -18,7 +18,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import calib, evaluate, methods, models
+from lrsweep import calib, evaluate, heal, methods, models
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.quant import SUPPORTED_BITS
@@ -99,6 +99,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     evaluate.task_for(cfg).check(cfg)
     evaluate.check_inference(cfg)
     calib.check(cfg, spec.needs)
+    heal.check(cfg)
     missing = [s for s in spec.needs if s not in methods.STAT_KINDS]
     if missing:
         raise ConfigError("method.needs", f"unknown statistics {missing}", methods.STAT_KINDS)

@@ -13,7 +13,7 @@ from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRankSparse, index_tensor
 from lrsweep.methods import lowrank_bits, register
 from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import SUPPORTED_BITS, quantize, tensor_bits
+from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize, tensor_bits
 
 
 def sparse_count(n: int, d: int, density: float) -> int:
@@ -50,13 +50,26 @@ def losparse(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats
     U, S, Vh, solver = truncated_svd(W, rank, driver)
     L, R = balanced(U, S, Vh)
     Lq, Rq = quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size)
-    resid = (W - Lq.value @ Rq.value).reshape(-1)
+    resid = W - Lq.value @ Rq.value
     nnz = sparse_count(n, d, density)
-    idx = resid.abs().topk(nnz).indices.sort().values  # row-major order = CSR order
-    rows, cols = idx // d, idx % d
-    crow = torch.zeros(n + 1, dtype=torch.long, device=W.device)
-    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-    col_bits, ptr_bits = index_bits(n, d, nnz)
-    stored = {"L": Lq, "R": Rq, "S_values": quantize(resid[idx].reshape(1, -1), sparse_bits or bits, scheme, group_size),
-              "S_col": index_tensor(cols, col_bits), "S_crow": index_tensor(crow, ptr_bits)}
+    idx = largest_entries(resid, nnz)
+    stored = {"L": Lq, "R": Rq, **csr_stored(idx, resid.reshape(-1)[idx], (n, d), sparse_bits or bits, scheme, group_size)}
     return LowRankSparse(shape=(n, d), rank=rank, stored=stored, info={"solver": solver, "density": density, "nnz": nnz})
+
+
+def largest_entries(M: torch.Tensor, count: int) -> torch.Tensor:
+    """Flat (row-major, sorted: CSR order) indices of the ``count`` largest-magnitude entries of M."""
+    return M.reshape(-1).abs().topk(count).indices.sort().values
+
+
+def csr_stored(idx: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], bits: int, scheme: str = "uniform",
+               group_size: int = 128) -> dict[str, QTensor]:
+    """A sparse matrix given by sorted flat indices and values, stored in CSR form: ``S_values``
+    quantized at ``bits``, column indices and row pointers packed (``LowRankSparse.sparse`` decodes)."""
+    n, d = shape
+    rows, cols = idx // d, idx % d
+    crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    col_bits, ptr_bits = index_bits(n, d, idx.numel())
+    return {"S_values": quantize(values.reshape(1, -1), bits, scheme, group_size),
+            "S_col": index_tensor(cols, col_bits), "S_crow": index_tensor(crow, ptr_bits)}

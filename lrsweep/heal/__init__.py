@@ -1,0 +1,182 @@
+"""Healing after compression: a short distillation from the dense model into the compressed one.
+
+A healer is one file in this package plus ``conf/heal/<name>.yaml``, registered in ``HEALERS``.
+It says which tensors train (``prepare``) and what becomes of them afterwards (``finish``):
+  distill  the tensors the factorizations store (L, R, ...) train and are re-quantized;
+  dsee     the compressed model is frozen; each Linear learns dW = U V + S, stored afterwards.
+The loop is shared (:func:`apply`): batches of ``heal.data`` (the calibration sources of
+:mod:`lrsweep.calib`), the teacher is the same model with its original modules swapped back in
+(no second copy of the model), and the loss depends on the model kind (``LOSSES``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrsweep.compress import LayerResult
+from lrsweep.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Healer:
+    name: str
+    # (model, layer results, original modules, heal config) -> the parameters to train (may install modules)
+    prepare: Callable[[nn.Module, list[LayerResult], dict[str, nn.Module], DictConfig], list[nn.Parameter]]
+    # (model, layer results, original modules, heal config) -> row info; updates results in place
+    finish: Callable[[nn.Module, list[LayerResult], dict[str, nn.Module], DictConfig], dict[str, Any]]
+    check: Callable[[DictConfig], None] | None = None  # raise ConfigError for bad options
+
+
+HEALERS: dict[str, Healer] = {}
+
+
+def register(name: str, *, prepare, finish, check=None) -> None:
+    HEALERS[name] = Healer(name, prepare, finish, check)
+
+
+# ---------------------------------------------------------------- teacher = the model with its originals
+def snapshot(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` by name (references only): taken before compression."""
+    return dict(model.named_modules())
+
+
+def replaced(before: dict[str, nn.Module], model: nn.Module) -> dict[str, nn.Module]:
+    """name -> original module, for every module that compression replaced (outermost ones)."""
+    now = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for name, old in before.items():
+        if name and name in now and now[name] is not old and not any(name.startswith(p + ".") for p in out):
+            out[name] = old
+    return out
+
+
+@contextmanager
+def swapped(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[None]:
+    """Temporarily put ``modules`` (name -> module) into ``model``."""
+    from lrsweep.models import set_module
+
+    current = {name: model.get_submodule(name) for name in modules}
+    for name, m in modules.items():
+        set_module(model, name, m)
+    try:
+        yield
+    finally:
+        for name, m in current.items():
+            set_module(model, name, m)
+
+
+# ---------------------------------------------------------------- distillation losses by model kind
+def _mask(batch: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None else torch.ones(shape, dtype=torch.bool, device=batch["input_ids"].device)
+
+
+def logits_kl(student: Any, teacher: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at ``temperature`` (x T^2), per real token."""
+    s = torch.log_softmax(student.logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher.logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl[_mask(batch, kl.shape)].mean() * temperature**2
+
+
+def hidden_mse(student: Any, teacher: Any, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """||h_student - h_teacher||^2 / ||h_teacher||^2 of the last hidden states over real tokens."""
+    s, t = student.last_hidden_state.float(), teacher.last_hidden_state.float()
+    mask = _mask(batch, s.shape[:-1])
+    return ((s - t) ** 2).sum(-1)[mask].sum() / (t**2).sum(-1)[mask].sum().clamp(min=1e-12)
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"causal_lm": logits_kl, "encoder": hidden_mse}
+FORWARD_KWARGS: dict[str, dict[str, Any]] = {"causal_lm": {"use_cache": False}, "encoder": {}}
+
+
+# ---------------------------------------------------------------- the shared loop
+def batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """The training batches: ``heal.data`` read by the calibration source of the model kind."""
+    from lrsweep.calib import SOURCES
+
+    sub = OmegaConf.create({"calib": OmegaConf.to_container(cfg.heal.data, resolve=True)})
+    out = SOURCES[cfg.model.kind].batches(sub, tokenizer)
+    return [{k: v for k, v in b.items() if k != "labels"} for b in out]
+
+
+def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult], ctx: Any) -> dict[str, Any]:
+    """Heal the compressed ``model`` by distillation from its ``originals``; returns the row's info.
+
+    ``results`` must carry their factorizations; healers update them (and their rel_err and
+    storage_bits) in place so the row describes the healed model.
+    """
+    cfg = ctx.cfg
+    hcfg, kind = cfg.heal, cfg.model.kind
+    healer = HEALERS[hcfg.name]
+    t0 = time.perf_counter()
+    data = batches(cfg, ctx.tokenizer)
+    params = healer.prepare(model, results, originals, hcfg)
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    loss_fn, fwd = LOSSES[kind], FORWARD_KWARGS[kind]
+    opt = torch.optim.AdamW(params, lr=float(hcfg.lr), weight_decay=float(hcfg.weight_decay)) if params else None
+    curve: list[list[float]] = []
+    torch.manual_seed(int(cfg.seed))
+    try:
+        for step in range(int(hcfg.steps) if opt else 0):
+            batch = {k: v.to(ctx.device) for k, v in data[step % len(data)].items()}
+            with torch.no_grad(), swapped(model, originals):
+                teacher = model(**batch, **fwd)
+            loss = loss_fn(model(**batch, **fwd), teacher, batch, float(hcfg.temperature))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"heal loss became {loss.item()} at step {step} (lower heal.lr)")
+            loss.backward()
+            if hcfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(params, float(hcfg.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % int(hcfg.log_every) == 0 or step == int(hcfg.steps) - 1:
+                curve.append([step, round(loss.item(), 6)])
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved.get(n, False))
+    info = {"name": healer.name, "steps": int(hcfg.steps), "lr": float(hcfg.lr), "batches": len(data),
+            "trained_params": sum(p.numel() for p in params), "loss_curve": curve,
+            **healer.finish(model, results, originals, hcfg)}
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info
+
+
+def check(cfg: DictConfig) -> None:
+    """ConfigError (before launch) for heal settings that cannot work."""
+    from lrsweep.calib import SOURCES
+
+    hcfg = cfg.get("heal")
+    if not hcfg:
+        return
+    if hcfg.get("name") not in HEALERS:
+        raise ConfigError("heal", f"{hcfg.get('name')!r} is unknown", sorted(HEALERS))
+    if cfg.model.kind not in SOURCES:
+        raise ConfigError("model.kind", f"healing has no training data for {cfg.model.kind!r}", sorted(SOURCES))
+    for key in ("steps", "log_every"):
+        v = hcfg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "steps" else 1):
+            raise ConfigError(f"heal.{key}", f"{v!r} must be an integer >= {0 if key == 'steps' else 1}")
+    for key in ("lr", "temperature"):
+        v = hcfg.get(key)
+        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"heal.{key}", f"{v!r} must be a positive number")
+    if HEALERS[hcfg.name].check:
+        HEALERS[hcfg.name].check(hcfg)
+
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
