@@ -1,0 +1,173 @@
+"""Healing after compression (heal=distill, heal=dsee): what trains, what is stored, what the row says."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lrsweep
+from conftest import FAST, run_cli
+from lrsweep import heal, identity, job, models
+from lrsweep.compress import compress_model
+from lrsweep.errors import ConfigError
+from lrsweep.heal.dsee import Delta, DeltaLinear
+from lrsweep.quant import requantize, tensor_bits
+from lrsweep.save import save_compressed
+from lrsweep.validate import validate
+
+BLOCKS = r"model.targets='encoder\.layer\.[01]\..*'"
+DATA = ["heal.data.n_samples=16", "heal.data.batch_size=8", "heal.data.seq_len=64"]
+TEXTS = ["a film to remember", "nothing works in this one, sadly", "the cast is great but the plot drags"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from omegaconf import OmegaConf
+
+    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
+    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
+
+
+def compressed(minilm, compose, overrides):
+    """(cfg, compressed copy of minilm, dense copy, layer results, originals) for a heal config."""
+    base, tok = minilm
+    cfg = compose([*FAST, BLOCKS, *DATA, *overrides])
+    model = copy.deepcopy(base)
+    before = heal.snapshot(model)
+    layers = models.target_modules(model, cfg.model.targets)
+    results = compress_model(model, layers, cfg, progress=False)
+    return cfg, model, results, heal.replaced(before, model)
+
+
+def hidden(model, tok, texts=TEXTS):
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def ctx_for(cfg, tok):
+    return SimpleNamespace(cfg=cfg, tokenizer=tok, device="cpu")
+
+
+def test_replaced_and_swapped_give_the_dense_teacher(minilm, compose):
+    cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=distill"])
+    assert set(originals) == {r.name for r in results} and len(originals) == 12
+    assert all(isinstance(m, torch.nn.Linear) for m in originals.values())
+    base, tok = minilm
+    student = hidden(model, tok)
+    with heal.swapped(model, originals):
+        torch.testing.assert_close(hidden(model, tok), hidden(base, tok))  # the teacher is the dense model
+    torch.testing.assert_close(hidden(model, tok), student)  # and the compressed modules are back
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=svd", "bits=4"],                                                   # uniform codes
+    ["method=lplr", "bits=3", "method.scheme=group", "method.group_size=32"],   # absmax groups
+    ["method=kronecker", "bits=8"],                                             # A, B reshaped
+])
+def test_distill_lowers_the_loss_and_stores_requantized_factors(minilm, compose, overrides):
+    cfg, model, results, originals = compressed(
+        minilm, compose, [*overrides, "rank=8", "heal=distill", "heal.steps=12", "heal.lr=1e-3", "heal.log_every=1"])
+    bits_before = {r.name: r.storage_bits for r in results}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n or n.endswith("bias")}
+    info = heal.apply(model, originals, results, ctx_for(cfg, minilm[1]))
+    losses = [loss for _, loss in info["loss_curve"]]
+    assert len(losses) == 12 and losses[-1] < 0.9 * losses[0], losses
+    assert info["trained_params"] == sum(q.value.numel() for r in results for q in r.factorization.stored.values())
+    for r in results:
+        f, module = r.factorization, model.get_submodule(r.name)
+        assert r.storage_bits == f.storage_bits == bits_before[r.name]  # same tensors, same quantizer
+        for key, p in f.trainable(module).items():
+            q = f.stored[key]
+            assert torch.equal(requantize(q, q.value).value, q.value)  # on the quantizer's grid
+            assert torch.equal(p.detach().reshape(q.value.shape), q.value)  # the model computes with it
+        x = torch.randn(5, r.shape[1])
+        torch.testing.assert_close(module(x), x @ f.reconstruct().T + originals[r.name].bias.detach(),
+                                   rtol=1e-4, atol=1e-4)
+        assert r.rel_err == pytest.approx(f.rel_error(originals[r.name].weight.detach()))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"{n} is not a stored factor and must not train"
+
+
+def test_dsee_update_is_exact_and_counted(minilm, compose, tmp_path):
+    cfg, model, results, originals = compressed(
+        minilm, compose, ["method=svd", "rank=8", "bits=8", "heal=dsee", "heal.rank=4", "heal.density=0.002",
+                          "heal.steps=10", "heal.lr=1e-3", "save_compressed=true"])
+    before = {r.name: (r.storage_bits, r.factorization.reconstruct()) for r in results}
+    info = heal.apply(model, originals, results, ctx_for(cfg, minilm[1]))
+    assert info["skipped_layers"] == [] and info["loss_curve"][-1][1] < info["loss_curve"][0][1]
+    for r in results:
+        f, module = r.factorization, model.get_submodule(r.name)
+        assert isinstance(f, Delta) and isinstance(module, DeltaLinear)
+        n, d = r.shape
+        nnz = max(1, round(0.002 * n * d))
+        extra = tensor_bits((n, 4), 8, "uniform") + tensor_bits((4, d), 8, "uniform") + tensor_bits((1, nnz), 8, "uniform")
+        extra += nnz * (d - 1).bit_length() + (n + 1) * nnz.bit_length()  # CSR column indices, row pointers
+        assert r.storage_bits == f.storage_bits == before[r.name][0] + extra
+        torch.testing.assert_close(f.base.reconstruct(), before[r.name][1])  # the compressed layer stayed frozen
+        assert module.U.abs().sum() > 0 and module.values.abs().sum() > 0  # the update trained
+        x = torch.randn(3, d)
+        torch.testing.assert_close(module(x), x @ f.reconstruct().T + originals[r.name].bias.detach(), rtol=1e-4, atol=1e-4)
+    path = save_compressed(model, {r.name: r.factorization for r in results}, tmp_path / "m", minilm[1], "encoder")
+    loaded, _ = lrsweep.load_compressed(path)
+    torch.testing.assert_close(hidden(loaded, minilm[1]), hidden(model, minilm[1]), rtol=1e-5, atol=1e-5)
+    assert json.loads((path / "compressed.json").read_text())["modules"][results[0].name]["kind"] == "delta"
+
+
+def test_dsee_with_no_steps_changes_nothing_but_the_bits(minilm, compose):
+    """The update starts at zero: zero steps leave the outputs exactly those of the compressed model."""
+    cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=dsee", "heal.steps=0"])
+    want = hidden(model, minilm[1])
+    info = heal.apply(model, originals, results, ctx_for(cfg, minilm[1]))
+    assert info["loss_curve"] == []
+    torch.testing.assert_close(hidden(model, minilm[1]), want)
+
+
+def test_heal_config_identity_and_errors(compose):
+    plain = compose([*FAST])
+    assert "heal" not in plain  # rows of runs without healing keep their run_id
+    a, b = compose([*FAST, "heal=distill"]), compose([*FAST, "heal=distill", "heal.steps=5"])
+    assert len({identity.run_id(plain), identity.run_id(a), identity.run_id(b)}) == 3
+    for overrides, key in [(["heal=distill", "heal.steps=-1"], "heal.steps"), (["heal=distill", "heal.lr=0"], "heal.lr"),
+                           (["heal=dsee", "heal.density=1.5"], "heal.density"), (["heal=dsee", "heal.bits=1"], "heal.bits"),
+                           (["heal=dsee", "heal.rank=0"], "heal.rank"), (["heal=dsee", "heal.scheme=nf4"], "heal.scheme")]:
+        with pytest.raises(ConfigError) as e:
+            validate(compose([*FAST, *overrides]))
+        assert e.value.key == key
+
+
+def test_heal_distill_row_end_to_end(tmp_path):
+    """The CLI: one row with the metrics before and after healing; the healed embeddings are closer to dense."""
+    proc = run_cli(*FAST, BLOCKS, "heal.data.seq_len=64", "method=svd", "rank=16", "bits=8", "heal=distill", "heal.steps=40",
+                   "heal.lr=1e-3", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
+    assert row["status"] == "ok" and row["heal"] == "distill" and row["heal_seconds"] > 0
+    assert row["bits_per_weight"] == row["bits_per_weight_pre_heal"]
+    assert row["cosine_similarity"] > row["cosine_similarity_pre_heal"] + 0.02
+    assert row["accuracy_pre_heal"] is not None and row["recon_rel_err_pre_heal"] is not None
+    assert row["extra"]["heal"]["requantized"] is True and len(row["extra"]["heal"]["loss_curve"]) >= 2
+    bad = run_cli(*FAST, "heal=dsee", "heal.density=2", f"results_dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and "heal.density" in bad.stderr and not (tmp_path / "bad" / "rows").exists()
+
+
+def test_heal_causal_lm_job(compose, tmp_path):
+    """A (tiny, random) causal LM: distillation of the logits; perplexity before and after."""
+    small = ["model=llama7b_random", "model.num_layers=2", "model.random_init.hidden_size=64",
+             "model.random_init.intermediate_size=172", "model.random_init.num_attention_heads=4",
+             "model.random_init.num_key_value_heads=4", "model.random_init.vocab_size=30528"]
+    cfg = compose([*FAST, *small, "method=svd", "rank=8", f"results_dir={tmp_path}", "heal=distill", "heal.steps=8",
+                   "heal.lr=1e-2", "heal.data.n_samples=8", "heal.data.seq_len=32", "heal.data.batch_size=4",
+                   "eval.ppl_tokens=256", "eval.ppl_context=128", "eval.ppl_stride=128", "eval.latency.batch_size=1",
+                   "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
+    row = job.run(cfg)
+    assert row.status == "ok", row.error
+    assert row.perplexity_pre_heal > 1 and row.perplexity > 1 and row.perplexity != row.perplexity_pre_heal
+    curve = row.extra["heal"]["loss_curve"]
+    assert curve[-1][1] < curve[0][1], curve
