@@ -25,7 +25,7 @@ DENSE = "dense"
 
 def run_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
     """One line per run: the identity columns and every metric that has a value."""
-    cols = [c for c in TABLE_COLUMNS if c in df and df[c].notna().any()]
+    cols = [c for c in TABLE_COLUMNS if c in df and (df[c].notna() & (df[c].astype(str) != "none")).any()]
     table = df[cols].sort_values([c for c in ("model", "method", "bits", "rank") if c in cols]).reset_index(drop=True)
     if fmt == "markdown":
         return table.to_markdown(index=False, floatfmt=".4g")

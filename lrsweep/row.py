@@ -52,7 +52,7 @@ class ResultRow:
     perplexity: float | None = None
     cosine_similarity: float | None = None
     # healing (heal=distill | dsee): the fields above describe the healed model, these the model before
-    heal: str | None = None
+    heal: str = "none"  # the healer (conf/heal/), "none" without healing
     heal_seconds: float | None = None
     recon_rel_err_pre_heal: float | None = None
     bits_per_weight_pre_heal: float | None = None

@@ -278,3 +278,21 @@ def test_offline_wandb_runs_as_a_source(minilm_rows, tmp_path):
     assert row["run_id"] == ref["run_id"] and row["ok"]
     assert row["recon_rel_err"] == ref["recon_rel_err"] and row["layer_errors"] == ref["layer_errors"]
     assert row["config.method.name"] == "quant" and row["bits_per_weight"] == ref["bits_per_weight"]
+
+
+def test_healed_rows_are_their_own_configurations(results, tmp_path):
+    """heal is a configuration key: healed and plain rows never share a mean, and the run table
+    shows the heal columns only when some row was healed."""
+    d, _ = results
+    assert "heal" not in table.run_table(load(d).query("ok")) and "pre_heal" not in table.run_table(load(d).query("ok"))
+    healed = make_row("a8s0h", "a", 8, 0, 0.88, 0.41)
+    healed.heal, healed.accuracy_pre_heal = "distill", 0.80
+    write_row(d, healed)
+    ok = load(d).query("ok")
+    assert ok.set_index("run_id").loc["a8s0", "heal"] == "none"
+    md = table.run_table(ok)
+    assert "heal" in md and "accuracy_pre_heal" in md and "distill" in md
+    cells, _ = table.paper_frame(ok, ["method", "heal"], ["bits_per_weight"], "accuracy")
+    std = f"{np.std([0.8, 0.9], ddof=1):.3f}"
+    assert cells.loc[("a", "none"), 1.0] == f"0.850 ± {std}" and cells.loc[("a", "distill"), 1.0] == "0.880"
+    assert plot.tradeoff_plot(ok, tmp_path / "heal.png", y="accuracy", hue="heal").stat().st_size > 5000
