@@ -30,6 +30,8 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
                          name=row.run_name, job_type=row.method, tags=list(lcfg.get("tags") or []),
                          config=row.config, mode=mode, dir=str(wandb_dir), reinit="finish_previous",
                          settings=wandb.Settings(console="off", silent=True))
+        for step, loss in (row.extra.get("heal") or {}).get("loss_curve", []):  # the healing fine-tune's curve
+            run.log({"heal/loss": loss}, step=int(step))
         run.summary.update(row.summary())
         run.summary["layer_errors"] = row.layer_errors
         run_dir = str(Path(run.dir).parent)
@@ -41,7 +43,8 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
 
 
 def read_offline_run(run_dir: str | Path) -> dict:
-    """Read back what an offline W&B run recorded: {"run_id", "name", "group", "config", "summary"}.
+    """Read back what an offline W&B run recorded: {"run_id", "name", "group", "config", "summary",
+    "history" (the logged steps, in order)}.
 
     wandb writes no summary json offline; the records live in ``run-*.wandb``, a LevelDB-style
     log (7-byte file header, 32 KiB blocks, records with a 7-byte header: crc32, length,
@@ -70,7 +73,7 @@ def read_offline_run(run_dir: str | Path) -> dict:
             rec = pb.Record()
             rec.ParseFromString(pending)
             records.append(rec)
-    out: dict = {"config": {}, "summary": {}}
+    out: dict = {"config": {}, "summary": {}, "history": []}
 
     def items(update) -> dict:
         return {(u.key or ".".join(u.nested_key)): json.loads(u.value_json) for u in update}
@@ -86,5 +89,7 @@ def read_offline_run(run_dir: str | Path) -> dict:
             out["config"].update(items(rec.config.update))
         elif kind == "summary":
             out["summary"].update(items(rec.summary.update))
+        elif kind == "history":
+            out["history"].append(items(rec.history.item))
     out["config"].pop("_wandb", None)
     return out

@@ -16,6 +16,7 @@ from lrsweep import heal, identity, job, models
 from lrsweep.compress import compress_model
 from lrsweep.errors import ConfigError
 from lrsweep.heal.dsee import Delta, DeltaLinear
+from lrsweep.logger import read_offline_run
 from lrsweep.quant import requantize, tensor_bits
 from lrsweep.save import save_compressed
 from lrsweep.validate import validate
@@ -145,7 +146,7 @@ def test_heal_config_identity_and_errors(compose):
 def test_heal_distill_row_end_to_end(tmp_path):
     """The CLI: one row with the metrics before and after healing; the healed embeddings are closer to dense."""
     proc = run_cli(*FAST, BLOCKS, "heal.data.seq_len=64", "method=svd", "rank=16", "bits=8", "heal=distill", "heal.steps=40",
-                   "heal.lr=1e-3", f"results_dir={tmp_path}")
+                   "heal.lr=1e-3", "logger=wandb", f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
     assert row["status"] == "ok" and row["heal"] == "distill" and row["heal_seconds"] > 0
@@ -153,6 +154,10 @@ def test_heal_distill_row_end_to_end(tmp_path):
     assert row["cosine_similarity"] > row["cosine_similarity_pre_heal"] + 0.02
     assert row["accuracy_pre_heal"] is not None and row["recon_rel_err_pre_heal"] is not None
     assert row["extra"]["heal"]["requantized"] is True and len(row["extra"]["heal"]["loss_curve"]) >= 2
+    (run_dir,) = list(tmp_path.glob("**/offline-run-*"))  # W&B: the heal loss as history, the row as summary
+    offline = read_offline_run(run_dir)
+    assert [[h["_step"], h["heal/loss"]] for h in offline["history"]] == row["extra"]["heal"]["loss_curve"]
+    assert offline["summary"]["cosine_similarity_pre_heal"] == row["cosine_similarity_pre_heal"]
     bad = run_cli(*FAST, "heal=dsee", "heal.density=2", f"results_dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "heal.density" in bad.stderr and not (tmp_path / "bad" / "rows").exists()
 
