@@ -2,7 +2,9 @@
 
 A factorization knows the tensors it stores (``stored``: name -> QTensor), how to rebuild
 W_hat from them, how many bits it occupies, and how to turn itself into an ``nn.Module``
-that computes ``x @ W_hat.T + bias`` efficiently. New structures (sparse, Kronecker, ...)
+that computes ``x @ W_hat.T + bias`` efficiently (``as_module``), into an embedding whose
+table is W_hat (``as_embedding``: row i embeds token i), and into an output head tied to
+that embedding (``tied_head``: the same parameter objects, as tied input/output embeddings). New structures (sparse, Kronecker, ...)
 subclass :class:`Factorization` and register themselves in ``KINDS`` for saving/loading.
 """
 
@@ -47,10 +49,21 @@ class Factorization:
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         raise NotImplementedError
 
+    def as_embedding(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """token ids -> rows of W_hat (n tokens x d). By default an nn.Embedding holding the
+        reconstruction (n x d in memory; the stored bits are still those of ``stored``)."""
+        return dense_embedding(self.reconstruct(), dtype)
+
+    def tied_head(self, embedding: nn.Module, bias: torch.Tensor | None = None) -> nn.Module:
+        """x -> x @ W_hat.T + bias from the very parameters of ``embedding`` (made by ``as_embedding``),
+        so the two stay tied. By default an nn.Linear whose ``weight`` is the embedding's."""
+        return tied_linear(embedding.weight, bias)
+
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """The parameters of ``module`` (made by ``as_module``) that hold each stored tensor's
-        value, by stored name (reshaped they equal ``stored[name].value``): what healing trains
-        and re-quantizes. Stored tensors absent here (sparse indices, ...) stay frozen."""
+        """The parameters of ``module`` (made by ``as_module``, ``as_embedding`` or ``tied_head``)
+        that hold each stored tensor's value, by stored name (reshaped they equal
+        ``stored[name].value``): what healing trains and re-quantizes. Stored tensors absent here
+        (sparse indices, a materialized W_hat, ...) stay frozen."""
         return {}
 
     def rel_error(self, W: torch.Tensor) -> float:
@@ -74,8 +87,16 @@ class LowRank(Factorization):
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         return LowRankLinear(self.stored["L"].value, self.stored["R"].value, bias, dtype)
 
+    def as_embedding(self, dtype: torch.dtype | None = None) -> nn.Module:
+        return LowRankEmbedding(self.stored["L"].value, self.stored["R"].value, dtype)
+
+    def tied_head(self, embedding: nn.Module, bias: torch.Tensor | None = None) -> nn.Module:
+        return LowRankHead(embedding, bias)
+
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        return {"L": module.second.weight, "R": module.first.weight}
+        if isinstance(module, LowRankLinear):
+            return {"L": module.second.weight, "R": module.first.weight}
+        return {"L": module.L, "R": module.R}  # LowRankEmbedding, LowRankHead
 
 
 @dataclass
@@ -97,6 +118,20 @@ class Dense(Factorization):
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {"W": module.weight}
+
+
+def dense_embedding(W: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Embedding:
+    """An nn.Embedding whose table is (a copy of) W."""
+    return nn.Embedding.from_pretrained(W.detach().to(dtype=dtype or W.dtype, copy=True), freeze=False)
+
+
+def tied_linear(weight: nn.Parameter, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear whose ``weight`` is ``weight`` itself (the same Parameter: tied, as HF ties embeddings)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = weight
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().to(device=weight.device, dtype=weight.dtype, copy=True))
+    return lin
 
 
 def dense_linear(W: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None) -> nn.Linear:
@@ -125,6 +160,51 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class LowRankEmbedding(nn.Module):
+    """ALBERT-style factorized embedding: ids -> L[ids] @ R with L (V x r) the lookup table and
+    R (r x H) the projection; r (V + H) parameters instead of V H.
+
+    Like nn.Embedding it has no ``in_features`` (its inputs are token ids, not features), so
+    code that feeds float inputs to factorized Linears (``evaluate.layer_fallback``) skips it.
+    """
+
+    def __init__(self, L: torch.Tensor, R: torch.Tensor, dtype: torch.dtype | None = None):
+        super().__init__()
+        dtype = dtype or L.dtype
+        self.L = nn.Parameter(L.detach().to(dtype=dtype, copy=True))
+        self.R = nn.Parameter(R.detach().to(dtype=dtype, copy=True))
+        self.num_embeddings, self.embedding_dim, self.rank = L.shape[0], R.shape[1], R.shape[0]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.L) @ self.R
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
+
+
+class LowRankHead(nn.Module):
+    """x -> (x @ R.T) @ L.T + bias with L and R the very Parameters of a :class:`LowRankEmbedding`:
+    an output projection tied to the input embedding (two GEMMs, r (V + H) multiply-adds per token).
+
+    No ``in_features`` on purpose: ``evaluate.layer_fallback`` must not swap one side of a tie
+    for an untied dense copy.
+    """
+
+    def __init__(self, embedding: LowRankEmbedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.L, self.R = embedding.L, embedding.R  # shared, not copied
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device=self.L.device, dtype=self.L.dtype,
+                                                                            copy=True))
+        self.num_embeddings, self.embedding_dim, self.rank = embedding.num_embeddings, embedding.embedding_dim, embedding.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.R), self.L, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}, " \
+               f"bias={self.bias is not None}, tied=True"
+
+
 @dataclass
 class LowRankSparse(Factorization):
     """W_hat = L @ R + S with S sparse in CSR form: values, column indices and row pointers.
@@ -151,6 +231,8 @@ class LowRankSparse(Factorization):
         return LowRankSparseLinear(self.stored["L"].value, self.stored["R"].value, self.sparse(), bias, dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if not isinstance(module, LowRankSparseLinear):  # a materialized W_hat (as_embedding, tied_head)
+            return {}
         return {"L": module.second.weight, "R": module.first.weight}  # S (values at fixed support) frozen
 
 
@@ -201,6 +283,8 @@ class Kronecker(Factorization):
         return KroneckerLinear(A, B, bias, dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if not isinstance(module, KroneckerLinear):  # a materialized W_hat (as_embedding, tied_head)
+            return {}
         return {"A": module.A, "B": module.B}
 
 
