@@ -1,6 +1,7 @@
 """Calibration statistics of the target layers, collected in one pass and cached on disk.
 
-For every target ``nn.Linear`` (only the statistics the method ``needs``):
+For every target ``nn.Linear`` (only the statistics the method ``needs``; target embeddings read
+token ids and get none, see :func:`linears`):
   xtx      sum of x xᵀ over the calibration tokens of the layer input (d x d, fp64);
   absmean  mean |x| per input channel (fp64);
   fisher   sum over calibration batches of (∂loss/∂W)², the empirical Fisher of the weight
@@ -120,6 +121,11 @@ def _to(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def linears(layers: dict[str, nn.Module]) -> dict[str, nn.Linear]:
+    """The Linear modules of ``layers``: the only targets with input statistics (hooks go on these only)."""
+    return {name: m for name, m in layers.items() if isinstance(m, nn.Linear)}
+
+
 class _Accumulator:
     """Forward hooks summing xᵀx and |x| of each layer's input over the real (unpadded) tokens.
 
@@ -127,7 +133,8 @@ class _Accumulator:
     that layer's statistics: computed once, held and cached once.
     """
 
-    def __init__(self, layers: dict[str, nn.Linear], needs: tuple[str, ...]):
+    def __init__(self, layers: dict[str, nn.Module], needs: tuple[str, ...]):
+        layers = linears(layers)
         self.needs, self.mask = needs, None
         self.xtx: dict[str, torch.Tensor] = {}
         self.abssum: dict[str, torch.Tensor] = {}
@@ -186,10 +193,11 @@ class _Accumulator:
         return out
 
 
-def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict[str, torch.Tensor]],
+def collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
             needs: tuple[str, ...], device: str,
             loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> dict[str, LayerStats]:
-    """LayerStats of ``layers`` over ``batches``: one forward (and, for fisher, one backward) per batch."""
+    """LayerStats of the Linears of ``layers`` over ``batches``: one forward (and, for fisher, one backward) per batch."""
+    layers = linears(layers)
     acc = _Accumulator(layers, needs)
     want_grad = "fisher" in needs
     if want_grad and loss_fn is None:
@@ -256,7 +264,7 @@ def _unflatten(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[s
     return out
 
 
-def layer_stats(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+def layer_stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
                 needs: tuple[str, ...]) -> tuple[dict[str, LayerStats], dict[str, Any]]:
     """(stats per layer, info for the row): read from the cache or computed once under its lock."""
     cfg = ctx.cfg
@@ -286,16 +294,17 @@ def check(cfg: DictConfig, needs: tuple[str, ...]) -> None:
 
 
 # ---------------------------------------------------------------- compression with statistics
-def blocks(layers: dict[str, nn.Linear]) -> dict[str, dict[str, nn.Linear]]:
-    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``)."""
-    out: dict[str, dict[str, nn.Linear]] = {}
+def blocks(layers: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
+    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``); a
+    layer without one (an embedding, ``lm_head``) is its own block."""
+    out: dict[str, dict[str, nn.Module]] = {}
     for name, lin in layers.items():
         m = re.match(r"(.*?\.\d+)\.", name)
         out.setdefault(m.group(1) if m else name, {})[name] = lin
     return out
 
 
-def compress(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
              progress: bool = True) -> tuple[list[LayerResult], dict[str, Any]]:
     """Compress ``layers`` with the statistics the method needs; (layer results, calibration info)."""
     cfg = ctx.cfg
@@ -372,7 +381,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 @torch.no_grad()
-def streamed(model: nn.Module, layers: dict[str, nn.Linear], ctx: Any,
+def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
              needs: tuple[str, ...]) -> tuple[list[LayerResult], dict[str, Any]]:
     """Compress block by block with only the current block on ``ctx.device`` (the model stays on CPU).
 

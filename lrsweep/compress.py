@@ -102,27 +102,35 @@ class LayerResult:
         return self.storage_bits >= self.dense_bits
 
 
-def compress_model(model: nn.Module, layers: dict[str, nn.Linear], cfg: DictConfig,
+def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConfig,
                    stats: dict[str, LayerStats] | None = None, progress: bool = True) -> list[LayerResult]:
-    """Replace every layer in ``layers`` by its compressed module, in model order."""
+    """Replace every layer in ``layers`` (Linear or Embedding) by its compressed module, in model order.
+
+    Modules holding the same weight (tied embeddings, see :mod:`lrsweep.tying`) are compressed once,
+    by the first of them in ``layers``, and all replaced by modules sharing the new parameters: one
+    result, whose ``info["tied"]`` names the others.
+    """
     from tqdm.auto import tqdm
 
-    from lrsweep.models import set_module
+    from lrsweep import tying
 
     spec = method_spec(cfg.method)
     opts = method_options(cfg.method)
     results = []
-    for index, (name, lin) in enumerate(tqdm(layers.items(), desc=f"{cfg.method.name}", disable=not progress)):
-        W = lin.weight.detach()
+    for index, (name, module) in enumerate(tqdm(layers.items(), desc=f"{cfg.method.name}", disable=not progress)):
+        if model.get_submodule(name) is not module:
+            continue  # replaced already: it holds the weight of an earlier target
+        tied = tying.ties(model, name)
+        W = module.weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
         r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts)
         f = spec.fn(W, rank=r, bits=cfg.bits, seed=int(cfg.seed) * 100_003 + index,
                     stats=(stats or {}).get(name), **opts)
         seconds = time.perf_counter() - t0
-        bias = lin.bias.detach() if lin.bias is not None else None
-        set_module(model, name, f.as_module(bias, dtype=W.dtype))
+        tying.install(model, [name, *tied], f, dtype=W.dtype)
         dense_bits = n * d * torch.finfo(W.dtype).bits
+        info = {**f.info, "tied": tied} if tied else f.info
         results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
-                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, f.info))
+                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, info))
     return results

@@ -147,7 +147,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     if cfg.get("stream", False):  # compressed block by block on the device while the model waits on CPU
         model.to("cpu")
 
-    layers = models.target_linears(model, cfg.model.targets)
+    layers = models.target_modules(model, cfg.model.targets)
     before = heal.snapshot(model) if cfg.get("heal") else {}
     checkpoint.stage("compress", layers=len(layers))
     t0 = time.perf_counter()

@@ -70,8 +70,10 @@ def random_config(mcfg: DictConfig):
 
 
 def skeleton(mcfg: DictConfig) -> nn.Module:
-    """The model's module tree with weights on the meta device (cheap; used to validate configs)."""
-    from accelerate import init_empty_weights
+    """The model's module tree with weights on the meta device (cheap; used to validate configs).
+
+    Built under ``torch.device("meta")`` rather than accelerate's ``init_empty_weights``, which
+    re-registers every parameter and so unties tied weights (lm_head / embed_tokens)."""
     from transformers import AutoConfig
 
     kw = _load_kwargs(mcfg)
@@ -85,7 +87,7 @@ def skeleton(mcfg: DictConfig) -> nn.Module:
             config = AutoConfig.from_pretrained(path, **kw)
         except (OSError, ValueError) as e:
             raise ConfigError("model.path", f"{path!r} is not a loadable model: {str(e).splitlines()[0]}") from None
-    with init_empty_weights():
+    with torch.device("meta"):
         return _auto_class(mcfg.kind).from_config(config, trust_remote_code=kw["trust_remote_code"])
 
 
@@ -149,10 +151,13 @@ def load(mcfg: DictConfig, device: str, cache_dir: str | Path) -> tuple[nn.Modul
     return model.to(device).eval(), tokenizer
 
 
-def target_linears(model: nn.Module, pattern: str) -> dict[str, nn.Linear]:
-    """The Linear modules whose qualified name fully matches ``pattern``, in model order."""
+TARGET_TYPES = (nn.Linear, nn.Embedding)  # what ``model.targets`` can select
+
+
+def target_modules(model: nn.Module, pattern: str) -> dict[str, nn.Linear | nn.Embedding]:
+    """The Linear and Embedding modules whose qualified name fully matches ``pattern``, in model order."""
     regex = re.compile(pattern)
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and regex.fullmatch(name)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, TARGET_TYPES) and regex.fullmatch(name)}
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -2,7 +2,8 @@
 
 Each check raises :class:`ConfigError` naming the key, the bad value and the valid values.
 Checks that need the model's layer shapes use a weightless skeleton (meta device), built once
-per model config in this process.
+per model config in this process; tied weights (lm_head = embed_tokens) are one target there,
+as they are one compressed matrix in the job.
 """
 
 from __future__ import annotations
@@ -11,39 +12,82 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from lrsweep import calib, evaluate, heal, methods, models
+from lrsweep import calib, evaluate, heal, methods, models, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
+from lrsweep.methods import MethodSpec
 from lrsweep.quant import SUPPORTED_BITS
 
 # a user-given name (sweep_name) may become a W&B group or part of a path: plain characters only
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=,+-]*")
 
 
+@dataclass(frozen=True)
+class Target:
+    """One weight that compression replaces, named by its leading target module."""
+
+    shape: tuple[int, int]  # (n, d) of the weight: (out, in) of a Linear, (vocab, hidden) of an Embedding
+    embedding: bool  # the leader is an nn.Embedding: its inputs are token ids
+    tied: tuple[str, ...] = ()  # the other modules holding this weight (replaced with it)
+
+
+def _replaceable(name: str, m: nn.Module) -> str | None:
+    """Why module ``m`` cannot be replaced by a compressed one (None: it can)."""
+    if not isinstance(m, models.TARGET_TYPES):
+        return f"{name} ({type(m).__name__}) is not a Linear or Embedding module"
+    if isinstance(m, nn.Embedding) and (type(m).forward is not nn.Embedding.forward or m.max_norm is not None):
+        return f"{name} ({type(m).__name__}) computes more than a table lookup (its own forward or max_norm)"
+    return None
+
+
 @lru_cache(maxsize=16)
-def _layer_shapes(model_json: str) -> dict[str, tuple[int, int]]:
+def _targets(model_json: str) -> dict[str, Target]:
     mcfg = OmegaConf.create(json.loads(model_json))
     skel = models.skeleton(mcfg)
     try:
-        layers = models.target_linears(skel, mcfg.targets)
+        layers = models.target_modules(skel, mcfg.targets)
     except re.error as e:
         raise ConfigError("model.targets", f"{mcfg.targets!r} is not a valid regex: {e}") from None
     if not layers:
-        linears = [n for n, m in skel.named_modules() if isinstance(m, torch.nn.Linear)]
-        raise ConfigError("model.targets", f"{mcfg.targets!r} matches no Linear module of {mcfg.name}",
-                          linears[:4] + ["..."] if len(linears) > 4 else linears)
-    return {n: tuple(m.weight.shape) for n, m in layers.items()}
+        names = [n for n, m in skel.named_modules() if isinstance(m, models.TARGET_TYPES)]
+        raise ConfigError("model.targets", f"{mcfg.targets!r} matches no Linear or Embedding module of {mcfg.name}",
+                          names[:4] + ["..."] if len(names) > 4 else names)
+    out: dict[str, Target] = {}
+    done: set[str] = set()
+    for name, m in layers.items():
+        if name in done:
+            continue  # tied to an earlier target: compressed with it
+        tied = tying.ties(skel, name)
+        for n in [name, *tied]:
+            if reason := _replaceable(n, skel.get_submodule(n)):
+                raise ConfigError("model.targets", f"{mcfg.targets!r} selects {name}, but {reason}")
+        done.update(tied)
+        out[name] = Target(tuple(m.weight.shape), isinstance(m, nn.Embedding), tuple(tied))
+    return out
 
 
-def layer_shapes(cfg: DictConfig) -> dict[str, tuple[int, int]]:
-    return _layer_shapes(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True))
+def targets(cfg: DictConfig) -> dict[str, Target]:
+    """The weights ``model.targets`` compresses, by leading module (tied modules folded in), in model order."""
+    return _targets(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True))
+
+
+def check_embedding_method(name: str, spec: MethodSpec) -> None:
+    """A method that needs statistics of a layer's inputs cannot compress an embedding (its inputs are ids)."""
+    if spec.needs:
+        free = sorted(n for n, s in methods.REGISTRY.items() if not s.needs)
+        raise ConfigError("model.targets", f"selects the embedding {name}, which method {spec.name} cannot compress: "
+                          f"it needs calibration statistics {list(spec.needs)} of a layer's inputs and an "
+                          "embedding's inputs are token ids (leave the embedding out of model.targets, or use "
+                          "a data-free method)", free)
 
 
 def resolve_device(device: str) -> str:
@@ -110,9 +154,11 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if check_device:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)))
-    for name, (n, d) in layer_shapes(cfg).items():
+    for name, target in targets(cfg).items():
+        if target.embedding:
+            check_embedding_method(name, spec)
         try:
-            resolve_rank(spec, n, d, rank, bits, cfg.budget, opts)
+            resolve_rank(spec, *target.shape, rank, bits, cfg.budget, opts)
         except ConfigError as e:
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]} (layer {name})") from None
 

@@ -94,7 +94,7 @@ def test_fisher_is_the_sum_of_squared_batch_gradients(minilm):
 
 def test_stats_cache_hit_and_recompute_per_key_field(minilm, compose, tmp_path):
     model, tok = minilm
-    layers = models.target_linears(model, r"encoder\.layer\.0\.attention\.self\.(query|key)")
+    layers = models.target_modules(model, r"encoder\.layer\.0\.attention\.self\.(query|key)")
 
     def get(*overrides, needs=("xtx",)):
         cfg = compose([*FAST, *CALIB, *overrides])
@@ -116,7 +116,7 @@ def test_stats_cache_hit_and_recompute_per_key_field(minilm, compose, tmp_path):
 
 def test_encoder_fisher_from_probe_loss(minilm, compose, tmp_path):
     model, tok = minilm
-    layers = models.target_linears(model, r"encoder\.layer\.5\.output\.dense")
+    layers = models.target_modules(model, r"encoder\.layer\.5\.output\.dense")
     cfg = compose([*FAST, *CALIB])
     stats, _ = calib.layer_stats(model, layers, _ctx(cfg, tok, tmp_path), ("fisher", "absmean"))
     s = stats["encoder.layer.5.output.dense"]
@@ -172,7 +172,7 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     for sequential in (False, True):
         cfg.calib.sequential = sequential
         m, _ = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
-        layers = models.target_linears(m, cfg.model.targets)
+        layers = models.target_modules(m, cfg.model.targets)
         out, info = calib.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
         results[sequential] = {r.name: r.rel_err for r in out}
         assert info.get("sequential", False) == sequential
@@ -188,7 +188,7 @@ def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):
     cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'", *extra,
                    *model_cfg_overrides])
     m, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
-    out, info = calib.compress(m, models.target_linears(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
+    out, info = calib.compress(m, models.target_modules(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
     return {r.name: r.rel_err for r in out}, info
 
 

@@ -166,7 +166,7 @@ def test_fallback_keeps_outputs_and_follows_the_timings(minilm, compose):
     model = copy.deepcopy(model)
     cfg = compose([*FAST, BLOCK0, "rank=300", "inference.fallback=auto", "eval.latency.batch_size=4",
                    "eval.latency.seq_len=64", "eval.latency.repeats=3"])
-    layers = models.target_linears(model, cfg.model.targets)
+    layers = models.target_modules(model, cfg.model.targets)
     names = [r.name for r in compress_model(model, layers, cfg, progress=False)]
     batch = tok(["one sentence to check", "and another"], padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -37,7 +37,7 @@ def test_save_load_same_outputs(minilm, compose, tmp_path, overrides):
     base, tok = minilm
     model = copy.deepcopy(base)
     cfg = compose([*FAST, BLOCKS, "rank=16", "save_compressed=true", *overrides])
-    layers = models.target_linears(model, cfg.model.targets)
+    layers = models.target_modules(model, cfg.model.targets)
     results = compress_model(model, layers, cfg, progress=False)
     factorizations = {r.name: r.factorization for r in results}
     path = save_compressed(model, factorizations, tmp_path / "m", tok, "encoder", {"accuracy": 0.5})
@@ -60,7 +60,7 @@ def test_saved_codes_are_the_stored_bits(minilm, compose, tmp_path):
 
     model, tok = copy.deepcopy(minilm[0]), minilm[1]
     cfg = compose([*FAST, BLOCKS, "rank=16", "bits=4", "save_compressed=true"])
-    results = compress_model(model, models.target_linears(model, cfg.model.targets), cfg, progress=False)
+    results = compress_model(model, models.target_modules(model, cfg.model.targets), cfg, progress=False)
     path = save_compressed(model, {r.name: r.factorization for r in results}, tmp_path / "m", tok, "encoder")
     factors = load_file(str(path / "factors.safetensors"))
     codes = [v for k, v in factors.items() if k.endswith("/codes")]

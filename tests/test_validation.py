@@ -100,7 +100,8 @@ def test_budget_infeasible(tmp_path):
 
 def test_targets_match_no_module(tmp_path):
     res, out = run(tmp_path, r"model.targets=decoder\.nothing\..*")
-    refused(res, out, "model.targets", "matches no Linear module of minilm", "valid: encoder.layer.0.")
+    refused(res, out, "model.targets", "matches no Linear or Embedding module of minilm",
+            "valid: embeddings.word_embeddings, embeddings.position_embeddings")
 
 
 def test_targets_not_a_regex(tmp_path):
