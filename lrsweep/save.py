@@ -5,11 +5,13 @@
                         metadata (or fp16/fp32 values), and each layer's bias;
   dense.safetensors     every other weight of the model (embeddings, norms, untouched layers);
   compressed.json       per factorized module: kind (``lrsweep.factorization.KINDS``), shape, rank,
-                        info, and how each stored tensor decodes; plus the model kind, dtype and
+                        info, how each stored tensor decodes, and ``tied``: the other modules
+                        holding the same weight (a tied lm_head); plus the model kind, dtype and
                         the metrics of the run that wrote it;
   config.json, tokenizer files (``save_pretrained``: JSON, no pickles).
 ``load_compressed(path)`` builds the architecture from config.json, puts the factorized modules
-back (``Factorization.as_module``) and loads the weights: (model, tokenizer).
+back (``lrsweep.tying.install``: ``as_module``, ``as_embedding``, and ``tied_head`` for the tied
+modules, which share the parameters again) and loads the weights: (model, tokenizer).
 
 A stored tensor decodes by its quantizer: ``min``/``step`` (uniform grid: codes * step + min) or
 ``scale`` (symmetric absmax per group: (codes - 2^(b-1)) * scale); integer indices are stored as
@@ -28,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lrsweep import tying
 from lrsweep.factorization import KINDS, Factorization
 from lrsweep.quant import QTensor
 
@@ -72,7 +75,10 @@ def _encode(q: QTensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 # ---------------------------------------------------------------- save
 def _bias(module: nn.Module) -> torch.Tensor | None:
-    """The module's bias: its output at x = 0 (exact for every affine factorized module)."""
+    """The module's bias: its output at x = 0 (exact for every affine factorized module); an
+    embedding has none, a tied head (no ``in_features``) keeps it in ``.bias``."""
+    if not hasattr(module, "in_features"):
+        return getattr(module, "bias", None)
     p = next(module.parameters())
     with torch.no_grad():
         b = module(torch.zeros(1, module.in_features, device=p.device, dtype=p.dtype))[0]
@@ -86,6 +92,7 @@ def save_compressed(model: nn.Module, factorizations: dict[str, Factorization], 
     path.mkdir(parents=True, exist_ok=True)
     factors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
+    replaced: list[str] = []  # every module rebuilt from a factorization (tied ones included)
     for name, f in factorizations.items():
         module = model.get_submodule(name)
         stored = {}
@@ -93,13 +100,17 @@ def save_compressed(model: nn.Module, factorizations: dict[str, Factorization], 
             enc, tensors = _encode(q)
             stored[key] = enc
             factors.update({f"{name}/{key}/{k}": v.detach().contiguous().cpu() for k, v in tensors.items()})
-        bias = _bias(module)
-        if bias is not None:
-            factors[f"{name}/bias"] = bias.detach().contiguous().cpu()
+        tied = tying.ties(model, name)
+        for n in [name, *tied]:
+            bias = _bias(model.get_submodule(n))
+            if bias is not None:
+                factors[f"{n}/bias"] = bias.detach().contiguous().cpu()
+        replaced += [name, *tied]
         modules[name] = {"kind": f.kind, "shape": list(f.shape), "rank": f.rank, "stored": stored,
-                         "bias": bias is not None, "dtype": str(next(module.parameters()).dtype),
+                         "bias": f"{name}/bias" in factors, "tied": tied,
+                         "dtype": str(next(module.parameters()).dtype),
                          "info": json.loads(json.dumps(f.info, default=str))}
-    prefixes = tuple(f"{n}." for n in factorizations)
+    prefixes = tuple(f"{n}." for n in replaced)
     dense = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     save_file(factors, str(path / "factors.safetensors"), metadata={"format": FORMAT})
     save_file(dense, str(path / "dense.safetensors"), metadata={"format": FORMAT})
@@ -117,7 +128,7 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
     """(model with its factorized modules, tokenizer or None) from a folder of ``save_compressed``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from lrsweep.models import _auto_class, set_module
+    from lrsweep.models import _auto_class
 
     path = Path(path)
     desc = json.loads((path / "compressed.json").read_text())
@@ -134,10 +145,10 @@ def load_compressed(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Mo
             stored[key] = QTensor(value=_decode(enc, tensors), bits=enc["bits"], codes=tensors.get("codes"),
                                   meta={k: v for k, v in tensors.items() if k not in ("codes", "value")})
         f = KINDS[m["kind"]](shape=tuple(m["shape"]), rank=m["rank"], stored=stored, info=m["info"])
-        bias = factors.get(f"{name}/bias")
-        set_module(model, name, f.as_module(bias, dtype=DTYPES[m["dtype"]]))
+        names = [name, *m.get("tied", [])]
+        tying.install(model, names, f, DTYPES[m["dtype"]], {n: factors.get(f"{n}/bias") for n in names})
     missing, unexpected = model.load_state_dict(load_file(str(path / "dense.safetensors")), strict=False)
-    prefixes = tuple(f"{n}." for n in desc["modules"])
+    prefixes = tuple(f"{n}." for name, m in desc["modules"].items() for n in [name, *m.get("tied", [])])
     missing = [k for k in missing if not k.startswith(prefixes)]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the architecture (missing {missing[:3]}, "
