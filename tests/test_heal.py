@@ -176,3 +176,34 @@ def test_heal_causal_lm_job(compose, tmp_path):
     assert row.perplexity_pre_heal > 1 and row.perplexity > 1 and row.perplexity != row.perplexity_pre_heal
     curve = row.extra["heal"]["loss_curve"]
     assert curve[-1][1] < curve[0][1], curve
+
+
+def test_distill_keeps_a_tied_factorized_embedding_tied(compose, tmp_path):
+    """Embedding and lm_head share L and R: trained once, re-quantized once, still one pair of Parameters."""
+    tiny = ["model=llama7b_random", "model.num_layers=1", "model.random_init.hidden_size=64",
+            "model.random_init.intermediate_size=128", "model.random_init.num_attention_heads=4",
+            "model.random_init.num_key_value_heads=4", "model.random_init.vocab_size=30528",
+            "+model.random_init.tie_word_embeddings=true"]
+    cfg = compose([*FAST, *tiny, r"model.targets='model\.embed_tokens|model\.layers\.\d+\..*'", "method=svd",
+                   "rank=8", "bits=6", "heal=distill", "heal.steps=6", "heal.lr=1e-2", "heal.data.n_samples=4",
+                   "heal.data.seq_len=32", "heal.data.batch_size=4", f"results_dir={tmp_path}"])
+    model, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
+    before = heal.snapshot(model)
+    results = compress_model(model, models.target_modules(model, cfg.model.targets), cfg, progress=False)
+    originals = heal.replaced(before, model)
+    assert {"model.embed_tokens", "lm_head"} <= set(originals)  # the teacher gets its tied pair back
+    (emb,) = [r for r in results if r.name == "model.embed_tokens"]
+    assert emb.info["tied"] == ["lm_head"]
+    L0 = emb.factorization.stored["L"].value.clone()
+    info = heal.apply(model, originals, results, ctx_for(cfg, tok))
+    assert info["loss_curve"][-1][1] < info["loss_curve"][0][1]
+    head, table = model.lm_head, model.model.embed_tokens
+    shared = {id(p) for p in head.parameters()} & {id(p) for p in table.parameters()}
+    assert len(shared) == 2  # L and R, the same objects in both modules
+    f = emb.factorization
+    assert not torch.equal(f.stored["L"].value, L0)  # trained
+    for key, p in f.trainable(table).items():
+        assert torch.equal(p.detach().reshape(f.stored[key].value.shape), f.stored[key].value)
+        assert torch.equal(requantize(f.stored[key], f.stored[key].value).value, f.stored[key].value)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(head(x), x @ f.reconstruct().T, rtol=1e-4, atol=1e-4)

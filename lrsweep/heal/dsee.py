@@ -90,8 +90,9 @@ class DeltaLinear(nn.Module):
                f"nnz={self.values.numel()}"
 
 
-def _healable(module: nn.Module, result: LayerResult) -> bool:
-    return not isinstance(module, nn.Embedding) and hasattr(module, "in_features") and not result.info.get("tied")
+def _healable(original: nn.Module, result: LayerResult) -> bool:
+    """A Linear layer holding its weight alone (embeddings and tied weights keep their modules)."""
+    return isinstance(original, nn.Linear) and not result.info.get("tied")
 
 
 def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, nn.Module],
@@ -100,7 +101,7 @@ def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, n
     params: list[nn.Parameter] = []
     for r in results:
         module = model.get_submodule(r.name)
-        if not _healable(module, r):
+        if not _healable(originals[r.name], r):
             continue
         W = originals[r.name].weight.detach()
         n, d = W.shape
