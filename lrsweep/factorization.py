@@ -216,13 +216,7 @@ class LowRankSparse(Factorization):
     kind: ClassVar[str] = "lowrank_sparse"
 
     def sparse(self) -> torch.Tensor:
-        """S as a coalesced sparse COO tensor (fp32), decoded from the stored CSR arrays."""
-        s = self.stored
-        values = s["S_values"].value.reshape(-1)
-        crow, cols = s["S_crow"].codes.long(), s["S_col"].codes.long()
-        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=crow.device), crow.diff())
-        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size=self.shape,
-                                       is_coalesced=True, check_invariants=True)
+        return csr_decode(self.stored, self.shape)
 
     def reconstruct(self) -> torch.Tensor:
         return self.stored["L"].value @ self.stored["R"].value + self.sparse().to_dense()
@@ -250,6 +244,16 @@ class LowRankSparseLinear(LowRankLinear):
         flat = x.reshape(-1, x.shape[-1])
         sparse = (self.S @ flat.T.float()).T.to(x.dtype)
         return super().forward(x) + sparse.reshape(*x.shape[:-1], -1)
+
+
+def csr_decode(stored: dict[str, QTensor], shape: tuple[int, int]) -> torch.Tensor:
+    """S as a coalesced sparse COO tensor (fp32), decoded from the stored CSR arrays
+    ``S_values``, ``S_col`` (column indices) and ``S_crow`` (row pointers)."""
+    values = stored["S_values"].value.reshape(-1)
+    crow, cols = stored["S_crow"].codes.long(), stored["S_col"].codes.long()
+    rows = torch.repeat_interleave(torch.arange(shape[0], device=crow.device), crow.diff())
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values, size=shape, is_coalesced=True,
+                                   check_invariants=True)
 
 
 def index_tensor(idx: torch.Tensor, bits: int) -> QTensor:

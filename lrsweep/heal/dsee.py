@@ -21,7 +21,7 @@ from torch import nn
 
 from lrsweep.compress import LayerResult
 from lrsweep.errors import ConfigError
-from lrsweep.factorization import KINDS, Factorization, LowRankSparse
+from lrsweep.factorization import KINDS, Factorization, csr_decode
 from lrsweep.heal import register
 from lrsweep.heal.distill import factorization
 from lrsweep.methods.losparse import csr_stored, largest_entries, sparse_count
@@ -52,7 +52,7 @@ class Delta(Factorization):
         return KINDS[b["kind"]](shape=self.shape, rank=b["rank"], stored=stored, info=b["info"])
 
     def sparse(self) -> torch.Tensor:
-        return LowRankSparse.sparse(self)  # the same CSR entries (S_values, S_col, S_crow)
+        return csr_decode(self.stored, self.shape)
 
     def reconstruct(self) -> torch.Tensor:
         return self.base.reconstruct() + self.stored["U"].value @ self.stored["V"].value + self.sparse().to_dense()
