@@ -6,6 +6,7 @@ Exit codes: 0 all ok, 1 a grid point failed, 2 a config error (nothing was launc
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,7 +49,25 @@ def _one_line(e: BaseException) -> str:
         group, _, name = str(e.missing_cfg_file).rpartition("/")
         return str(ConfigError(group or "config", f"{name!r} is unknown{did_you_mean(name, e.options)}", e.options))
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    hint = _swept_group_hint(lines[0]) if lines else None
+    if hint:
+        return hint
     return " ".join(lines[:2]) if lines else type(e).__name__
+
+
+def _swept_group_hint(message: str) -> str | None:
+    """Hydra composes a sweep's master config without the swept config groups, so ``heal=distill,dsee
+    heal.steps=5`` fails there (heal defaults to null) though it is fine in every job: ``++`` works in both."""
+    m = re.match(r"Could not override '([^']+)'", message)
+    if not m or not any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        return None
+    key = m.group(1)
+    group = key.split(".")[0]
+    if not any(re.fullmatch(rf"\+?{group}=[^=]*,.*", a) for a in sys.argv[1:]):
+        return None
+    value = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(f"{key}=")), "...")
+    return str(ConfigError(key, f"belongs to the config group {group!r} swept in this command; set it with "
+                           f"++{key}={value} (Hydra composes the sweep's base config without swept groups)"))
 
 
 def report() -> int:

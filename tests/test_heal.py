@@ -160,6 +160,8 @@ def test_heal_distill_row_end_to_end(tmp_path):
     assert offline["summary"]["cosine_similarity_pre_heal"] == row["cosine_similarity_pre_heal"]
     bad = run_cli(*FAST, "heal=dsee", "heal.density=2", f"results_dir={tmp_path / 'bad'}")
     assert bad.returncode == 2 and "heal.density" in bad.stderr and not (tmp_path / "bad" / "rows").exists()
+    swept = run_cli("-m", *FAST, "heal=distill,dsee", "heal.steps=5", f"results_dir={tmp_path / 'bad'}")
+    assert swept.returncode == 2 and "++heal.steps=5" in swept.stderr  # how to set a swept group's keys
 
 
 def test_heal_causal_lm_job(compose, tmp_path):
