@@ -75,10 +75,29 @@ def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: in
 
 
 def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
-    """``x`` (new values of the stored tensor ``q``, e.g. after training) quantized the way ``q`` was."""
+    """``x`` (new values of the stored tensor ``q``, e.g. after training) quantized onto ``q``'s grid:
+    the same bits, scheme and metadata (minimum and step, or the absmax scales), codes clamped to
+    the grid's range. The storage is that of ``q``; only the codes change."""
     if q.scheme is None:
         raise ValueError("this stored tensor was not made by quantize(); it cannot be re-quantized")
-    return quantize(x.detach().reshape(q.value.shape), q.bits, q.scheme, q.group_size)
+    x = x.detach().float().reshape(q.value.shape)
+    if q.bits in FLOAT_BITS:
+        return quantize(x, q.bits, q.scheme, q.group_size)
+    if "step" in q.meta:  # uniform: codes * step + min
+        lo, step = q.meta["min"].to(x.device), q.meta["step"].to(x.device)
+        codes = torch.clamp(torch.round((x - lo) / step), 0, 2**q.bits - 1)
+        value, stored = codes * step + lo, codes
+    else:  # absmax: one scale per group of a row, codes offset by 2^(b-1)
+        n, d = x.shape
+        scale = q.meta["scale"].float().to(x.device)
+        group = d if q.scheme == "channel" else min(q.group_size, d)
+        xp = torch.nn.functional.pad(x, (0, (-d) % group)).reshape(n, -1, group)
+        qmax = 2 ** (q.bits - 1) - 1
+        codes = torch.clamp(torch.round(xp / scale.unsqueeze(-1)), -qmax - 1, qmax)
+        value = (codes * scale.unsqueeze(-1)).reshape(n, -1)[:, :d]
+        stored = (codes + qmax + 1).reshape(n, -1)[:, :d]
+    return QTensor(value=value, bits=q.bits, codes=stored.to(_codes_dtype(q.bits)), meta=dict(q.meta),
+                   scheme=q.scheme, group_size=q.group_size)
 
 
 def _codes_dtype(bits: int) -> torch.dtype:

@@ -70,11 +70,13 @@ def test_replaced_and_swapped_give_the_dense_teacher(minilm, compose):
     ["method=svd", "bits=4"],                                                   # uniform codes
     ["method=lplr", "bits=3", "method.scheme=group", "method.group_size=32"],   # absmax groups
     ["method=kronecker", "bits=8"],                                             # A, B reshaped
+    ["method=svd", "bits=4", "heal.qat=true", "heal.lr=1e-4"],                  # through the quantizer
 ])
 def test_distill_lowers_the_loss_and_stores_requantized_factors(minilm, compose, overrides):
     cfg, model, results, originals = compressed(
-        minilm, compose, [*overrides, "rank=8", "heal=distill", "heal.steps=12", "heal.lr=1e-3", "heal.log_every=1"])
+        minilm, compose, ["rank=8", "heal=distill", "heal.steps=12", "heal.lr=1e-3", "heal.log_every=1", *overrides])
     bits_before = {r.name: r.storage_bits for r in results}
+    grids = {(r.name, k): dict(q.meta) for r in results for k, q in r.factorization.stored.items()}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "LayerNorm" in n or n.endswith("bias")}
     info = heal.apply(model, originals, results, ctx_for(cfg, minilm[1]))
     losses = [loss for _, loss in info["loss_curve"]]
@@ -85,7 +87,8 @@ def test_distill_lowers_the_loss_and_stores_requantized_factors(minilm, compose,
         assert r.storage_bits == f.storage_bits == bits_before[r.name]  # same tensors, same quantizer
         for key, p in f.trainable(module).items():
             q = f.stored[key]
-            assert torch.equal(requantize(q, q.value).value, q.value)  # on the quantizer's grid
+            assert torch.equal(requantize(q, q.value).value, q.value)  # on the quantizer's grid ...
+            assert all(torch.equal(q.meta[m], grids[r.name, key][m]) for m in q.meta)  # ... the factor's own
             assert torch.equal(p.detach().reshape(q.value.shape), q.value)  # the model computes with it
         x = torch.randn(5, r.shape[1])
         torch.testing.assert_close(module(x), x @ f.reconstruct().T + originals[r.name].bias.detach(),
@@ -137,7 +140,8 @@ def test_heal_config_identity_and_errors(compose):
     assert len({identity.run_id(plain), identity.run_id(a), identity.run_id(b)}) == 3
     for overrides, key in [(["heal=distill", "heal.steps=-1"], "heal.steps"), (["heal=distill", "heal.lr=0"], "heal.lr"),
                            (["heal=dsee", "heal.density=1.5"], "heal.density"), (["heal=dsee", "heal.bits=1"], "heal.bits"),
-                           (["heal=dsee", "heal.rank=0"], "heal.rank"), (["heal=dsee", "heal.scheme=nf4"], "heal.scheme")]:
+                           (["heal=dsee", "heal.rank=0"], "heal.rank"), (["heal=dsee", "heal.scheme=nf4"], "heal.scheme"),
+                           (["heal=distill", "heal.qat=maybe"], "heal.qat")]:
         with pytest.raises(ConfigError) as e:
             validate(compose([*FAST, *overrides]))
         assert e.value.key == key

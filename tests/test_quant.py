@@ -99,3 +99,28 @@ def test_bad_bits_and_scheme():
         quantize(matrix(), 1)
     with pytest.raises(ValueError, match="scheme='nf5'"):
         quantize(matrix(), 4, "nf5")
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "channel", "group"])
+@pytest.mark.parametrize("bits", [2, 4, 9])
+def test_requantize_onto_the_same_grid(scheme, bits):
+    """requantize keeps the grid (metadata, bits, storage) and only moves codes: idempotent on
+    grid values, within half a step of in-range values, clamped outside the range."""
+    from lrsweep.quant import requantize
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(24, 70, generator=g)
+    q = quantize(x, bits, scheme, group_size=32)
+    same = requantize(q, q.value)
+    assert torch.equal(same.value, q.value) and torch.equal(same.codes, q.codes)
+    moved = requantize(q, x + 0.05 * torch.randn(24, 70, generator=g))
+    assert moved.storage_bits == q.storage_bits and moved.meta.keys() == q.meta.keys()
+    assert all(torch.equal(moved.meta[k], q.meta[k]) for k in q.meta)
+    assert not torch.equal(moved.codes, q.codes)
+    assert int(moved.codes.min()) >= 0 and int(moved.codes.max()) <= 2**bits - 1
+    if scheme == "uniform":
+        step, lo = float(q.meta["step"]), float(q.meta["min"])
+        inside = (x >= lo) & (x <= lo + step * (2**bits - 1))
+        assert float((requantize(q, x).value - x)[inside].abs().max()) <= step / 2 + 1e-6
+        big = requantize(q, torch.full((24, 70), 1e3))
+        assert torch.allclose(big.value, torch.full((24, 70), lo + step * (2**bits - 1)))  # clamped to the range

@@ -1,7 +1,8 @@
 """Healing after compression: a short distillation from the dense model into the compressed one.
 
 A healer is one file in this package plus ``conf/heal/<name>.yaml``, registered in ``HEALERS``.
-It says which tensors train (``prepare``) and what becomes of them afterwards (``finish``):
+It says which tensors train and how they will be stored (``prepare``: :class:`Trained`) and
+what becomes of them afterwards (``finish``):
   distill  the tensors the factorizations store (L, R, ...) train and are re-quantized;
   dsee     the compressed model is frozen; each Linear learns dW = U V + S, stored afterwards.
 The loop is shared (:func:`apply`): batches of ``heal.data`` (the calibration sources of
@@ -27,10 +28,18 @@ from lrsweep.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class Trained:
+    """A model parameter that trains, and the values its stored tensor will hold (``quantize``)."""
+
+    param: nn.Parameter
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: stored as it is
+
+
+@dataclass(frozen=True)
 class Healer:
     name: str
-    # (model, layer results, original modules, heal config) -> the parameters to train (may install modules)
-    prepare: Callable[[nn.Module, list[LayerResult], dict[str, nn.Module], DictConfig], list[nn.Parameter]]
+    # (model, layer results, original modules, heal config) -> what trains (may install modules)
+    prepare: Callable[[nn.Module, list[LayerResult], dict[str, nn.Module], DictConfig], list[Trained]]
     # (model, layer results, original modules, heal config) -> row info; updates results in place
     finish: Callable[[nn.Module, list[LayerResult], dict[str, nn.Module], DictConfig], dict[str, Any]]
     check: Callable[[DictConfig], None] | None = None  # raise ConfigError for bad options
@@ -109,25 +118,49 @@ def batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     return [{k: v for k, v in b.items() if k != "labels"} for b in out]
 
 
+class _Masters:
+    """fp32 master copies of the trained parameters (the optimizer's; exact for bf16/fp16 models).
+    Before each forward the model's parameters take their masters' values, quantized as they
+    will be stored when ``qat`` (straight-through gradients), and their gradients go to the masters."""
+
+    def __init__(self, trained: list[Trained], qat: bool):
+        self.trained, self.qat = trained, qat
+        self.masters = [t.param.detach().float().clone().requires_grad_(True) for t in trained]
+
+    @torch.no_grad()
+    def load(self, quantized: bool) -> None:
+        for t, m in zip(self.trained, self.masters):
+            value = t.quantize(m) if quantized and t.quantize else m
+            t.param.copy_(value.reshape(t.param.shape).to(t.param.dtype))
+
+    def route_grads(self) -> None:
+        for t, m in zip(self.trained, self.masters):
+            m.grad = t.param.grad.float().reshape(m.shape) if t.param.grad is not None else None
+            t.param.grad = None
+
+
 def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult], ctx: Any) -> dict[str, Any]:
     """Heal the compressed ``model`` by distillation from its ``originals``; returns the row's info.
 
-    ``results`` must carry their factorizations; healers update them (and their rel_err and
-    storage_bits) in place so the row describes the healed model.
+    Training is quantization-aware (:class:`_Masters`), so the values stored afterwards are those
+    the model was trained with. ``results`` must carry their factorizations; healers update them
+    (and their rel_err and storage_bits) in place so the row describes the healed model.
     """
     cfg = ctx.cfg
     hcfg, kind = cfg.heal, cfg.model.kind
     healer = HEALERS[hcfg.name]
     t0 = time.perf_counter()
     data = batches(cfg, ctx.tokenizer)
-    params = healer.prepare(model, results, originals, hcfg)
+    trained = healer.prepare(model, results, originals, hcfg)
+    masters = _Masters(trained, bool(hcfg.get("qat", False)))
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    for t in trained:
+        t.param.requires_grad_(True)
     loss_fn, fwd = LOSSES[kind], FORWARD_KWARGS[kind]
-    opt = torch.optim.AdamW(params, lr=float(hcfg.lr), weight_decay=float(hcfg.weight_decay)) if params else None
+    opt = torch.optim.AdamW(masters.masters, lr=float(hcfg.lr), weight_decay=float(hcfg.weight_decay)) \
+        if trained else None
     curve: list[list[float]] = []
     torch.manual_seed(int(cfg.seed))
     try:
@@ -135,21 +168,24 @@ def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[Layer
             batch = {k: v.to(ctx.device) for k, v in data[step % len(data)].items()}
             with torch.no_grad(), swapped(model, originals):
                 teacher = model(**batch, **fwd)
+            masters.load(quantized=masters.qat)
             loss = loss_fn(model(**batch, **fwd), teacher, batch, float(hcfg.temperature))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"heal loss became {loss.item()} at step {step} (lower heal.lr)")
             loss.backward()
+            masters.route_grads()
             if hcfg.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(params, float(hcfg.grad_clip))
+                torch.nn.utils.clip_grad_norm_(masters.masters, float(hcfg.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step % int(hcfg.log_every) == 0 or step == int(hcfg.steps) - 1:
                 curve.append([step, round(loss.item(), 6)])
+        masters.load(quantized=True)  # the trained values, quantized: what the healers store
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved.get(n, False))
     info = {"name": healer.name, "steps": int(hcfg.steps), "lr": float(hcfg.lr), "batches": len(data),
-            "trained_params": sum(p.numel() for p in params), "loss_curve": curve,
+            "trained_params": sum(t.param.numel() for t in trained), "loss_curve": curve,
             **healer.finish(model, results, originals, hcfg)}
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return info
@@ -170,6 +206,8 @@ def check(cfg: DictConfig) -> None:
         v = hcfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "steps" else 1):
             raise ConfigError(f"heal.{key}", f"{v!r} must be an integer >= {0 if key == 'steps' else 1}")
+    if not isinstance(hcfg.get("qat", False), bool):
+        raise ConfigError("heal.qat", f"{hcfg.get('qat')!r} must be true or false", [True, False])
     for key in ("lr", "temperature"):
         v = hcfg.get(key)
         if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:

@@ -2,13 +2,15 @@
 
 What trains is each factorization's ``trainable(module)`` (L and R of a low-rank layer, A and B of
 a Kronecker layer, the quantized W of ``quant``; sparse supports and biases stay frozen). After
-training every trained tensor is quantized again with its own quantizer (same bits, scheme and
-group size), and the module computes with the re-quantized values: the storage bits do not change
-and the row's metrics are those of the model as stored.
+training each tensor is quantized onto its own quantizer's grid (same bits, scheme and scale
+metadata: ``quant.requantize``; with ``heal.qat`` it trains through that quantizer), the module
+computes with the stored values, the storage bits do not change and the row's metrics are those
+of the model as stored.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,8 +18,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lrsweep.compress import LayerResult
-from lrsweep.heal import register
-from lrsweep.quant import requantize
+from lrsweep.heal import Trained, register
+from lrsweep.quant import QTensor, requantize
 
 
 def factorization(result: LayerResult):
@@ -27,12 +29,17 @@ def factorization(result: LayerResult):
 
 
 def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, nn.Module],
-            hcfg: DictConfig) -> list[nn.Parameter]:
-    params: dict[int, nn.Parameter] = {}  # by id: tied modules share their parameters
+            hcfg: DictConfig) -> list[Trained]:
+    trained: dict[int, Trained] = {}  # by id: tied modules share their parameters
     for r in results:
-        for p in factorization(r).trainable(model.get_submodule(r.name)).values():
-            params[id(p)] = p
-    return list(params.values())
+        f = factorization(r)
+        for key, p in f.trainable(model.get_submodule(r.name)).items():
+            trained[id(p)] = Trained(p, partial(_requantized, f.stored[key]))
+    return list(trained.values())
+
+
+def _requantized(q: QTensor, x: torch.Tensor) -> torch.Tensor:
+    return requantize(q, x).value
 
 
 @torch.no_grad()

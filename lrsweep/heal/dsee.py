@@ -3,9 +3,10 @@ compressed model: each compressed Linear computes x -> layer(x) + x (U V + S)^T.
 
 U (n x k) starts at zero and V (k x d) random (LoRA's start: the update is zero at step 0); S has a
 fixed support, the ``heal.density`` share of entries where |W - W_hat| is largest, with values
-starting at zero. After training U, V and the values of S are quantized at ``heal.bits`` and the
-layer becomes a :class:`Delta` factorization whose stored tensors (the compressed layer's, U, V
-and S in CSR form) are all counted: the row's bits/weight include the update.
+starting at zero. They train through the quantizer they are stored with (``heal.bits``,
+straight-through gradients); afterwards they are stored quantized and the layer becomes a
+:class:`Delta` factorization whose stored tensors (the compressed layer's, U, V and S in CSR
+form) are all counted: the row's bits/weight include the update.
 Layers that are embeddings or tied to another module stay as they are (listed in the row).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 from lrsweep.compress import LayerResult
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import KINDS, Factorization, csr_decode
-from lrsweep.heal import register
+from lrsweep.heal import Trained, register
 from lrsweep.heal.distill import factorization
 from lrsweep.methods.losparse import csr_stored, largest_entries, sparse_count
 from lrsweep.models import set_module
@@ -96,9 +98,10 @@ def _healable(original: nn.Module, result: LayerResult) -> bool:
 
 
 def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, nn.Module],
-            hcfg: DictConfig) -> list[nn.Parameter]:
+            hcfg: DictConfig) -> list[Trained]:
     gen = torch.Generator().manual_seed(0)
-    params: list[nn.Parameter] = []
+    stored = partial(_stored_values, bits=int(hcfg.bits), scheme=str(hcfg.scheme), group=int(hcfg.group_size))
+    trained: list[Trained] = []
     for r in results:
         module = model.get_submodule(r.name)
         if not _healable(originals[r.name], r):
@@ -110,8 +113,13 @@ def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, n
         V = torch.randn(k, d, generator=gen) / math.sqrt(d)
         delta = DeltaLinear(module, torch.zeros(n, k), V, idx // d, idx % d, torch.zeros(idx.numel())).to(W.device)
         set_module(model, r.name, delta)
-        params += [delta.U, delta.V, delta.values]
-    return params
+        trained += [Trained(delta.U, stored), Trained(delta.V, stored), Trained(delta.values, stored)]
+    return trained
+
+
+def _stored_values(x: torch.Tensor, bits: int, scheme: str, group: int) -> torch.Tensor:
+    """The values ``finish`` stores for U, V (2-D) and the values of S (1-D: one row)."""
+    return quantize(x if x.dim() == 2 else x.reshape(1, -1), bits, scheme, group).value
 
 
 @torch.no_grad()
