@@ -142,9 +142,10 @@ class _Masters:
 def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult], ctx: Any) -> dict[str, Any]:
     """Heal the compressed ``model`` by distillation from its ``originals``; returns the row's info.
 
-    Training is quantization-aware (:class:`_Masters`), so the values stored afterwards are those
-    the model was trained with. ``results`` must carry their factorizations; healers update them
-    (and their rel_err and storage_bits) in place so the row describes the healed model.
+    AdamW updates fp32 masters (:class:`_Masters`); at the end the model's parameters take their
+    quantized values, which the healers store (with ``heal.qat`` the forward passes see them at
+    every step). ``results`` must carry their factorizations; healers update them (and their
+    rel_err and storage_bits) in place so the row describes the healed model.
     """
     cfg = ctx.cfg
     hcfg, kind = cfg.heal, cfg.model.kind
@@ -184,7 +185,8 @@ def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[Layer
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved.get(n, False))
-    info = {"name": healer.name, "steps": int(hcfg.steps), "lr": float(hcfg.lr), "batches": len(data),
+    info = {"name": healer.name, "steps": int(hcfg.steps), "lr": float(hcfg.lr), "qat": masters.qat,
+            "batches": len(data),
             "trained_params": sum(t.param.numel() for t in trained), "loss_curve": curve,
             **healer.finish(model, results, originals, hcfg)}
     info["seconds"] = round(time.perf_counter() - t0, 3)

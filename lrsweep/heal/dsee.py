@@ -44,7 +44,8 @@ class Delta(Factorization):
     @classmethod
     def of(cls, base: Factorization, U: QTensor, V: QTensor, sparse: dict[str, QTensor], **info: Any) -> Delta:
         stored = {**{f"base.{k}": q for k, q in base.stored.items()}, "U": U, "V": V, **sparse}
-        info = {"base": {"kind": base.kind, "rank": base.rank, "info": base.info}, "update_rank": U.value.shape[1], **info}
+        info = {"base": {"kind": base.kind, "rank": base.rank, "info": base.info},
+                "update_rank": U.value.shape[1], **info}
         return cls(shape=base.shape, rank=base.rank, stored=stored, info=info)
 
     @property
@@ -109,7 +110,8 @@ def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, n
         W = originals[r.name].weight.detach()
         n, d = W.shape
         k = min(int(hcfg.rank), n, d)
-        idx = largest_entries(W.float() - factorization(r).reconstruct().float().to(W.device), sparse_count(n, d, hcfg.density))
+        resid = W.float() - factorization(r).reconstruct().float().to(W.device)
+        idx = largest_entries(resid, sparse_count(n, d, hcfg.density))
         V = torch.randn(k, d, generator=gen) / math.sqrt(d)
         delta = DeltaLinear(module, torch.zeros(n, k), V, idx // d, idx % d, torch.zeros(idx.numel())).to(W.device)
         set_module(model, r.name, delta)
