@@ -117,11 +117,10 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConf
     spec = method_spec(cfg.method)
     opts = method_options(cfg.method)
     results = []
-    for index, (name, module) in enumerate(tqdm(layers.items(), desc=f"{cfg.method.name}", disable=not progress)):
-        if model.get_submodule(name) is not module:
-            continue  # replaced already: it holds the weight of an earlier target
-        tied = tying.ties(model, name)
-        W = module.weight.detach()
+    order = {name: i for i, name in enumerate(layers)}  # seeds follow the target order
+    for name, tied in tqdm(tying.groups(model, layers).items(), desc=f"{cfg.method.name}", disable=not progress):
+        index = order[name]
+        W = layers[name].weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
         r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts)

@@ -29,6 +29,18 @@ def ties(model: nn.Module, name: str) -> list[str]:
     return out
 
 
+def groups(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Leader -> the other modules holding its weight, one entry per weight of ``targets`` (model
+    order): a target holding the weight of an earlier one is compressed with it, not again."""
+    out: dict[str, list[str]] = {}
+    done: set[str] = set()
+    for name in targets:
+        if name not in done:
+            out[name] = ties(model, name)
+            done.update(out[name])
+    return out
+
+
 def _bias(module: nn.Module) -> torch.Tensor | None:
     bias = module.bias if isinstance(module, nn.Linear) else None
     return bias.detach() if bias is not None else None

@@ -62,15 +62,11 @@ def _targets(model_json: str) -> dict[str, Target]:
         raise ConfigError("model.targets", f"{mcfg.targets!r} matches no Linear or Embedding module of {mcfg.name}",
                           names[:4] + ["..."] if len(names) > 4 else names)
     out: dict[str, Target] = {}
-    done: set[str] = set()
-    for name, m in layers.items():
-        if name in done:
-            continue  # tied to an earlier target: compressed with it
-        tied = tying.ties(skel, name)
+    for name, tied in tying.groups(skel, layers).items():  # tied targets fold into their leader
         for n in [name, *tied]:
             if reason := _replaceable(n, skel.get_submodule(n)):
                 raise ConfigError("model.targets", f"{mcfg.targets!r} selects {name}, but {reason}")
-        done.update(tied)
+        m = layers[name]
         out[name] = Target(tuple(m.weight.shape), isinstance(m, nn.Embedding), tuple(tied))
     return out
 
