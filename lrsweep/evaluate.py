@@ -337,10 +337,12 @@ def as_dense(module: nn.Module, device: str) -> nn.Linear:
     return dense_linear(W, bias if has_bias else None, p.dtype)
 
 
-def check_inference(cfg: DictConfig) -> None:
+def check_inference(cfg: DictConfig) -> str:
+    """``inference.fallback`` (off | auto); ConfigError for anything else."""
     mode = str((cfg.get("inference") or {}).get("fallback", "off"))
     if mode not in ("off", "auto"):
         raise ConfigError("inference.fallback", f"{mode!r} is unknown", ["off", "auto"])
+    return mode
 
 
 @torch.no_grad()
@@ -353,8 +355,7 @@ def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str
     """
     from lrsweep.models import set_module
 
-    check_inference(ctx.cfg)
-    mode = str((ctx.cfg.get("inference") or {}).get("fallback", "off"))
+    mode = check_inference(ctx.cfg)
     lcfg = ctx.cfg.eval.latency
     if mode == "off" and not lcfg.get("per_layer", False):
         return {}
