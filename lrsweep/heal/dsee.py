@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -101,7 +100,7 @@ def _healable(original: nn.Module, result: LayerResult) -> bool:
 def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, nn.Module],
             hcfg: DictConfig) -> list[Trained]:
     gen = torch.Generator().manual_seed(0)
-    stored = partial(_stored_values, bits=int(hcfg.bits), scheme=str(hcfg.scheme), group=int(hcfg.group_size))
+    store = _store(hcfg)
     trained: list[Trained] = []
     for r in results:
         module = model.get_submodule(r.name)
@@ -115,19 +114,20 @@ def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, n
         V = torch.randn(k, d, generator=gen) / math.sqrt(d)
         delta = DeltaLinear(module, torch.zeros(n, k), V, idx // d, idx % d, torch.zeros(idx.numel())).to(W.device)
         set_module(model, r.name, delta)
-        trained += [Trained(delta.U, stored), Trained(delta.V, stored), Trained(delta.values, stored)]
+        trained += [Trained(p, lambda x: store(x).value) for p in (delta.U, delta.V, delta.values)]
     return trained
 
 
-def _stored_values(x: torch.Tensor, bits: int, scheme: str, group: int) -> torch.Tensor:
-    """The values ``finish`` stores for U, V (2-D) and the values of S (1-D: one row)."""
-    return quantize(x if x.dim() == 2 else x.reshape(1, -1), bits, scheme, group).value
+def _store(hcfg: DictConfig) -> Callable[[torch.Tensor], QTensor]:
+    """How the update is stored: U, V (2-D) and the values of S (1-D, one row) at ``heal.bits``."""
+    bits, scheme, group = int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size)
+    return lambda x: quantize(x if x.dim() == 2 else x.reshape(1, -1), bits, scheme, group)
 
 
 @torch.no_grad()
 def finish(model: nn.Module, results: list[LayerResult], originals: dict[str, nn.Module],
            hcfg: DictConfig) -> dict[str, Any]:
-    bits, scheme, group = int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size)
+    store = _store(hcfg)
     skipped = []
     for r in results:
         module = model.get_submodule(r.name)
@@ -136,15 +136,16 @@ def finish(model: nn.Module, results: list[LayerResult], originals: dict[str, nn
             continue
         n, d = r.shape
         idx = module.rows * d + module.cols
-        U, V = quantize(module.U.float(), bits, scheme, group), quantize(module.V.float(), bits, scheme, group)
-        sparse = csr_stored(idx, module.values.float(), (n, d), bits, scheme, group)
+        sparse = csr_stored(idx, module.values.float(), (n, d), int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size))
+        U, V = store(module.U.float()), store(module.V.float())
         f = Delta.of(factorization(r), U, V, sparse, density=float(hcfg.density), nnz=idx.numel())
         for key, p in f.trainable(module).items():  # the module computes with the stored values
             p.copy_(f.stored[key].value.reshape(p.shape).to(p.dtype))
         r.factorization, r.info = f, {**r.info, "heal": "dsee"}
         r.rel_err = f.rel_error(originals[r.name].weight.detach())
         r.storage_bits = f.storage_bits
-    return {"update_rank": int(hcfg.rank), "density": float(hcfg.density), "bits": bits, "skipped_layers": skipped}
+    return {"update_rank": int(hcfg.rank), "density": float(hcfg.density), "bits": int(hcfg.bits),
+            "skipped_layers": skipped}
 
 
 def check(hcfg: DictConfig) -> None:
