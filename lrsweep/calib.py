@@ -11,7 +11,9 @@ Inputs come from forward hooks, gradients from one backward pass per batch over 
 
 The loss behind the Fisher depends on ``model.kind`` (``SOURCES``):
   causal_lm  the LM loss on ``calib.n_samples`` random windows of ``calib.seq_len`` tokens of
-             ``calib.text`` (documents disjoint from the perplexity text by default);
+             ``calib.text`` (documents disjoint from the perplexity text by default), cut from the
+             text tokenized once (``calib.sampling=stream``) or SVD-LLM's pieces at random character
+             offsets tokenized one by one (``offsets``); ``calib.bos`` puts BOS first in each;
   encoder    cross-entropy of a logistic-regression head fitted on the dense model's embeddings
              of the labelled calibration texts (``calib.n_samples`` drawn with ``calib.seed`` from
              the train half of the probe split of ``calib.labelled``): a task loss that needs no
@@ -28,6 +30,7 @@ not cached.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -54,14 +57,48 @@ class Source:
 
 
 # ---------------------------------------------------------------- causal LM: windows of text, LM loss
-def _lm_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
-    c = cfg.calib
-    ids = tokenizer(data.load_text(c.text), return_tensors="pt").input_ids[0]
-    if ids.numel() <= c.seq_len:
+def _stream_windows(text: str, tokenizer: Any, c: DictConfig, bos: int | None) -> torch.Tensor:
+    """``n_samples`` windows at random token offsets of the text tokenized once (torch generator, ``seed``)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids[0]
+    n = int(c.seq_len) - (bos is not None)  # the text tokens of a window (after BOS)
+    if ids.numel() <= n:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={c.seq_len}")
     gen = torch.Generator().manual_seed(int(c.seed))
-    starts = torch.randint(0, ids.numel() - c.seq_len, (int(c.n_samples),), generator=gen)
-    windows = torch.stack([ids[s:s + c.seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - n, (int(c.n_samples),), generator=gen)
+    windows = torch.stack([ids[s:s + n] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], 1)
+    return windows
+
+
+def _offset_windows(text: str, tokenizer: Any, c: DictConfig, bos: int | None) -> torch.Tensor:
+    """SVD-LLM's sampler (``get_calib_train_data``): python ``random`` seeded with ``seed`` draws a
+    character offset i in [0, len(text) - seq_len - 1]; text[i : i + 10 seq_len] is tokenized on
+    its own (with the tokenizer's special tokens: BOS for LLaMA's) and its first ``seq_len`` tokens
+    are a sample. A piece with fewer tokens is drawn again (SVD-LLM drops it and returns fewer samples).
+    """
+    seq_len, rng, out = int(c.seq_len), random.Random(int(c.seed)), []
+    if len(text) <= seq_len + 1:
+        raise ValueError(f"calibration text has {len(text)} characters, too few for calib.seq_len={seq_len}")
+    for _ in range(100 * int(c.n_samples)):
+        i = rng.randint(0, len(text) - seq_len - 1)
+        ids = tokenizer(text[i:i + 10 * seq_len], return_tensors="pt").input_ids[0]
+        if bos is not None and (ids.numel() == 0 or int(ids[0]) != bos):
+            ids = torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])
+        if ids.numel() >= seq_len:
+            out.append(ids[:seq_len])
+            if len(out) == int(c.n_samples):
+                return torch.stack(out)
+    raise ValueError(f"calibration text: {len(out)} of {c.n_samples} pieces reached calib.seq_len={seq_len} tokens")
+
+
+SAMPLERS = {"stream": _stream_windows, "offsets": _offset_windows}  # calib.sampling
+
+
+def _lm_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    c = cfg.calib
+    bos = data.bos_id(tokenizer, "calib.bos") if c.get("bos", False) else None
+    windows = SAMPLERS[c.get("sampling", "stream")](data.load_text(c.text, "calib.text"), tokenizer, c, bos)
     return [{"input_ids": windows[i:i + c.batch_size]} for i in range(0, len(windows), c.batch_size)]
 
 
@@ -236,7 +273,9 @@ def stats_key(cfg: DictConfig, model_key: dict[str, Any], needs: tuple[str, ...]
     return {"version": CACHE_VERSION, "model": model_key, "kind": cfg.model.kind,
             "source": OmegaConf.to_container(c[source.config_key], resolve=True),
             "n_samples": int(c.n_samples), "seq_len": int(c.seq_len), "seed": int(c.seed),
-            "batch_size": int(c.batch_size), "targets": str(cfg.model.targets), "stats": sorted(needs)}
+            "batch_size": int(c.batch_size), "targets": str(cfg.model.targets), "stats": sorted(needs),
+            **{k: c[k] for k, default in (("sampling", "stream"), ("bos", False))  # old cache keys stay valid
+               if source.config_key == "text" and c.get(k, default) != default}}
 
 
 def _flatten(stats: dict[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -288,6 +327,13 @@ def check(cfg: DictConfig, needs: tuple[str, ...]) -> None:
 
     if needs and cfg.model.kind not in SOURCES:
         raise ConfigError("model.kind", f"no calibration source for {cfg.model.kind!r}", sorted(SOURCES))
+    if needs and cfg.model.kind == "causal_lm":
+        sampling, bos = cfg.calib.get("sampling", "stream"), cfg.calib.get("bos", False)
+        if sampling not in SAMPLERS:
+            raise ConfigError("calib.sampling", f"{sampling!r} is unknown", sorted(SAMPLERS))
+        if not isinstance(bos, bool):
+            raise ConfigError("calib.bos", f"{bos!r} is not a boolean", [True, False])
+        data.check_available(cfg.calib.text, "calib.text")
     if needs and cfg.get("stream", False) and "fisher" in needs:
         raise ConfigError("stream", "stream=true propagates activations block by block; the Fisher needs a "
                           "backward pass through the whole model", ["stream=false"])
