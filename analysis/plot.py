@@ -40,7 +40,7 @@ LABELS = {"bits_per_weight": "bits per weight", "compression_ratio": "compressio
           "recon_rel_err": r"relative error $\|W-\hat W\|_F/\|W\|_F$", "latency_ms": "latency (ms)",
           "speedup": "speedup over dense (×)", "cosine_similarity": "cosine similarity to dense"}
 METRICS = ("accuracy", "perplexity", "recon_rel_err", "speedup", "latency_ms", "cosine_similarity")
-GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "heal")  # one configuration; seeds are repeats
+GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "heal")  # one configuration; seeds are repeats
 
 
 def label(col: str, tex: bool = True) -> str:

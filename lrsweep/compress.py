@@ -39,8 +39,9 @@ def method_options(mcfg: DictConfig | dict) -> dict[str, Any]:
 
 
 def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, budget: float | None,
-                 opts: dict[str, Any]) -> int:
-    """The rank of an (n x d) layer: ``rank``, or the largest rank that fits ``budget`` bits/weight."""
+                 opts: dict[str, Any], param_ratio: float | None = None) -> int:
+    """The rank of an (n x d) layer: ``rank``, the largest rank that fits ``budget`` bits/weight,
+    or the largest that keeps at most ``param_ratio`` of its parameters (SVD-LLM's rule)."""
     if spec.check:
         spec.check(n, d, **opts)
     if not spec.has_rank:
@@ -50,6 +51,15 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
         if not 1 <= r <= limit:
             raise ConfigError("method", f"{spec.name}'s rank rule gives rank {r} for a {n}x{d} layer "
                               f"(valid: 1..{limit})")
+        return r
+    if param_ratio is not None:
+        if spec.params is None:
+            raise ConfigError("param_ratio", f"does not apply to method {spec.name} (it stores every weight); "
+                              "use budget (bits per weight) instead", ["null"])
+        r = methods.rank_for_param_ratio(spec, n, d, param_ratio, **opts)
+        if r < 1:
+            raise ConfigError("param_ratio", f"{param_ratio} leaves a {n}x{d} layer at rank 0 with method "
+                              f"{spec.name} (rank 1 keeps {spec.params(n, d, 1, **opts) / (n * d):.4f})")
         return r
     if budget is not None:
         r = methods.rank_for_budget(spec, n, d, bits, budget, **opts)
@@ -67,7 +77,8 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
 
 
 def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = None, bits: int = 16,
-                    budget: float | None = None, seed: int = 0, inputs: torch.Tensor | None = None,
+                    budget: float | None = None, param_ratio: float | None = None, seed: int = 0,
+                    inputs: torch.Tensor | None = None,
                     fisher: torch.Tensor | None = None, stats: LayerStats | None = None,
                     target: str | None = None, **options: Any) -> Factorization:
     """Compress one weight matrix W (n x d); see README for the options of each method."""
@@ -80,7 +91,7 @@ def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = Non
     for kind in spec.needs:
         methods.require(stats, kind, spec.name)
     n, d = W.shape
-    r = resolve_rank(spec, n, d, rank, bits, budget, options)
+    r = resolve_rank(spec, n, d, rank, bits, budget, options, param_ratio)
     f = spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **options)
     return f
 
@@ -96,6 +107,7 @@ class LayerResult:
     seconds: float
     factorization: Factorization | None = field(default=None, repr=False)  # kept for save_compressed / heal
     info: dict[str, Any] = field(default_factory=dict)  # the method's details (solver, shift, ...)
+    params: int | None = None  # stored weight entries (Factorization.params)
 
     @property
     def exceeds_break_even(self) -> bool:
@@ -123,7 +135,7 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConf
         W = layers[name].weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
-        r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts)
+        r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts, cfg.get("param_ratio"))
         f = spec.fn(W, rank=r, bits=cfg.bits, seed=int(cfg.seed) * 100_003 + index,
                     stats=(stats or {}).get(name), **opts)
         seconds = time.perf_counter() - t0
@@ -131,5 +143,5 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConf
         dense_bits = n * d * torch.finfo(W.dtype).bits
         info = {**f.info, "tied": tied} if tied else f.info
         results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
-                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, info))
+                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, info, f.params))
     return results

@@ -20,6 +20,8 @@ from torch import nn
 from lrsweep.quant import QTensor
 
 KINDS: dict[str, type[Factorization]] = {}
+# stored tensors that hold integer indices (a sparse part in CSR form), not weights
+INDEX_KEYS = ("S_col", "S_crow")
 
 
 @dataclass
@@ -38,6 +40,11 @@ class Factorization:
     @property
     def storage_bits(self) -> int:
         return sum(q.storage_bits for q in self.stored.values())
+
+    @property
+    def params(self) -> int:
+        """Stored weight entries (indices of a sparse part excluded): what ``param_ratio`` counts."""
+        return sum(q.value.numel() for k, q in self.stored.items() if k.rpartition(".")[2] not in INDEX_KEYS)
 
     @property
     def bits_per_weight(self) -> float:

@@ -20,10 +20,15 @@ EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_di
                            "sweep_name", "progress", "force"})
 
 
+# top-level keys added after rows were first written, with the default that means "as before":
+# left out of the hash while at that default, so existing rows keep their run_id
+LATER_KEYS: dict[str, Any] = {"param_ratio": None}
+
+
 def experiment_config(cfg: DictConfig) -> dict[str, Any]:
     out = {}
     for key in cfg:
-        if key in EXCLUDED_KEYS:
+        if key in EXCLUDED_KEYS or (key in LATER_KEYS and cfg[key] == LATER_KEYS[key]):
             continue
         node = cfg[key]
         out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -36,8 +41,13 @@ def run_id(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """A readable name: model-method-r<rank>-b<bits>[-bpw<budget>]-s<seed>-<run_id>."""
+    """A readable name: model-method-(r<rank>|bpw<budget>|p<param_ratio>)-b<bits>-s<seed>-<run_id>."""
     parts = [str(cfg.model.name), str(cfg.method.name)]
-    parts.append(f"bpw{cfg.budget}" if cfg.get("budget") is not None else f"r{cfg.rank}")
+    if cfg.get("budget") is not None:
+        parts.append(f"bpw{cfg.budget}")
+    elif cfg.get("param_ratio") is not None:
+        parts.append(f"p{cfg.param_ratio}")
+    else:
+        parts.append(f"r{cfg.rank}")
     parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg)]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))

@@ -89,7 +89,9 @@ def _threads(cfg: DictConfig) -> None:
 
 def new_row(cfg: DictConfig) -> ResultRow:
     row = ResultRow(run_id=identity.run_id(cfg), model=str(cfg.model.name), method=str(cfg.method.name),
-                    rank=cfg.rank, bits=cfg.bits, budget=cfg.budget, seed=int(cfg.seed),
+                    rank=None if cfg.budget is not None or cfg.get("param_ratio") is not None else cfg.rank,
+                    bits=cfg.bits, budget=cfg.budget, param_ratio=cfg.get("param_ratio"),
+                    seed=int(cfg.seed),
                     run_name=identity.run_name(cfg), sweep=str(cfg.get("sweep_name") or ""),
                     started_at=_now(), git_sha=git_sha(), versions=versions(), host=socket.gethostname(),
                     config=OmegaConf.to_container(cfg, resolve=True))
@@ -108,6 +110,8 @@ def _size_fields(row: ResultRow, results: list[LayerResult]) -> None:
     row.bits_compressed = sum(r.storage_bits for r in results)
     row.bits_per_weight = row.bits_compressed / weights
     row.compression_ratio = row.bits_dense / row.bits_compressed
+    if all(r.params is not None for r in results):
+        row.param_ratio_measured = sum(r.params for r in results) / weights
     row.exceeds_break_even = any(r.exceeds_break_even for r in results)
 
 

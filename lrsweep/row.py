@@ -29,6 +29,7 @@ class ResultRow:
     rank: int | None = None
     bits: int | None = None
     budget: float | None = None
+    param_ratio: float | None = None  # the configured fraction of each layer's parameters kept
     seed: int = 0
     device: str = ""
     task: str | None = None  # evaluation task name (e.g. rotten_tomatoes, news_ppl)
@@ -41,6 +42,7 @@ class ResultRow:
     bits_compressed: int | None = None
     bits_per_weight: float | None = None
     compression_ratio: float | None = None
+    param_ratio_measured: float | None = None  # stored weight entries / dense ones, over the compressed layers
     layers_compressed: int | None = None
     exceeds_break_even: bool | None = None
     # quality

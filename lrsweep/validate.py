@@ -123,10 +123,18 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
     rank = cfg.rank
-    if cfg.budget is None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+    if cfg.budget is None and cfg.get("param_ratio") is None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ConfigError("rank", f"{rank!r} must be a positive integer")
     if cfg.budget is not None and (not isinstance(cfg.budget, int | float) or cfg.budget <= 0):
         raise ConfigError("budget", f"{cfg.budget!r} must be a positive number of bits per weight or null")
+    ratio = cfg.get("param_ratio")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise ConfigError("param_ratio", f"{ratio!r} must be the fraction of each layer's parameters kept, "
+                              "0 < param_ratio <= 1", ["null", "e.g. 0.8 (SVD-LLM's 'compression ratio 20%')"])
+        if cfg.budget is not None:
+            raise ConfigError("param_ratio", f"{ratio} given together with budget={cfg.budget}: set one of them",
+                              ["param_ratio=null", "budget=null"])
     spec = method_spec(cfg.method)
     opts = method_options(cfg.method)
     accepted = spec.options()
@@ -154,7 +162,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
         if target.embedding:
             check_embedding_method(name, spec)
         try:
-            resolve_rank(spec, *target.shape, rank, bits, cfg.budget, opts)
+            resolve_rank(spec, *target.shape, rank, bits, cfg.budget, opts, ratio)
         except ConfigError as e:
             raise ConfigError(e.key, f"{str(e).split(': ', 1)[1]} (layer {name})") from None
 

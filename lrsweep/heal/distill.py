@@ -55,7 +55,7 @@ def finish(model: nn.Module, results: list[LayerResult], originals: dict[str, nn
             f.stored[key] = requantize(f.stored[key], p.float())
             p.copy_(f.stored[key].value.reshape(p.shape).to(p.dtype))
         r.rel_err = f.rel_error(originals[r.name].weight.detach())
-        r.storage_bits = f.storage_bits
+        r.storage_bits, r.params = f.storage_bits, f.params
     return {"requantized": True, "frozen_layers": frozen}
 
 

@@ -143,7 +143,7 @@ def finish(model: nn.Module, results: list[LayerResult], originals: dict[str, nn
             p.copy_(f.stored[key].value.reshape(p.shape).to(p.dtype))
         r.factorization, r.info = f, {**r.info, "heal": "dsee"}
         r.rel_err = f.rel_error(originals[r.name].weight.detach())
-        r.storage_bits = f.storage_bits
+        r.storage_bits, r.params = f.storage_bits, f.params
     return {"update_rank": int(hcfg.rank), "density": float(hcfg.density), "bits": int(hcfg.bits),
             "skipped_layers": skipped}
 

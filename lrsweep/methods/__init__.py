@@ -56,6 +56,11 @@ def lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", 
     return tensor_bits((n, rank), bits, scheme, group_size) + tensor_bits((rank, d), bits, scheme, group_size)
 
 
+def lowrank_params(n: int, d: int, rank: int, **_: Any) -> int:
+    """Stored entries (parameters) of L (n x r) and R (r x d)."""
+    return rank * (n + d)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -66,6 +71,8 @@ class MethodSpec:
     max_rank: Callable[..., int] | None = None  # (n, d, **opts) -> largest rank (default min(n, d))
     rank_rule: Callable[..., int | None] | None = None  # (n, d, bits, **opts) -> rank chosen by an option
     check: Callable[..., None] | None = None  # (n, d, **opts): raise ConfigError for bad options
+    # (n, d, rank, **opts) -> stored parameters, used by param_ratio; None: param_ratio does not apply
+    params: Callable[..., int] | None = lowrank_params
 
     def rank_limit(self, n: int, d: int, **opts: Any) -> int:
         return self.max_rank(n, d, **opts) if self.max_rank else min(n, d)
@@ -83,9 +90,11 @@ REGISTRY: dict[str, MethodSpec] = {}
 
 def register(name: str, *, needs: tuple[str, ...] = (), storage_bits: Callable[..., int] | None = lowrank_bits,
              has_rank: bool = True, max_rank: Callable[..., int] | None = None,
-             rank_rule: Callable[..., int | None] | None = None, check: Callable[..., None] | None = None):
+             rank_rule: Callable[..., int | None] | None = None, check: Callable[..., None] | None = None,
+             params: Callable[..., int] | None = lowrank_params):
     def deco(fn: Callable[..., Factorization]) -> Callable[..., Factorization]:
-        REGISTRY[name] = MethodSpec(name, fn, tuple(needs), storage_bits, has_rank, max_rank, rank_rule, check)
+        REGISTRY[name] = MethodSpec(name, fn, tuple(needs), storage_bits, has_rank, max_rank, rank_rule, check,
+                                    params)
         fn.needs = tuple(needs)  # type: ignore[attr-defined]
         return fn
 
@@ -101,7 +110,8 @@ def resolve(name: str, target: str | None = None) -> MethodSpec:
         for spec in REGISTRY.values():
             if spec.fn is fn:
                 return spec
-        return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", lowrank_bits))
+        return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", lowrank_bits),
+                          params=getattr(fn, "params", lowrank_params))
     if name not in REGISTRY:
         raise KeyError(name)
     return REGISTRY[name]
@@ -114,6 +124,26 @@ def rank_for_budget(spec: MethodSpec, n: int, d: int, bits: int, budget: float, 
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if spec.storage_bits(n, d, mid, bits, **opts) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def rank_for_param_ratio(spec: MethodSpec, n: int, d: int, ratio: float, **opts: Any) -> int:
+    """The largest rank whose stored parameters are at most ``ratio`` x the n x d dense ones (0 if none).
+
+    For plain factors (r (n + d) parameters) this is SVD-LLM's ``int(n * d * ratio / (n + d))``,
+    computed with that very expression so the ranks match theirs bit for bit; other structures
+    (Kronecker terms, a sparse part) search their own parameter count.
+    """
+    if spec.params is lowrank_params:
+        return min(int(n * d * ratio / (n + d)), spec.rank_limit(n, d, **opts))
+    limit = ratio * n * d
+    lo, hi = 0, spec.rank_limit(n, d, **opts)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if spec.params(n, d, mid, **opts) <= limit:
             lo = mid
         else:
             hi = mid - 1

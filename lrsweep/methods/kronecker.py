@@ -55,6 +55,11 @@ def kron_bits(n: int, d: int, rank: int, bits: int, a_shape=None, scheme: str = 
             + tensor_bits((rank, (n // n1) * (d // d1)), bits, scheme, group_size))
 
 
+def kron_params(n: int, d: int, rank: int, a_shape=None, **_) -> int:
+    n1, d1 = a_shape_of(n, d, a_shape)
+    return rank * (n1 * d1 + (n // n1) * (d // d1))
+
+
 def check(n: int, d: int, a_shape=None, **_) -> None:
     a_shape_of(n, d, a_shape)
 
@@ -66,7 +71,7 @@ def rearrange(W: torch.Tensor, n1: int, d1: int) -> torch.Tensor:
     return W.reshape(n1, n2, d1, d2).permute(0, 2, 1, 3).reshape(n1 * d1, n2 * d2)
 
 
-@register("kronecker", storage_bits=kron_bits, max_rank=kron_max_rank, check=check)
+@register("kronecker", storage_bits=kron_bits, max_rank=kron_max_rank, check=check, params=kron_params)
 def kronecker(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, a_shape=None,
               scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> Kronecker:
     n, d = W.shape

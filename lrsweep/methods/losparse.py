@@ -33,6 +33,11 @@ def losparse_bits(n: int, d: int, rank: int, bits: int, density: float = 0.01, s
     return lowrank_bits(n, d, rank, bits, scheme, group_size) + values + nnz * col_bits + (n + 1) * ptr_bits
 
 
+def losparse_params(n: int, d: int, rank: int, density: float = 0.01, **_) -> int:
+    """L, R and the sparse values (their CSR indices are not weights)."""
+    return rank * (n + d) + sparse_count(n, d, density)
+
+
 def check(n: int, d: int, density: float = 0.01, sparse_bits: int | None = None, **_) -> None:
     if not isinstance(density, int | float) or not 0 < density < 1:
         raise ConfigError("method.density", f"{density!r} must be a fraction of entries in (0, 1)")
@@ -40,7 +45,7 @@ def check(n: int, d: int, density: float = 0.01, sparse_bits: int | None = None,
         raise ConfigError("method.sparse_bits", f"{sparse_bits!r} is not supported", ["null", "2..15", 16, 32])
 
 
-@register("losparse", storage_bits=losparse_bits, check=check)
+@register("losparse", storage_bits=losparse_bits, check=check, params=losparse_params)
 def losparse(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, density: float = 0.01,
              sparse_bits: int | None = None, scheme: str = "uniform", group_size: int = 128,
              driver: str = "auto") -> LowRankSparse:
