@@ -93,8 +93,8 @@ def _load_hub(dcfg: DictConfig, key: str):
     except Exception as e:  # ConnectionError, DatasetNotFoundError, ...: one line that says what is missing
         reason = str(e).splitlines()[0] if str(e) else ""
         mode = f"; {offline()} is set and it is not in the datasets cache" if offline() else ""
-        raise HubDataUnavailable(f"{key}: {describe(dcfg)} is loaded from the Hugging Face hub and needs network"
-                                 f"{mode} ({type(e).__name__}: {reason})") from e
+        raise HubDataUnavailable(f"{key}: {describe(dcfg)} could not be loaded from the Hugging Face hub, which "
+                                 f"needs network{mode} ({type(e).__name__}: {reason})") from e
 
 
 def load_dataset(dcfg: DictConfig, key: str = "data"):
@@ -169,4 +169,5 @@ def load_text(dcfg: DictConfig, key: str = "text") -> str:
     ds = load_dataset(dcfg, key)
     start, limit = int(dcfg.get("start_document") or 0), dcfg.get("max_documents")
     texts = ds[dcfg.get("text_column", "text")][start:]
-    return str(dcfg.get("join", "\n\n")).join(str(t) for t in (texts[:limit] if limit else texts))
+    texts = ["" if t is None else str(t) for t in (texts[:limit] if limit else texts)]  # kept empty rows: ""
+    return str(dcfg.get("join", "\n\n")).join(texts)

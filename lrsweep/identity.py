@@ -20,18 +20,31 @@ EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_di
                            "sweep_name", "progress", "force"})
 
 
-# top-level keys added after rows were first written, with the default that means "as before":
+# keys (dotted paths) added after rows were first written, with the default that means "as before":
 # left out of the hash while at that default, so existing rows keep their run_id
-LATER_KEYS: dict[str, Any] = {"param_ratio": None}
+LATER_KEYS: dict[str, Any] = {"param_ratio": None,
+                              "eval.ppl_drop_last": False, "eval.ppl_bos": False,  # perplexity protocol
+                              "calib.sampling": "stream", "calib.bos": False}  # calibration protocol
+
+
+def _drop_later_defaults(out: dict[str, Any]) -> None:
+    for path, default in LATER_KEYS.items():
+        *parents, leaf = path.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
 
 
 def experiment_config(cfg: DictConfig) -> dict[str, Any]:
     out = {}
     for key in cfg:
-        if key in EXCLUDED_KEYS or (key in LATER_KEYS and cfg[key] == LATER_KEYS[key]):
+        if key in EXCLUDED_KEYS:
             continue
         node = cfg[key]
         out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    _drop_later_defaults(out)
     return out
 
 
