@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, run_cli
+from test_eval import _token_nll, tiny_lm  # noqa: F401  (tiny_lm: the fixture, a random-weight Llama)
 from lrsweep import calib, data, evaluate, identity, job
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
@@ -22,22 +23,6 @@ NEWS_EVAL = ["eval.text.builder=csv", "eval.text.subset=null", f"eval.text.data_
              "eval.text.split=train", "eval.text.max_documents=50"]
 NEWS_CALIB = ["calib.text.builder=csv", "calib.text.subset=null", f"calib.text.data_files={NEWS}",
               "calib.text.split=train", "calib.text.start_document=1000", "calib.text.max_documents=300"]
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """-log p(ids[i] | ids[:i]) for i >= 1 of one window, from the logits."""
-    logp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)
-    return -logp[:-1].gather(1, ids[1:, None])[:, 0]
 
 
 # ---------------------------------------------------------------- perplexity windows
