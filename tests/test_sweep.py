@@ -192,3 +192,11 @@ def test_single_run_without_m(tmp_path):
     (row,) = read_rows(tmp_path)
     assert row.status == "ok" and row.bits == 8 and row.rank == 4
     assert json.loads((tmp_path / "rows" / f"{row.run_id}.json").read_text())["config"]["bits"] == 8
+
+
+def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):
+    from lrsweep.identity import run_id
+
+    base = run_id(compose(["rank=8"]))
+    assert run_id(compose(["rank=8", "dry_run=true"])) == base
+    assert run_id(compose(["rank=8", "hydra.launcher.points_per_job=4"])) == base
