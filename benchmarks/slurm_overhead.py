@@ -1,15 +1,23 @@
 """Submission overhead of sweeps on the local SLURM cluster (bash launchers/local_slurm.sh up).
 
-    python benchmarks/slurm_overhead.py [--points 64] [--skip-lrsweep]
+    python benchmarks/slurm_overhead.py [--points 64] [--skip-lrsweep] [--points-per-job 1,auto] [--quickstart]
 
 1. Bare submitit: an array of ``--points`` trivial tasks (a function returning its argument),
    through the SLURM executor and through the local executor: time from submission to all
    results; per-job overhead = wall x parallel slots / points (the work itself is ~0).
 2. lrsweep: a ``--points``-point sweep of tiny grid points (MiniLM, one compressed layer, a
-   32-text probe; ``seed`` takes ``--points`` values) with ``hydra/launcher=slurm`` and
+   32-text probe; ``rank`` takes ``--points`` values, so the points share the dense model and
+   ``points_per_job=auto`` can pack them: a ``seed`` sweep would not pack, seed is part of
+   lrsweep.job.dense_key) with ``hydra/launcher=slurm`` and
    ``hydra/launcher=local``: time from command to all rows; against the same points run one
    after another in one process (``lrsweep.job.run``), per-job overhead =
-   wall x slots / points - in-process seconds per point.
+   wall x slots / points - in-process seconds per point. Each launcher runs once per
+   ``--points-per-job`` value (1: a job per point; auto: the points in as many jobs as slots).
+3. ``--quickstart``: the README's 4-point sweep (``python -m lrsweep -m method=svd,lplr
+   rank=32,64``, local launcher with its defaults) into a fresh results dir and a fresh cache.
+
+The goals are printed side by side at the end: the packed SLURM sweep against the in-process
+time (goal <= 1.5x) and the quick start's wall time (goal <= 30 s on 2 cores).
 
 Both launchers run ``--slots`` jobs at once (default 2: the cores of this machine). The load
 average is printed with the figures: other work on the machine inflates all of them.
@@ -26,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [r"model.targets=encoder\.layer\.0\.attention\.self\.query", "rank=8", "logger=none",
+TINY = [r"model.targets=encoder\.layer\.0\.attention\.self\.query", "logger=none",
         "eval.probe_train=32", "eval.probe_test=32", "eval.latency.repeats=1", "eval.latency.warmup=0",
         "eval.latency.shapes=[]", "eval.latency.batch_size=1", "eval.latency.seq_len=8", "progress=false"]
 
@@ -56,12 +64,12 @@ def bare(cluster: str, points: int, slots: int, folder: str) -> float:
     return time.perf_counter() - t0
 
 
-def sweep(launcher: str, points: int, slots: int, results: str) -> tuple[float, float]:
+def sweep(launcher: str, points: int, slots: int, results: str, per_job: str) -> tuple[float, float]:
     """Wall seconds from command to all rows, and the mean seconds of work inside a job (row.wall_seconds)."""
     par = [f"hydra.launcher.array_parallelism={slots}", "hydra.launcher.mem_gb=2"] if launcher == "slurm" \
         else [f"hydra.launcher.parallelism={slots}"]
     cmd = [sys.executable, "-m", "lrsweep", "-m", f"hydra/launcher={launcher}", "hydra.launcher.cpus_per_task=1",
-           *par, f"seed=range(0,{points})", *TINY, f"results_dir={results}"]
+           *par, f"hydra.launcher.points_per_job={per_job}", f"rank=range(1,{points + 1})", *TINY, f"results_dir={results}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -80,18 +88,29 @@ def in_process(points: int, results: str) -> float:
     """Seconds per point of job.run in this process (after one warm-up point)."""
     from hydra import compose, initialize_config_dir
 
-    import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401
     from lrsweep import job
 
     os.environ["LRSWEEP_THREADS"] = "1"
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfgs = [compose("config", overrides=[*TINY, f"seed={1000 + i}", f"results_dir={results}", "threads=1"])
+        cfgs = [compose("config", overrides=[*TINY, f"rank={i + 1}", f"results_dir={results}", "threads=1"])
                 for i in range(points + 1)]
     job.run(cfgs[0])
     t0 = time.perf_counter()
     for cfg in cfgs[1:]:
         assert job.run(cfg).status == "ok"
     return (time.perf_counter() - t0) / points
+
+
+def quickstart(tmp: str) -> float:
+    """Wall seconds of the README's quick-start sweep, fresh results dir and cache."""
+    env = {**os.environ, "LRSWEEP_CACHE": f"{tmp}/qs-cache", "WANDB_MODE": "offline"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lrsweep", "-m", "method=svd,lplr", "rank=32,64",
+                           f"results_dir={tmp}/qs-results"], cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"quick start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return wall
 
 
 def main() -> int:
@@ -101,14 +120,18 @@ def main() -> int:
     ap.add_argument("--in-process-points", type=int, default=8)
     ap.add_argument("--skip-lrsweep", action="store_true")
     ap.add_argument("--launchers", default="slurm,local", help="lrsweep launchers to time (comma-separated)")
+    ap.add_argument("--points-per-job", default="1,auto", help="hydra.launcher.points_per_job values to time")
+    ap.add_argument("--skip-bare", action="store_true")
+    ap.add_argument("--quickstart", action="store_true", help="also time the README quick-start sweep")
     args = ap.parse_args()
     if not os.environ.get("SLURM_CONF"):
         raise SystemExit("SLURM_CONF is unset: bash launchers/local_slurm.sh up")
     os.environ.setdefault("LRSWEEP_CACHE", str(Path(tempfile.gettempdir()) / "lrsweep-bench-cache"))
     n, s = args.points, args.slots
-    rows, notes = [], []
+    rows, notes, goals = [], [], []
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for cluster in ("slurm", "local"):
+        for cluster in () if args.skip_bare else ("slurm", "local"):
             wall = bare(cluster, n, s, f"{tmp}/bare-{cluster}/%j")
             rows.append((f"bare submitit, {cluster}", wall, wall * s / n, None))
             print(rows[-1], flush=True)
@@ -117,18 +140,31 @@ def main() -> int:
             rows.append(("lrsweep in one process", per_point * n / s, per_point, 0.0))
             print(rows[-1], flush=True)
             for launcher in args.launchers.split(","):
-                wall, work = sweep(launcher, n, s, f"{tmp}/sweep-{launcher}")
-                rows.append((f"lrsweep hydra/launcher={launcher}", wall, wall * s / n, wall * s / n - per_point))
-                print(rows[-1], f"work inside a job {work:.2f} s", flush=True)
-                notes.append(f"{launcher}: {work:.2f} s of a job's {wall * s / n:.2f} slot-s is the grid point's own "
-                             f"work (row.wall_seconds); the rest is process start, imports, config, model load")
-    print(f"\n{n} points, {s} at a time; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+                for per_job in args.points_per_job.split(","):
+                    wall, work = sweep(launcher, n, s, f"{tmp}/sweep-{launcher}-{per_job}", per_job)
+                    rows.append((f"lrsweep {launcher}, points_per_job={per_job}", wall, wall * s / n,
+                                 wall * s / n - per_point))
+                    print(rows[-1], f"work inside a job {work:.2f} s", flush=True)
+                    notes.append(f"{launcher}, points_per_job={per_job}: {work:.2f} s of a point's {wall * s / n:.2f} "
+                                 f"slot-s is its own work (row.wall_seconds); the rest is process start, imports, "
+                                 f"config, model load")
+                    goals.append((f"{launcher} sweep / in-process, points_per_job={per_job}",
+                                  f"{wall / (per_point * n / s):.2f}x", "<= 1.5x" if launcher == "slurm" else ""))
+        if args.quickstart:
+            wall = quickstart(tmp)
+            goals.append(("README quick start, 4 points, cold cache", f"{wall:.1f} s", "<= 30 s"))
+    print(f"\n{n} points, {s} at a time; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+          f"on {os.cpu_count()} cores")
     print(f"{'what':<34}{'wall s':>9}{'slot-s/job':>12}{'overhead s/job':>16}")
     for what, wall, per_job, over in rows:
         print(f"{what:<34}{wall:>9.1f}{per_job:>12.2f}{'' if over is None else f'{over:.2f}':>16}")
     print("(in one process: wall = per-point time x points / slots, the ideal with no launcher)")
     for note in notes:
         print(note)
+    if goals:
+        print(f"\n{'goal':<52}{'measured':>10}{'target':>10}")
+        for what, measured, target in goals:
+            print(f"{what:<52}{measured:>10}{target:>10}")
     return 0
 
 

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from hydra_plugins.lrsweep_launcher import launcher  # registers the launcher configs
+from lrsweep import sweep
 from lrsweep.errors import ConfigError, did_you_mean
 from lrsweep.validate import StopLaunch
 
@@ -31,7 +31,12 @@ def _task(cfg: DictConfig) -> str:
     from lrsweep.identity import run_id
 
     if HydraConfig.get().mode == RunMode.RUN:
-        launcher.LAST = launcher.SweepOutcome(os.path.abspath(str(cfg.results_dir)), [run_id(cfg)], 1, 0)
+        if cfg.get("dry_run"):
+            point = sweep.Point(0, list(HydraConfig.get().overrides.task), cfg, run_id(cfg))
+            sweep.LAST = sweep.Outcome(point.results_dir, [point.run_id], dry_run=True)
+            sweep.dry_run([point], {})
+            return "dry_run"
+        sweep.LAST = sweep.Outcome(os.path.abspath(str(cfg.results_dir)), [run_id(cfg)], 1, 0)
         return job.run(cfg).status
     try:
         return job.run(cfg).status
@@ -40,6 +45,7 @@ def _task(cfg: DictConfig) -> str:
 
         row = job.new_row(cfg)
         row.error = {"type": "ConfigError", "message": str(e), "traceback": ""}
+        row.finished_at = job._now()
         write_row(os.path.abspath(str(cfg.results_dir)), row)
         return "failed"
 
@@ -70,40 +76,31 @@ def _swept_group_hint(message: str) -> str | None:
                            f"++{key}={value} (Hydra composes the sweep's base config without swept groups)"))
 
 
-def report() -> int:
-    """Print the sweep's table, plot path and summary line; return the exit code."""
-    out = launcher.LAST
-    if out is None:
-        return 0
-    from lrsweep.row import row_path, read_row, row_status
+def _dry_run_dirs() -> str | None:
+    """A dry run writes nothing: Hydra's run/sweep dirs go to a temporary dir, removed at exit."""
+    if not any(a.lower().lstrip("+") in ("dry_run=true", "dry_run=1") for a in sys.argv[1:]):
+        return None
+    import atexit
+    import shutil
+    import tempfile
 
-    if out.detached:
-        print(f"[lrsweep] detached: {out.submitted} jobs submitted ({', '.join(out.job_ids)}), "
-              f"{out.skipped} already ok; logs in {out.submitit_folder}; results in {out.results_dir}")
-        print(f"[lrsweep] progress: python -m lrsweep.status {out.results_dir}")
-        return 0
-    statuses = [row_status(out.results_dir, rid) for rid in out.run_ids]
-    ok, failed = statuses.count("ok"), len(statuses) - statuses.count("ok")
-    rows = [read_row(row_path(out.results_dir, rid)) for rid, s in zip(out.run_ids, statuses) if s]
-    if rows:
-        from analysis.summary import print_summary
-
-        print_summary(rows, out.results_dir)
-    for r in rows:
-        if r.status != "ok" and r.error:
-            print(f"[lrsweep] failed {r.run_id} ({r.run_name}): {r.error['type']}: {r.error['message']}")
-    print(f"{ok - out.skipped} ok, {failed} failed, {out.skipped} skipped")
-    return 1 if failed else 0
+    tmp = tempfile.mkdtemp(prefix="lrsweep-dry-run-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    sys.argv += [f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep"]
+    return tmp
 
 
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print them in one line
     verbose = any(a.lower() in ("verbose=true", "verbose=1") for a in sys.argv[1:])
+    _dry_run_dirs()
     try:
         try:
             _task()
         except StopLaunch as stop:  # raised by lrsweep.validate.ValidateCallback
             raise stop.error from None
+        except sweep.PointFailed:  # Hydra's sweeper raises a failed point's JobReturn: the summary says it
+            pass
     except ConfigError as e:
         if verbose:
             raise
@@ -114,4 +111,4 @@ def main() -> None:
             raise
         print(f"lrsweep: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(report())
+    sys.exit(sweep.report())

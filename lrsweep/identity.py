@@ -17,7 +17,7 @@ from lrsweep.row import SCHEMA_VERSION
 
 # top-level keys that do not change what is measured
 EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_dir", "device", "verbose", "threads",
-                           "sweep_name", "progress", "force"})
+                           "sweep_name", "progress", "force", "dry_run"})
 
 
 # keys (dotted paths) added after rows were first written, with the default that means "as before":

@@ -2,12 +2,21 @@
 
 Any exception after validation becomes a ``failed`` row with the traceback; the row is
 written atomically before W&B sees it, so a logging problem never loses a result.
+
+In a packed job (:func:`packed`, used by lrsweep.sweep.run_pack) the dense model is loaded,
+measured (task.prepare, latency) and snapshotted once for the points that share it
+(:func:`dense_key`); after each point its modules, weights, requires_grad flags and RNG state
+are put back (:func:`_restore`), so a point runs on the same dense model as in its own job.
+Latency is timed under a per-host, per-device lock in the cache dir, so sibling jobs on the
+same cores never time at once; the row's ``extra["latency_measurement"]`` says how it was done.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
+import logging
 import json
 import os
 import platform
@@ -15,8 +24,10 @@ import socket
 import subprocess
 import time
 import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -100,6 +111,130 @@ def new_row(cfg: DictConfig) -> ResultRow:
     return row
 
 
+# top-level keys that differ between the points of one packed job (the rest must match: dense_key)
+POINT_KEYS = frozenset({"method", "rank", "bits", "budget", "heal", "inference", "stream", "save_compressed"})
+
+
+def dense_key(cfg: DictConfig) -> str:
+    """What the dense model, its metrics and calibration depend on: points with the same key share them."""
+    keep = {k: cfg[k] for k in cfg if k not in POINT_KEYS
+            and (k not in identity.EXCLUDED_KEYS or k in ("device", "threads", "cache_dir"))}
+    return json.dumps({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in keep.items()}, sort_keys=True, default=str)
+
+
+@dataclass
+class Dense:
+    """The dense model of a grid point and what is measured on it before compression."""
+
+    key: str
+    model: Any
+    tokenizer: Any
+    model_key: dict[str, Any]
+    state: Any
+    speed: Any
+    params: int
+    rng: Any
+    waited_s: float
+    modules: dict[str, Any] = field(default_factory=dict)  # packed jobs: the originals, restored after a point
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    training: bool = False
+    points: int = 0
+
+
+# the packed job running in this process: {"size": points in the job, "dense": Dense | None}
+PACK: dict[str, Any] = {}
+
+
+@contextmanager
+def packed(size: int) -> Iterator[None]:
+    """Run the grid points of one job sharing their dense model (the points of one dense_key)."""
+    PACK.clear()
+    PACK.update(size=size, dense=None)
+    try:
+        yield
+    finally:
+        PACK.clear()
+
+
+@contextmanager
+def timing_lock(cfg: DictConfig, device: str) -> Iterator[dict[str, float]]:
+    """Hold this host's and device's timing lock (``<cache_dir>/locks``): no sibling job times at once."""
+    d = Path(os.path.abspath(str(cfg.cache_dir))) / "locks"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {"waited_s": 0.0}
+    with open(d / f"timing-{socket.gethostname()}-{device.replace(':', '')}.lock", "a") as f:
+        t0 = time.perf_counter()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        out["waited_s"] = time.perf_counter() - t0
+        try:
+            yield out
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
+    model, tokenizer = models.load(cfg.model, device, cache_dir)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the loaded weights contain NaN/Inf ({name})")
+    mkey = model_key(cfg)
+    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, mkey)
+    state = evaluate.task_for(cfg).prepare(model, ctx)
+    with timing_lock(cfg, device) as lock:
+        speed = evaluate.speed(model, ctx)
+    return Dense(dense_key(cfg), model, tokenizer, mkey, state, speed, sum(p.numel() for p in model.parameters()),
+                 torch.get_rng_state(), lock["waited_s"])
+
+
+def dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
+    """The loaded, measured dense model: in a packed job, the one of the previous point when it shares it."""
+    if not PACK:
+        return _load_dense(cfg, device, cache_dir)
+    d = PACK.get("dense")
+    if d is None or d.key != dense_key(cfg):
+        PACK["dense"] = None
+        d = _load_dense(cfg, device, cache_dir)
+        d.modules = dict(d.model.named_modules())
+        d.weights = {k: v.detach().to("cpu", copy=True) for k, v in d.model.state_dict(keep_vars=True).items()}
+        d.requires_grad = {n: p.requires_grad for n, p in d.model.named_parameters()}
+        d.training = d.model.training
+        PACK["dense"] = d
+    else:
+        torch.set_rng_state(d.rng)  # as right after the dense measurements in a job of its own
+    d.points += 1
+    return d
+
+
+@torch.no_grad()
+def _restore(d: Dense, device: str) -> None:
+    """Put the packed job's dense model back as loaded: modules, weights, requires_grad, mode."""
+    for name, module in d.modules.items():  # parents first: each original parent gets its original children
+        if name:
+            parent, _, attr = name.rpartition(".")
+            if getattr(d.modules[parent], attr, None) is not module:
+                setattr(d.modules[parent], attr, module)
+    d.model.to(device)
+    d.model.load_state_dict(d.weights, strict=True)
+    for n, p in d.model.named_parameters():
+        p.requires_grad_(d.requires_grad[n])
+    d.model.train(d.training)
+    if set(dict(d.model.named_modules())) != set(d.modules):  # something we cannot undo: load again next time
+        PACK["dense"] = None
+
+
+def release(device: str) -> None:
+    """After a point of a packed job (ok or failed): restore the dense model for the next one."""
+    d = PACK.get("dense")
+    if d is not None:
+        try:
+            _restore(d, device)
+        except Exception as e:  # the next point loads the model again
+            logging.getLogger(__name__).warning(f"[lrsweep] dense model not restored ({e}); the next point reloads it")
+            PACK["dense"] = None
+
+
 def _size_fields(row: ResultRow, results: list[LayerResult]) -> None:
     """Size and reconstruction fields of the row from the layer results."""
     weights = sum(r.shape[0] * r.shape[1] for r in results)
@@ -139,15 +274,13 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     torch.manual_seed(int(cfg.seed))
     cache_dir = os.path.abspath(str(cfg.cache_dir))
     checkpoint.stage("load")
-    model, tokenizer = models.load(cfg.model, device, cache_dir)
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"the loaded weights contain NaN/Inf ({name})")
-    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, model_key(cfg))
+    d = dense(cfg, device, cache_dir)
+    model, tokenizer, state, dense_speed = d.model, d.tokenizer, d.state, d.speed
+    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, d.model_key)
     task = evaluate.task_for(cfg)
-    state = task.prepare(model, ctx)
-    dense_speed = evaluate.speed(model, ctx)
-    row.params_dense = sum(p.numel() for p in model.parameters())
+    row.params_dense = d.params
+    if PACK:
+        row.extra["packed"] = {"job_points": PACK["size"], "point": d.points, "dense_reused": d.points > 1}
     if cfg.get("stream", False):  # compressed block by block on the device while the model waits on CPU
         model.to("cpu")
 
@@ -173,13 +306,21 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
         row.extra["method_info"] = json.loads(json.dumps(info, default=str))
 
     checkpoint.stage("evaluate")
-    row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
+    with timing_lock(cfg, device) as lock:
+        row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
+    waited = lock["waited_s"]
     for key, value in task.evaluate(model, ctx, state).items():
         if key == "extra":
             row.extra.update(value)
         else:
             setattr(row, key, value)
-    speed = evaluate.speed(model, ctx)
+    with timing_lock(cfg, device) as lock:
+        load = os.getloadavg()[0]
+        speed = evaluate.speed(model, ctx)
+    row.extra["latency_measurement"] = {
+        "serialized": "timing lock per host and device: no sibling job timed at the same time",
+        "dense": f"measured once for the {PACK['size']} points of this packed job" if PACK else "measured in this job",
+        "lock_waited_s": round(waited + lock["waited_s"], 3), "loadavg_1min": round(load, 2)}
     row.latency_ms_dense, row.latency_ms_dense_p90 = dense_speed.median_ms, dense_speed.p90_ms
     row.latency_ms, row.latency_ms_p90 = speed.median_ms, speed.p90_ms
     row.model_bytes_dense, row.model_bytes = dense_speed.model_bytes, speed.model_bytes
@@ -219,6 +360,7 @@ def run(cfg: DictConfig) -> ResultRow:
         row.error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
         row.wall_seconds = time.perf_counter() - t0
         print(f"[lrsweep] {rid} failed: {type(e).__name__}: {e}")
+    release(row.device or "cpu")
     row.finished_at = _now()
     path = write_row(results_dir, row)
     checkpoint.clear(results_dir, rid)

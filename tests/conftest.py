@@ -40,8 +40,6 @@ def compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers launcher configs)
-
     def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -32,7 +32,8 @@ def fault_sweep(results_dir: Path, state_dir: Path) -> subprocess.CompletedProce
                    f"+method.state_dir={state_dir}", f"+method.sleep_at={SLEEP_AT}", f"+method.raise_at={RAISE_AT}",
                    f"+method.kill_at={KILL_AT}", f"rank={','.join(map(str, RANKS))}",
                    # USR2 at timeout_min - 30 s: long enough for a normal point on a loaded machine
-                   "hydra.launcher.timeout_min=2", "hydra.launcher.parallelism=2", timeout=1200)
+                   "hydra.launcher.timeout_min=2", "hydra.launcher.parallelism=2", "hydra.launcher.points_per_job=1",
+                   timeout=1200)
 
 
 def calls(state_dir: Path) -> list[int]:
@@ -233,7 +234,7 @@ def test_preempted_local_job_is_requeued_and_finishes_with_one_ok_row(tmp_path):
     state.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "lrsweep", "-m", f"results_dir={tmp_path / 'results'}", *TINY,
                              "method._target_=faultlib.faults.checkpointed_svd", f"+method.state_dir={state}",
-                             "rank=4"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "rank=4", "hydra.launcher.points_per_job=1"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 300
     while not (state / "waiting").exists():
@@ -245,5 +246,54 @@ def test_preempted_local_job_is_requeued_and_finishes_with_one_ok_row(tmp_path):
     assert "1 ok, 0 failed, 0 skipped" in out
     rows = list(read_rows(tmp_path / "results"))
     assert len(rows) == 1 and rows[0].status == "ok" and rows[0].rank == 4
+    logs = "".join(f.read_text() for f in (tmp_path / "results").rglob("*_log.*"))
+    assert "this job is preempted" in logs and "Requeued job" in logs
+
+
+# ---------------------------------------------------------------- packed jobs
+@pytest.mark.slow
+def test_killed_packed_job_fails_only_its_points_without_a_row_and_rerun_runs_those(tmp_path):
+    """One job of three points; the second SIGKILLs the job: the first keeps its ok row, the second
+    and third get the launcher's failed rows, and the rerun runs exactly those two (in one job)."""
+    (tmp_path / "state").mkdir()
+    args = ["-m", f"results_dir={tmp_path / 'results'}", *TINY, "method._target_=faultlib.faults.faulty_svd",
+            f"+method.state_dir={tmp_path / 'state'}", "+method.kill_at=3", "rank=2,3,4",
+            "hydra.launcher.points_per_job=3"]
+    first = lrsweep(*args)
+    assert first.returncode == 1 and "1 ok, 2 failed, 0 skipped" in first.stdout, first.stdout + first.stderr
+    rows = {r.rank: r for r in read_rows(tmp_path / "results")}
+    assert rows[2].status == "ok" and rows[2].extra["packed"]["job_points"] == 3
+    for rank in (3, 4):
+        assert rows[rank].status == "failed" and "ended without a row" in rows[rank].error["message"]
+    assert calls(tmp_path / "state") == [2, 3]
+    second = lrsweep(*args)
+    assert second.returncode == 0 and "2 ok, 0 failed, 1 skipped" in second.stdout, second.stdout + second.stderr
+    assert "3 grid points: 2 to run, 1 already ok" in second.stdout
+    assert calls(tmp_path / "state")[2:] == [3, 4]
+    assert {r.rank: r.status for r in read_rows(tmp_path / "results")} == {2: "ok", 3: "ok", 4: "ok"}
+
+
+@pytest.mark.slow
+def test_preempted_packed_job_resumes_at_its_first_point_without_an_ok_row(tmp_path):
+    """USR2 while the second of two points runs: the requeued job skips the first (its ok row was
+    written in this sweep) and reruns the second."""
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "lrsweep", "-m", f"results_dir={tmp_path / 'results'}", *TINY,
+                             "method._target_=faultlib.faults.checkpointed_svd", f"+method.state_dir={state}",
+                             "+method.wait_at=5", "rank=4,5", "hydra.launcher.points_per_job=2"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 300
+    while not (state / "waiting").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.5)
+    first = {r.rank: r for r in read_rows(tmp_path / "results")}
+    os.kill(int((state / "waiting").read_text()), signal.SIGUSR2)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0 and "2 ok, 0 failed, 0 skipped" in out, out
+    rows = {r.rank: r for r in read_rows(tmp_path / "results")}
+    assert list(first) == [4] and rows[4].to_dict() == first[4].to_dict()  # not run again
+    assert calls(state) == [4, 5, 5]
+    assert rows[5].status == "ok" and rows[5].extra["requeues"] == 1
     logs = "".join(f.read_text() for f in (tmp_path / "results").rglob("*_log.*"))
     assert "this job is preempted" in logs and "Requeued job" in logs

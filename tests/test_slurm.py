@@ -288,3 +288,55 @@ def test_sbatch_refusal_is_surfaced_verbatim(cluster, tmp_path):
     assert "sbatch refused the job array, nothing was submitted" in proc.stderr
     assert "sbatch: error:" in proc.stderr, _out(proc)
     assert not list(read_rows(results))
+
+
+@pytest.mark.slurm
+def test_packed_array_task_killed_midway_fails_only_its_points_without_a_row(cluster, tmp_path, plugin):
+    """Three points in one array task; the second hard-exits the task: the first keeps its ok row, the
+    other two get the launcher's failed rows, and the rerun submits one task for exactly those two."""
+    results = tmp_path / "res"
+    args = ["-m", *SLURM, "hydra.launcher.points_per_job=3", FLAKY, "rank=8,16,32", *SMALL, f"results_dir={results}"]
+    proc = run_cli(*args, cwd=tmp_path, env={**plugin, "SLURM_TEST_FAIL": "die16"})
+    assert proc.returncode == 1 and "1 ok, 2 failed, 0 skipped" in proc.stdout, _out(proc)
+    job = _array_id(proc.stdout)
+    rows = {r.rank: r for r in read_rows(results)}
+    assert rows[8].status == "ok" and rows[8].extra["packed"]["job_points"] == 3
+    for rank in (16, 32):
+        assert rows[rank].status == "failed" and rows[rank].extra["job_state"] == "FAILED", rows[rank].error
+        assert rows[rank].slurm_job_id == job and "ended without a row" in rows[rank].error["message"]
+    (manifest,) = [json.loads(p.read_text()) for p in (results / "sweeps").glob("*.json")]
+    assert {p["job_id"] for p in manifest["points"]} == {job}
+    assert not (Path(plugin["SLURM_TEST_MARKER"]) / "started-32-0").exists()  # never reached
+
+    rerun = run_cli(*args, cwd=tmp_path, env=plugin)
+    assert rerun.returncode == 0 and "2 to run, 1 already ok" in rerun.stdout, _out(rerun)
+    assert "2 ok, 0 failed, 1 skipped" in rerun.stdout and len(_sacct(_array_id(rerun.stdout))) == 1
+    assert {r.rank: r.status for r in read_rows(results)} == {8: "ok", 16: "ok", 32: "ok"}
+
+
+@pytest.mark.slurm
+def test_preempted_packed_task_is_requeued_and_resumes_at_its_first_point_without_an_ok_row(cluster, tmp_path, plugin):
+    results = tmp_path / "res"
+    env = {**os.environ, **plugin, "SLURM_TEST_SLEEP": "0.3"}  # ~11 s of compression per first attempt
+    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=15",
+           "hydra.launcher.points_per_job=2", FLAKY, "rank=8,16", *SMALL, f"results_dir={results}"]
+    log = tmp_path / "sweep.log"
+    marker = Path(plugin["SLURM_TEST_MARKER"])
+    with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
+        for _ in range(480):  # the second point is compressing
+            if (marker / "started-16-0").exists() or sweep.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert (marker / "started-16-0").exists(), log.read_text()[-3000:]
+        first = (results / "rows").glob("*.json")
+        first = {p.name: p.read_text() for p in first}
+        subprocess.run(["scancel", "--signal=USR2", _array_id(log.read_text())], check=True)
+        sweep.wait(timeout=300)
+    stdout = log.read_text()
+    assert sweep.returncode == 0 and "2 ok, 0 failed, 0 skipped" in stdout, stdout[-4000:]
+    rows = {r.rank: r for r in read_rows(results)}
+    assert len(first) == 1 and all((results / "rows" / n).read_text() == t for n, t in first.items())
+    assert rows[16].extra["requeues"] == 1 and rows[16].extra["interrupted"][0]["stage"] == "compress"
+    assert (marker / "started-16-1").exists() and not (marker / "started-8-1").exists()  # 8 was not rerun
+    states = [s for _, s in _sacct(_array_id(stdout), duplicates=True)]
+    assert states == ["REQUEUED", "COMPLETED"], states

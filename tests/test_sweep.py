@@ -11,8 +11,11 @@ import sys
 import pytest
 
 from conftest import FAST, REPO, run_cli
+from lrsweep import job
 from lrsweep.logger import read_offline_run
 from lrsweep.row import read_rows
+
+BLOCK0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
 
 GRID = ["-m", "method=svd,lplr", "rank=8,16"]
 
@@ -72,18 +75,101 @@ def test_rerun_skips_every_ok_point(sweep):
     assert after == before
 
 
-def test_failing_point_leaves_failed_row_and_others_finish(tmp_path):
-    args = ["-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=8,16", *FAST,
-            f"results_dir={tmp_path}"]
+def test_packed_job_isolates_a_raising_point_and_rerun_runs_only_it(tmp_path):
+    """Three points in one job, the middle one raises: its failed row, then the third point runs."""
+    args = ["-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=4,16,8", *FAST, BLOCK0,
+            "hydra.launcher.points_per_job=3", f"results_dir={tmp_path}"]
     proc = run_cli(*args)
     rows = {r.rank: r for r in read_rows(tmp_path)}
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 points in 1 jobs" in proc.stdout + proc.stderr
     assert rows[16].status == "failed" and "injected failure" in rows[16].error["message"]
     assert "RuntimeError" in rows[16].error["traceback"]
-    assert rows[8].status == "ok"
-    assert "1 ok, 1 failed, 0 skipped" in proc.stdout
+    assert rows[4].status == rows[8].status == "ok"
+    assert [rows[r].extra["packed"]["point"] for r in (4, 16, 8)] == [1, 2, 3]  # one job, in grid order
+    assert rows[4].latency_ms_dense == rows[8].latency_ms_dense  # the dense model measured once
+    assert "2 ok, 1 failed, 0 skipped" in proc.stdout
+    assert f"[lrsweep] failed {rows[16].run_id}" in proc.stdout
     rerun = run_cli(*args)  # the rerun runs the failed point only
-    assert "1 to run, 1 already ok" in rerun.stdout and rerun.returncode == 1
+    assert "1 to run, 2 already ok" in rerun.stdout + rerun.stderr and rerun.returncode == 1
+
+
+def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
+    """The dense model restored between the points of a packed job: same metrics as one job per point."""
+    points = ["method=svd rank=4", "method=lplr rank=4 bits=8", "method=svd rank=8 heal=distill ++heal.steps=2"]
+    cfgs = {name: [compose([*FAST, BLOCK0, *p.split(), f"results_dir={tmp_path / name}"]) for p in points]
+            for name in ("alone", "packed")}
+    alone = [job.run(c) for c in cfgs["alone"]]
+    with job.packed(len(points)):
+        packed = [job.run(c) for c in cfgs["packed"]]
+    assert [r.extra["packed"]["dense_reused"] for r in packed] == [False, True, True]
+    for a, b in zip(alone, packed):
+        assert a.status == b.status == "ok", (a.error, b.error)
+        for key in ("recon_rel_err", "accuracy", "accuracy_dense", "bits_compressed", "params_compressed"):
+            assert getattr(a, key) == getattr(b, key), key
+        assert a.layer_errors == b.layer_errors
+
+
+def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
+    results, _, fast = sweep
+    before = sorted(p for p in results.rglob("*"))
+    proc = run_cli("-m", "method=svd,lplr", "rank=8,16,24", *fast, f"results_dir={results}", "dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p for p in results.rglob("*")) == before
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 6
+    ok = {r.run_id: r for r in read_rows(results)}
+    for line in lines:
+        index, rid, status, est = line.split()[:4]
+        assert status == ("ok" if rid in ok else "missing")
+        method = "svd" if "method=svd" in line else "lplr"
+        expected = sorted(r.wall_seconds for r in ok.values() if r.method == method)
+        assert float(est) == pytest.approx(sum(expected) / 2, abs=0.06)  # median of two ok rows
+    assert "4 ok, 2 missing" in proc.stdout and "nothing was launched" in proc.stdout
+
+
+@pytest.mark.parametrize("args, key", [(["hydra.launcher.points_per_job=0"], "hydra.launcher.points_per_job"),
+                                       (["hydra.launcher.points_per_job=many"], "hydra.launcher.points_per_job"),
+                                       (["dry_run=true", "rank=-3"], "rank")])
+def test_bad_points_per_job_or_dry_run_config_error_exit_2(tmp_path, args, key):
+    proc = run_cli("-m", "rank=4,8", *FAST, f"results_dir={tmp_path}", *args)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"config error: {key}" in proc.stderr or f"{key}:" in proc.stderr, proc.stderr
+    assert not list(read_rows(tmp_path))
+
+
+APP = """
+import sys, hydra
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    print("HEAVY", sorted(m for m in ("torch", "lrsweep", "submitit") if m in sys.modules))
+main()
+"""
+COMPOSE = """
+import sys
+from hydra import compose, initialize_config_dir
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    print("COMPOSED", compose("app", overrides=["a=2"]).a)
+"""
+
+
+def test_unrelated_hydra_app_and_compose_api_work_with_lrsweep_installed(tmp_path):
+    """A fresh interpreter with lrsweep's plugin on the path and never imported: Hydra's plugin scan
+    must neither crash nor import anything heavy."""
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "compose.py").write_text(COMPOSE)
+    (tmp_path / "app.yaml").write_text("a: 1\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    app = subprocess.run([sys.executable, "app.py", "+x=1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert app.returncode == 0, app.stderr
+    assert "HEAVY []" in app.stdout  # the scan imported neither torch, lrsweep nor submitit
+    comp = subprocess.run([sys.executable, "compose.py", str(tmp_path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert comp.returncode == 0 and "COMPOSED 2" in comp.stdout, comp.stderr
+    scan = subprocess.run([sys.executable, "-c", "from hydra.core.plugins import Plugins; from hydra.plugins.launcher "
+                           "import Launcher; print([p.__name__ for p in Plugins.instance().discover(Launcher)])"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "SlurmLauncher" in scan.stdout and "LocalLauncher" in scan.stdout, scan.stderr
 
 
 def test_analysis_table_and_plot_on_sweep_rows(sweep, tmp_path):
@@ -106,3 +192,11 @@ def test_single_run_without_m(tmp_path):
     (row,) = read_rows(tmp_path)
     assert row.status == "ok" and row.bits == 8 and row.rank == 4
     assert json.loads((tmp_path / "rows" / f"{row.run_id}.json").read_text())["config"]["bits"] == 8
+
+
+def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):
+    from lrsweep.identity import run_id
+
+    base = run_id(compose(["rank=8"]))
+    assert run_id(compose(["rank=8", "dry_run=true"])) == base
+    assert run_id(compose(["rank=8", "hydra.launcher.points_per_job=4"])) == base

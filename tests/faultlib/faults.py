@@ -48,9 +48,12 @@ def needs_xtx(W, *, rank, bits=16, seed=0, stats=None, **options):
 needs_xtx.needs = ("xtx",)
 
 
-def checkpointed_svd(W, *, rank, bits=16, seed=0, stats=None, state_dir: str, **options):
-    """Waits (once per ``state_dir``) to be preempted: writes ``<state_dir>/waiting`` and sleeps."""
-    if _fire_once(state_dir, "preempt"):
+def checkpointed_svd(W, *, rank, bits=16, seed=0, stats=None, state_dir: str, wait_at: int = -1, **options):
+    """Waits (once per ``state_dir``; at rank ``wait_at`` when given) to be preempted: writes
+    ``<state_dir>/waiting`` and sleeps. Every call is appended to ``<state_dir>/calls.log``."""
+    with open(Path(state_dir) / "calls.log", "a") as f:
+        f.write(f"{rank} {os.getpid()}\n")
+    if wait_at in (-1, rank) and _fire_once(state_dir, "preempt"):
         (Path(state_dir) / "waiting").write_text(str(os.getpid()))
         time.sleep(600)
     return svd(W, rank=rank, bits=bits, seed=seed, **options)

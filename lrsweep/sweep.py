@@ -1,0 +1,418 @@
+"""A sweep, from Hydra's job overrides to one row per grid point.
+
+The launcher (hydra_plugins/lrsweep_launcher) hands the grid here. Every point is composed and
+validated before anything is submitted (a single bad point launches nothing: exit code 2) and
+looked up in the results dir: points whose row says ``ok`` are skipped. The rest are packed
+into jobs (``hydra.launcher.points_per_job``: 1, K, or ``auto``: the points that share model,
+data and calibration in as many jobs as there are parallel slots); a packed job loads the
+model and measures the dense model once and runs its points one after another
+(:func:`run_pack`). Jobs go to submitit, local processes with bounded parallelism or one SLURM
+array (with a manifest for ``python -m lrsweep.status``). A job that dies without writing its
+points' rows (killed, out of memory, timed out) gets ``failed`` rows from here for those points
+only. ``dry_run=true`` lists the points with their status and estimated time, and stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from omegaconf import DictConfig, OmegaConf
+
+from lrsweep import identity
+from lrsweep.errors import ConfigError
+from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status, write_row
+
+log = logging.getLogger(__name__)
+
+
+class PointFailed(Exception):
+    """The return value of a grid point's FAILED JobReturn: its row says failed."""
+
+
+@dataclass
+class Point:
+    index: int
+    overrides: list[str]
+    cfg: DictConfig
+    run_id: str
+
+    @property
+    def results_dir(self) -> str:
+        return os.path.abspath(str(self.cfg.results_dir))
+
+    def describe(self) -> str:
+        return " ".join(o for o in filter_overrides(self.overrides) if not o.startswith("sweep_name="))
+
+
+@dataclass
+class Outcome:
+    """What the last sweep (or single run) of this process did; read by :func:`report`."""
+
+    results_dir: str
+    run_ids: list[str]
+    submitted: int = 0
+    skipped: int = 0
+    job_ids: list[str] = field(default_factory=list)
+    submitit_folder: str = ""
+    detached: bool = False
+    dry_run: bool = False
+
+
+LAST: Outcome | None = None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _row(results_dir: str, run_id: str) -> ResultRow | None:
+    try:
+        return read_row(row_path(results_dir, run_id))
+    except (OSError, ValueError):
+        return None
+
+
+def _written_since(p: Point, since: str) -> ResultRow | None:
+    """The point's row if this sweep wrote it (finished at or after the launch), else None."""
+    row = _row(p.results_dir, p.run_id)
+    return row if row is not None and (row.finished_at or "") >= since else None
+
+
+# ---------------------------------------------------------------- planning
+def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Point]:
+    """Compose and validate every point; ConfigError (nothing launched) if any is invalid."""
+    from lrsweep.validate import validate
+
+    sweep_name = Path(str(launcher.config.hydra.sweep.dir)).name
+    points, seen, errors = [], set(), []
+    for i, ov in enumerate(job_overrides):
+        ov = [*ov, f"sweep_name={sweep_name}"]
+        try:
+            cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, ov)
+            validate(cfg, check_device=launcher._EXECUTOR == "local")
+        except ConfigError as e:
+            errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov[:-1]))}): {e}")
+            continue
+        rid = identity.run_id(cfg)
+        if rid not in seen:  # two override lists, one experiment: run it once
+            seen.add(rid)
+            points.append(Point(initial_job_idx + i, ov, cfg, rid))
+    if errors:
+        raise ConfigError("sweep", f"{len(errors)} of {len(job_overrides)} grid points are invalid, "
+                          "nothing was launched:\n  " + "\n  ".join(errors))
+    return points
+
+
+def points_per_job(value: Any) -> int | str:
+    """``hydra.launcher.points_per_job``: a positive int or ``auto``."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ConfigError("hydra.launcher.points_per_job", f"{value!r} is not a positive integer or auto",
+                      ["auto", "1", "2", "..."])
+
+
+def pack(points: list[Point], per_job: int | str, slots: int) -> list[list[Point]]:
+    """Jobs of points that share the dense model (lrsweep.job.dense_key), in grid order."""
+    from lrsweep.job import dense_key
+
+    if per_job == 1:
+        return [[p] for p in points]
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        groups.setdefault(dense_key(p.cfg), []).append(p)
+    jobs = []
+    for group in groups.values():
+        n = len(group)
+        k = -(-n // max(1, min(slots, n))) if per_job == "auto" else int(per_job)
+        jobs += [group[i:i + k] for i in range(0, n, k)]
+    return jobs
+
+
+def slots(launcher: Any) -> int:
+    key = "parallelism" if launcher._EXECUTOR == "local" else "array_parallelism"
+    return max(1, int(launcher.params.get(key) or 1))
+
+
+# ---------------------------------------------------------------- launching
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """Plan, skip what is ok, pack, submit, wait and account for every point: one JobReturn per point run."""
+    global LAST
+    per_job = points_per_job(launcher.params.get("points_per_job", 1))
+    points = plan(launcher, job_overrides, initial_job_idx)
+    slurm = launcher._EXECUTOR == "slurm"
+    if slurm:
+        preflight(launcher.params, points)
+    active = _active(points) if slurm else {}
+    results_dir = points[0].results_dir if points else ""
+    if points and points[0].cfg.get("dry_run"):
+        LAST = Outcome(results_dir, [p.run_id for p in points], dry_run=True)
+        dry_run(points, active)
+        return []
+    for p in points:
+        if p.run_id in active and not p.cfg.get("force"):
+            log.info(f"[lrsweep]   #{p.index} {p.run_id}: still queued or running as job {active[p.run_id]}, "
+                     "not submitted again")
+    points = [p for p in points if p.run_id not in active or p.cfg.get("force")]
+    todo = [p for p in points if p.cfg.get("force") or row_status(p.results_dir, p.run_id) != "ok"]
+    LAST = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo))
+    log.info(f"[lrsweep] {len(points)} grid points: {len(todo)} to run, {len(points) - len(todo)} already ok")
+    if not todo:
+        return []
+    jobs = pack(todo, per_job, slots(launcher))
+    if len(jobs) < len(todo):
+        log.info(f"[lrsweep] {len(todo)} points in {len(jobs)} jobs (points_per_job={per_job})")
+    executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
+    os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
+    since = _now()
+    args = [(job, Singleton.get_state(), since) for job in jobs]
+    submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
+    LAST.job_ids = [str(j.job_id) for j in submitted]
+    LAST.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
+    if not launcher.params.get("wait", True):
+        LAST.detached = True
+        return []
+    return [ret for job, j in zip(jobs, submitted) for ret in collect(launcher, job, j, since)]
+
+
+def submit_local(launcher: Any, executor: Any, args: list[tuple]) -> list[Any]:
+    """One process per job, at most ``parallelism`` running at once."""
+    limit = slots(launcher)
+    pending, running, jobs = list(args), [], []
+    while pending or running:
+        running = [j for j in running if not j.done()]
+        while pending and len(running) < limit:
+            job = executor.submit(launcher, *pending.pop(0))
+            running.append(job)
+            jobs.append(job)
+        time.sleep(0.1)
+    return jobs
+
+
+def submit_slurm(launcher: Any, executor: Any, args: list[tuple]) -> list[Any]:
+    """One SLURM array (one task per job) and its manifest."""
+    from submitit.core.utils import FailedJobError
+
+    from lrsweep.status import write_manifest
+
+    try:
+        jobs = executor.map_array(launcher, *zip(*args))
+    except FailedJobError as e:  # sbatch said no: its message verbatim, nothing was submitted
+        raise ConfigError("hydra/launcher", f"sbatch refused the job array, nothing was submitted:\n"
+                          f"{str(e).strip()}") from None
+    array = str(jobs[0].job_id).split("_")[0]
+    folder = str(Path(str(launcher.params["submitit_folder"])).parent)
+    points = [(p, j) for (pts, _, _), j in zip(args, jobs) for p in pts]
+    write_manifest(points[0][0].results_dir, Path(str(launcher.config.hydra.sweep.dir)).name, array, folder,
+                   [{"index": p.index, "run_id": p.run_id, "job_id": str(j.job_id), "overrides": p.describe().split()}
+                    for p, j in points])
+    log.info(f"[lrsweep] submitted SLURM array {array} ({len(jobs)} jobs); logs in {folder}")
+    sys.stdout.flush()
+    return jobs
+
+
+def _returned(p: Point, row: ResultRow | None, error: BaseException | None = None) -> JobReturn:
+    """The honest JobReturn of a point: COMPLETED for an ok row, FAILED (PointFailed) otherwise."""
+    ret = JobReturn(overrides=p.describe().split())
+    if row is not None and row.status == "ok":
+        ret.status, ret._return_value = JobStatus.COMPLETED, "ok"
+    else:
+        msg = (row.error or {}).get("message", "") if row is not None else str(error)
+        ret.status, ret._return_value = JobStatus.FAILED, PointFailed(f"{p.run_id} ({p.describe()}): {msg}")
+    return ret
+
+
+def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobReturn]:
+    """The job's JobReturns; a job that died gets failed rows for its points without a row."""
+    try:
+        return job.results()[0]
+    except Exception as e:  # killed, timed out, out of memory, ...
+        error = e
+    out = []
+    for p in pts:
+        row = _written_since(p, since)
+        if row is None:
+            row = dead_row(launcher, p, job, error)
+        out.append(_returned(p, row))
+    return out
+
+
+def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultRow:
+    """The failed row of a point whose job ended without writing it, with submitit's view of the job."""
+    from lrsweep.job import new_row
+
+    # without the hydra node: its runtime interpolations are only set inside the job
+    row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
+    row.slurm_job_id = str(job.job_id) if launcher._EXECUTOR == "slurm" else None
+    row.log_path = str(job.paths.stdout)
+    state = getattr(job, "state", "")
+    # submitit's first two lines say what happened ("... has not produced any output (state: ...)")
+    first = " ".join(str(error).strip().splitlines()[:2])
+    row.error = {"type": type(error).__name__,
+                 "message": f"job {job.job_id} ended without a row (state {state}; killed, out of memory "
+                            f"or crashed): {first}",
+                 "traceback": (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error))}
+    row.extra["job_state"] = state
+    row.finished_at = _now()
+    write_row(p.results_dir, row)
+    return row
+
+
+# ---------------------------------------------------------------- inside a job
+def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
+    """Run a job's points one after another, each through Hydra's run_job (its own output dir,
+    row and W&B run), sharing the dense model (lrsweep.job.packed). An exception of one point is
+    that point's failed row; a requeued job skips the points already ok since the launch."""
+    import submitit
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict, read_write
+
+    from lrsweep import job
+
+    setup_globals()
+    job_id = submitit.JobEnvironment().job_id
+    out = []
+    with job.packed(len(pts)):
+        for p in pts:
+            done = _written_since(p, since)
+            if done is not None and done.status == "ok":
+                out.append(_returned(p, done))
+                continue
+            # the config composed and validated at launch: a queued job must not pick up conf/ or code
+            # edits made after it, or its row would land under another run_id than the sweep waits for
+            config = copy.deepcopy(p.cfg)
+            with read_write(config.hydra.job), open_dict(config.hydra.job):
+                config.hydra.job.id = job_id
+                config.hydra.job.num = p.index
+            ret = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+                          config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            row = _written_since(p, since)
+            if row is None:  # raised outside lrsweep's row handling: the point's failed row, then the next
+                error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
+                row = job.new_row(p.cfg)
+                row.error = {"type": type(error).__name__, "message": str(error),
+                             "traceback": "".join(traceback.format_exception(error))}
+                row.finished_at = _now()
+                write_row(p.results_dir, row)
+            out.append(_returned(p, row))
+    return out
+
+
+# ---------------------------------------------------------------- SLURM checks
+def preflight(params: dict[str, Any], points: list[Point]) -> None:
+    """ConfigError (nothing submitted) for no sbatch, an unknown partition, GPUs the partition lacks."""
+    import shutil
+    import subprocess
+
+    from lrsweep.errors import did_you_mean
+
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise ConfigError("hydra/launcher", "sbatch/sinfo are not on PATH: this machine cannot submit SLURM jobs",
+                          ["hydra/launcher=local", "run from a SLURM login node"])
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise ConfigError("hydra/launcher", f"sinfo failed, the SLURM controller is not reachable: "
+                          f"{(out.stderr or out.stdout).strip()}")
+    gres: dict[str, set[str]] = {}
+    default = None
+    for line in out.stdout.splitlines():
+        name, _, g = line.strip().partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        gres.setdefault(name, set()).add(g)
+    wanted = [q for q in str(params.get("partition") or default or "").split(",") if q]
+    for q in wanted:
+        if q not in gres:
+            raise ConfigError("hydra.launcher.partition", f"{q!r} is not a partition of this cluster"
+                              f"{did_you_mean(q, gres)}", sorted(gres))
+    gpus = int(params.get("gpus_per_node") or 0) or int(params.get("gpus_per_task") or 0) \
+        or int("gpu" in str(params.get("gres") or ""))
+    if gpus > 0:
+        for q in wanted:
+            if not any("gpu" in g for g in gres[q]):
+                raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
+                                  f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
+    else:
+        for p in points:
+            if str(p.cfg.device).startswith("cuda"):
+                raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
+                                  "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu"])
+
+
+def _active(points: list[Point]) -> dict[str, str]:
+    """run_id -> job id of the points still queued or running from an earlier submission."""
+    if not points:
+        return {}
+    from lrsweep.status import active_run_ids
+
+    return active_run_ids(points[0].results_dir)
+
+
+# ---------------------------------------------------------------- dry run
+def estimate(rows: list[ResultRow], cfg: DictConfig) -> float | None:
+    """Median wall_seconds of the ok rows of the same model and method; None when there is none."""
+    times = [r.wall_seconds for r in rows if r.status == "ok" and r.wall_seconds is not None
+             and r.model == str(cfg.model.name) and r.method == str(cfg.method.name)]
+    return statistics.median(times) if times else None
+
+
+def dry_run(points: list[Point], active: dict[str, str]) -> None:
+    """Print every point's run_id, status, estimated seconds and overrides, and the total; run nothing."""
+    results_dir = points[0].results_dir
+    rows = list(read_rows(results_dir)) if Path(results_dir).is_dir() else []
+    by_id = {r.run_id: r for r in rows}
+    total, unknown, counts = 0.0, 0, {}
+    print(f"[lrsweep] dry run: {len(points)} grid points, results in {results_dir}")
+    print(f"{'#':>4}  {'run_id':<12}  {'status':<18}  {'est. s':>8}  overrides")
+    for p in points:
+        row = by_id.get(p.run_id)
+        status = "queued-or-running" if p.run_id in active else (row.status if row else "missing")
+        if status == "ok" and p.cfg.get("force"):
+            status = "ok (force: rerun)"
+        counts[status] = counts.get(status, 0) + 1
+        est = estimate(rows, p.cfg)
+        runs = status not in ("ok", "queued-or-running")
+        if runs and est is None:
+            unknown += 1
+        elif runs:
+            total += est
+        shown = "unknown" if est is None else f"{est:.1f}"
+        print(f"{p.index:>4}  {p.run_id:<12}  {status:<18}  {shown:>8}  {p.describe()}")
+    print(f"[lrsweep] dry run: {', '.join(f'{n} {s}' for s, n in counts.items())}; to run: about {total:.0f} s "
+          f"of job time" + (f" + {unknown} points of unknown time" if unknown else "") + "; nothing was launched")
+
+
+# ---------------------------------------------------------------- end of sweep
+def report() -> int:
+    """Print the sweep's table, plot path and summary line; return the exit code."""
+    out = LAST
+    if out is None or out.dry_run:
+        return 0
+    if out.detached:
+        print(f"[lrsweep] detached: {len(out.job_ids)} jobs submitted ({', '.join(out.job_ids)}) for "
+              f"{out.submitted} points, {out.skipped} already ok; logs in {out.submitit_folder}; results in {out.results_dir}")
+        print(f"[lrsweep] progress: python -m lrsweep.status {out.results_dir}")
+        return 0
+    statuses = [row_status(out.results_dir, rid) for rid in out.run_ids]
+    ok, failed = statuses.count("ok"), len(statuses) - statuses.count("ok")
+    rows = [read_row(row_path(out.results_dir, rid)) for rid, s in zip(out.run_ids, statuses) if s]
+    if rows:
+        from analysis.summary import print_summary
+
+        print_summary(rows, out.results_dir)
+    for r in rows:
+        if r.status != "ok" and r.error:
+            print(f"[lrsweep] failed {r.run_id} ({r.run_name}): {r.error['type']}: {r.error['message']}")
+    print(f"{ok - out.skipped} ok, {failed} failed, {out.skipped} skipped")
+    return 1 if failed else 0
