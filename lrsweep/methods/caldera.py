@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
 from lrsweep.methods import LayerStats, register, require
 from lrsweep.methods.gptq import NO_PARAMS, gptq_quantize, quantized_part
@@ -30,8 +31,6 @@ def caldera_bits(n: int, d: int, rank: int, bits: int, lr_bits: int = 4, **opts)
 
 
 def check(n: int, d: int, iters: int = 15, lr_iters: int = 5, **opts) -> None:
-    from lrsweep.errors import ConfigError
-
     for key, value in (("iters", iters), ("lr_iters", lr_iters)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "iters" else 0):
             raise ConfigError(f"method.{key}", f"{value!r} must be an integer >= {1 if key == 'iters' else 0}")

@@ -36,15 +36,14 @@ def perm_bits(d: int) -> int:
     return max(1, (d - 1).bit_length())
 
 
-def q_bits(n: int, d: int, bits: int, scheme: str = "uniform", group_size: int = 128, act_order: bool = False,
-           quantizer: str = "gptq") -> int:
+def q_bits(n: int, d: int, bits: int, scheme: str, group_size: int, act_order: bool, quantizer: str = "gptq") -> int:
     """Stored bits of Q (n x d): codes and scales as ``quantize`` stores them, plus the permutation
     when gptq keeps Q in act-order (``group`` scheme)."""
     stores_perm = quantizer == "gptq" and act_order and scheme == "group" and bits not in FLOAT_BITS
     return tensor_bits((n, d), bits, scheme, group_size) + (d * perm_bits(d) if stores_perm else 0)
 
 
-def gptq_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128,
+def gptq_bits(n: int, d: int, rank: int, bits: int, scheme: str = "group", group_size: int = 128,
               act_order: bool = True, **_) -> int:
     return q_bits(n, d, bits, scheme, group_size, act_order)
 
