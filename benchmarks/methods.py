@@ -9,6 +9,7 @@ The weights are synthetic with a power-law spectrum (sigma_i ~ i^-0.5, like trai
 projections); data-aware methods get statistics of N = 2 d synthetic inputs with uneven
 channel scales, computed outside the timed region. Times are the fastest of ``--repeats`` runs
 (more for fast methods; after one warm-up on CUDA); ``x floor`` = time / two-GEMM time, ``svd/x`` = torch.linalg.svd time / time,
+``out err`` = ||(W - W_hat) X^T|| / ||W X^T|| on the synthetic inputs (when a data-aware method ran);
 ``err +%`` = relative error above the Eckart-Young optimum of rank r (data-aware methods
 minimize the output error instead, so they sit above it by design; losparse stores more).
 Methods that quantize W itself (quant, gptq, and the Q of lqer / caldera: W ~ Q + L R, whose
@@ -85,8 +86,15 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     t_svd, (U, sv, Vh) = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, max(1, repeats // 2))
     optimum = float(sv[rank:].square().sum().sqrt()) / norm
     shape = f"{n}x{d}"
-    rows = [[shape, "two GEMMs (floor)", floor, 1.0, t_svd / floor, None, None],
-            [shape, "torch.linalg.svd (full)", t_svd, t_svd / floor, 1.0, optimum, 0.0]]
+    H = stats.xtx.float() if stats is not None else None
+
+    def out_err(W_hat: torch.Tensor) -> float | None:  # ||(W - W_hat) X^T|| / ||W X^T|| on the synthetic inputs
+        D = W - W_hat
+        return None if H is None else float(((D @ H) * D).sum() / ((W @ H) * W).sum()) ** 0.5
+
+    rows = [[shape, "two GEMMs (floor)", floor, 1.0, t_svd / floor, None, None, None],
+            [shape, "torch.linalg.svd (full)", t_svd, t_svd / floor, 1.0, optimum, 0.0,
+             out_err((U[:, :rank] * sv[:rank]) @ Vh[:rank])]]
     for name in methods:
         spec = REGISTRY[name]
         b, opts = (q_bits, {"scheme": "group"}) if stores_q(spec, n, d) else (bits, {})  # Q: groups of 128
@@ -95,7 +103,7 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
         label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "") + \
             (f" [Q {b} bits, {f.bits_per_weight:.2f} bits/weight]" if stores_q(spec, n, d) else "")
         extra = 100 * (err / optimum - 1) if spec.has_rank and name != "kronecker" else None
-        rows.append([shape, label, t, t / floor, t_svd / t, err, extra])
+        rows.append([shape, label, t, t / floor, t_svd / t, err, extra, out_err(f.reconstruct())])
         print(f"  {shape} {label}: {t:.4f} s, rel err {err:.4f}", file=sys.stderr, flush=True)
     return rows
 
@@ -127,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += bench_shape(n, d, rank, args.bits, methods, device, repeats, args.q_bits)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}, fastest of >= {repeats} runs")
-    print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%"],
-                   floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f"), tablefmt="github", missingval="-"))
+    print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%", "out err"],
+                   floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f", ".4f"), tablefmt="github", missingval="-"))
 
 
 if __name__ == "__main__":
