@@ -9,8 +9,14 @@ The weights are synthetic with a power-law spectrum (sigma_i ~ i^-0.5, like trai
 projections); data-aware methods get statistics of N = 2 d synthetic inputs with uneven
 channel scales, computed outside the timed region. Times are the fastest of ``--repeats`` runs
 (more for fast methods; after one warm-up on CUDA); ``x floor`` = time / two-GEMM time, ``svd/x`` = torch.linalg.svd time / time,
+``out err`` = ||(W - W_hat) X^T|| / ||W X^T|| on the synthetic inputs (when a data-aware method ran);
 ``err +%`` = relative error above the Eckart-Young optimum of rank r (data-aware methods
 minimize the output error instead, so they sit above it by design; losparse stores more).
+Methods that quantize W itself (quant, gptq, and the Q of lqer / caldera: W ~ Q + L R, whose
+storage at rank 0 is not zero) get Q at ``--q-bits`` (default 4, absmax groups of 128) and their factors at their own
+defaults (lqer fp16, caldera 4 bits); they store far more than rank r, so they sit below the optimum.
+
+    python benchmarks/methods.py --quick --methods quant,gptq,lqer,caldera
 """
 
 from __future__ import annotations
@@ -62,8 +68,13 @@ def statistics_for(n: int, d: int, device: torch.device, seed: int = 1) -> Layer
     return stats
 
 
+def stores_q(spec, n: int, d: int) -> bool:
+    """Whether the method quantizes W itself (no rank, or storage at rank 0): ``bits`` are Q's bits."""
+    return not spec.has_rank or spec.storage_bits(n, d, 0, 4) > 0
+
+
 def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device: torch.device,
-                repeats: int) -> list[list]:
+                repeats: int, q_bits: int = 4) -> list[list]:
     W = weight(n, d, device)
     norm = float(torch.linalg.norm(W))
     stats = statistics_for(n, d, device) if any(REGISTRY[m].needs for m in methods) else None
@@ -75,15 +86,24 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     t_svd, (U, sv, Vh) = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, max(1, repeats // 2))
     optimum = float(sv[rank:].square().sum().sqrt()) / norm
     shape = f"{n}x{d}"
-    rows = [[shape, "two GEMMs (floor)", floor, 1.0, t_svd / floor, None, None],
-            [shape, "torch.linalg.svd (full)", t_svd, t_svd / floor, 1.0, optimum, 0.0]]
+    H = stats.xtx.float() if stats is not None else None
+
+    def out_err(W_hat: torch.Tensor) -> float | None:  # ||(W - W_hat) X^T|| / ||W X^T|| on the synthetic inputs
+        D = W - W_hat
+        return None if H is None else float(((D @ H) * D).sum() / ((W @ H) * W).sum()) ** 0.5
+
+    rows = [[shape, "two GEMMs (floor)", floor, 1.0, t_svd / floor, None, None, None],
+            [shape, "torch.linalg.svd (full)", t_svd, t_svd / floor, 1.0, optimum, 0.0,
+             out_err((U[:, :rank] * sv[:rank]) @ Vh[:rank])]]
     for name in methods:
         spec = REGISTRY[name]
-        t, f = timed(lambda: spec.fn(W, rank=rank, bits=bits, seed=0, stats=stats), device, repeats)
+        b, opts = (q_bits, {"scheme": "group"}) if stores_q(spec, n, d) else (bits, {})  # Q: groups of 128
+        t, f = timed(lambda: spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts), device, repeats)
         err = float(torch.linalg.norm(W - f.reconstruct())) / norm
-        label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "")
+        label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "") + \
+            (f" [Q {b} bits, {f.bits_per_weight:.2f} bits/weight]" if stores_q(spec, n, d) else "")
         extra = 100 * (err / optimum - 1) if spec.has_rank and name != "kronecker" else None
-        rows.append([shape, label, t, t / floor, t_svd / t, err, extra])
+        rows.append([shape, label, t, t / floor, t_svd / t, err, extra, out_err(f.reconstruct())])
         print(f"  {shape} {label}: {t:.4f} s, rel err {err:.4f}", file=sys.stderr, flush=True)
     return rows
 
@@ -94,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", help="comma-separated NxD (default: 4096x4096,11008x4096)")
     p.add_argument("--rank", type=int, help="default 256 (64 with --quick)")
     p.add_argument("--bits", type=int, default=32, help="bits of the factors (default 32: unquantized)")
+    p.add_argument("--q-bits", type=int, default=4, help="bits of Q for methods that quantize W itself (default 4)")
     p.add_argument("--methods", default=",".join(sorted(m for m in REGISTRY if REGISTRY[m].has_rank)),
                    help="comma-separated (default: every method with a rank)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for s in shapes.split(","):
         n, d = (int(v) for v in s.lower().split("x"))
-        rows += bench_shape(n, d, rank, args.bits, methods, device, repeats)
+        rows += bench_shape(n, d, rank, args.bits, methods, device, repeats, args.q_bits)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}, fastest of >= {repeats} runs")
-    print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%"],
-                   floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f"), tablefmt="github", missingval="-"))
+    print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%", "out err"],
+                   floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f", ".4f"), tablefmt="github", missingval="-"))
 
 
 if __name__ == "__main__":

@@ -64,9 +64,11 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
     if budget is not None:
         r = methods.rank_for_budget(spec, n, d, bits, budget, **opts)
         if r < 1:
+            fixed = spec.storage_bits(n, d, 0, bits, **opts) / (n * d)  # what every rank stores (Q of W ~ Q + L R)
+            why = f"below the {fixed:.3f} bits/weight of its rank-0 part (Q at {bits} bits)" if fixed > budget \
+                else f"rank 1 needs {spec.storage_bits(n, d, 1, bits, **opts) / (n * d):.3f}"
             raise ConfigError("budget", f"{budget} bits/weight is infeasible for a {n}x{d} layer with "
-                              f"method {spec.name} at {bits} bits (rank 1 needs "
-                              f"{spec.storage_bits(n, d, 1, bits, **opts) / (n * d):.3f})")
+                              f"method {spec.name} at {bits} bits ({why})")
         return r
     if rank is None or int(rank) < 1:
         raise ConfigError("rank", f"{rank!r} must be a positive integer")

@@ -328,3 +328,71 @@ class KroneckerLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, terms={self.rank}"
+
+
+@dataclass
+class QuantLowRank(Factorization):
+    """W_hat = Q + L R: Q (n x d) quantized, plus an optional low-rank correction L (n x r) R (r x d).
+
+    Stored: ``Q`` (integer codes and scales), optionally ``perm`` (Q's columns are W's columns
+    ``perm``: GPTQ's act-order with per-group scales keeps the groups contiguous in that order),
+    and ``L``, ``R`` when there is a correction (GPTQ alone has none; its rank is min(n, d) like
+    :class:`Dense`). The module holds Q in its stored order and gathers the input columns when
+    permuted, so every stored tensor has a parameter that equals it (healing trains Q, L and R).
+    """
+
+    kind: ClassVar[str] = "quant_lowrank"
+
+    @classmethod
+    def of(cls, stored: dict[str, QTensor], **info: Any) -> QuantLowRank:
+        n, d = stored["Q"].value.shape
+        rank = stored["L"].value.shape[1] if "L" in stored else min(n, d)
+        return cls(shape=(n, d), rank=rank, stored=stored, info=info)
+
+    def perm(self) -> torch.Tensor | None:
+        return self.stored["perm"].codes.long() if "perm" in self.stored else None
+
+    def quantized(self) -> torch.Tensor:
+        """Q in W's column order."""
+        Q, perm = self.stored["Q"].value, self.perm()
+        return Q if perm is None else Q[:, torch.argsort(perm.to(Q.device))]
+
+    def reconstruct(self) -> torch.Tensor:
+        if "L" not in self.stored:
+            return self.quantized()
+        return self.quantized() + self.stored["L"].value @ self.stored["R"].value
+
+    def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        L, R = (self.stored["L"].value, self.stored["R"].value) if "L" in self.stored else (None, None)
+        return QuantLowRankLinear(self.stored["Q"].value, self.perm(), L, R, bias, dtype)
+
+    def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
+        if not isinstance(module, QuantLowRankLinear):  # a materialized W_hat (as_embedding, tied_head)
+            return {}
+        lowrank = {"L": module.lowrank.second.weight, "R": module.lowrank.first.weight} if module.lowrank else {}
+        return {"Q": module.weight, **lowrank}
+
+
+class QuantLowRankLinear(nn.Module):
+    """x -> x[..., perm] Q^T + (x R^T) L^T + bias: Q dequantized once (a dense GEMM), plus the
+    two thin GEMMs of the correction when there is one."""
+
+    def __init__(self, Q: torch.Tensor, perm: torch.Tensor | None, L: torch.Tensor | None, R: torch.Tensor | None,
+                 bias: torch.Tensor | None, dtype: torch.dtype | None = None):
+        super().__init__()
+        dtype = dtype or Q.dtype
+        self.weight = nn.Parameter(Q.detach().to(dtype=dtype, copy=True))
+        self.bias = nn.Parameter(bias.detach().to(device=Q.device, dtype=dtype, copy=True)) if bias is not None else None
+        self.register_buffer("perm", None if perm is None else perm.to(Q.device))
+        self.lowrank = LowRankLinear(L, R, None, dtype) if L is not None else None
+        self.out_features, self.in_features = Q.shape
+        self.rank = 0 if R is None else R.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = x if self.perm is None else x.index_select(-1, self.perm)
+        y = nn.functional.linear(xq, self.weight, self.bias)
+        return y if self.lowrank is None else y + self.lowrank(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"act_order={self.perm is not None}"

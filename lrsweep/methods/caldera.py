@@ -1,0 +1,95 @@
+"""CALDERA (Saha et al., NeurIPS 2024): W ~ Q + L R with Q, L and R all at low precision.
+
+Starting from L R = 0, each of ``iters`` rounds sets
+  Q    <- GPTQ(W - L R)                      (Q at ``bits``; LDLQ is GPTQ's update),
+  L, R <- rank-``rank`` fit of A = W - Q in the H = X^T X metric, at ``lr_bits`` (LPLR-style):
+          the whitened truncated SVD of A (SVD-LLM's Cholesky whitening) quantized, then ``lr_iters``
+          alternations L <- quant(argmin_L ||(L R - A) X^T||) = quant(A H R^T (R H R^T)^-1),
+          R <- quant(argmin_R ||(L R - A) X^T||) = quant((L^T L)^-1 L^T A), best one kept
+          (with fp16/fp32 factors the whitened SVD is already optimal: no alternation).
+The iterate with the smallest output error tr((W - W_hat) H (W - W_hat)^T) is returned (the
+alternation is not monotone); ``info.errors`` lists each round's error relative to tr(W H W^T).
+The first round is LQER with ``quantizer: gptq``, ``metric: qera``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import QuantLowRank
+from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods.gptq import NO_PARAMS, gptq_quantize, quantized_part
+from lrsweep.methods.lplr import least_squares
+from lrsweep.methods.lqer import check_lr_bits, in_w_order, qlr_bits
+from lrsweep.methods.svdllm import svdllm
+from lrsweep.quant import FLOAT_BITS, QTensor, quantize
+
+
+def caldera_bits(n: int, d: int, rank: int, bits: int, lr_bits: int = 4, **opts) -> int:
+    return qlr_bits(n, d, rank, bits, **{**opts, "lr_bits": lr_bits, "quantizer": "gptq"})
+
+
+def check(n: int, d: int, iters: int = 15, lr_iters: int = 5, **opts) -> None:
+    for key, value in (("iters", iters), ("lr_iters", lr_iters)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "iters" else 0):
+            raise ConfigError(f"method.{key}", f"{value!r} must be an integer >= {1 if key == 'iters' else 0}")
+    check_lr_bits(n, d, **opts)
+
+
+class OutputError:
+    """||(A - L R) X^T||_F^2 = tr(A H A^T) - 2 <L, A H R^T> + <L^T L, R H R^T> for one A, without an n x d product
+    per candidate (A H is computed once)."""
+
+    def __init__(self, A: torch.Tensor, H: torch.Tensor):
+        self.A, self.H = A, H
+        self.AH = A @ H
+        self.base = float((A.double() * self.AH.double()).sum())
+
+    def __call__(self, L: torch.Tensor, R: torch.Tensor) -> float:
+        cross = float((L.double() * (self.AH @ R.T).double()).sum())
+        quad = float(((L.T @ L).double() * (R @ self.H @ R.T).double()).sum())
+        return self.base - 2 * cross + quad
+
+
+def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, lr_bits: int, scheme: str,
+                group_size: int, lr_iters: int, shift: float) -> tuple[QTensor, QTensor, float, dict]:
+    """(L, R, output error, info): the rank-``rank`` fit of A in the H metric with L, R at ``lr_bits``."""
+    init = svdllm(A, rank=rank, bits=32, stats=stats, shift=shift, scheme=scheme, group_size=group_size)
+    L, R = init.stored["L"].value, init.stored["R"].value
+    error = OutputError(A, H)
+    Lq, Rq = quantize(L, lr_bits, scheme, group_size), quantize(R, lr_bits, scheme, group_size)  # LQER's factors
+    best = (Lq, Rq, error(Lq.value, Rq.value))
+    for _ in range(0 if lr_bits in FLOAT_BITS else lr_iters):
+        RHR = (R @ H @ R.T).double()
+        L = torch.linalg.lstsq(RHR, (error.AH @ R.T).double().T).solution.T.float()  # RHR symmetric
+        Lq = quantize(L, lr_bits, scheme, group_size)
+        Rq = quantize(least_squares(Lq.value, A), lr_bits, scheme, group_size)
+        e = error(Lq.value, Rq.value)
+        if e < best[2]:
+            best = (Lq, Rq, e)
+        L, R = Lq.value, Rq.value
+    return *best, init.info
+
+
+@register("caldera", needs=("xtx",), storage_bits=caldera_bits, check=check, **NO_PARAMS)
+def caldera(W: torch.Tensor, *, rank: int, bits: int = 2, seed: int = 0, stats=None, lr_bits: int = 4,
+            iters: int = 15, lr_iters: int = 5, scheme: str = "group", group_size: int = 128, damp: float = 0.01,
+            act_order: bool = True, shift: float = 1e-6) -> QuantLowRank:
+    xtx = require(stats, "xtx", "caldera").to(W.device)
+    W = W.float()
+    H = xtx.float()
+    total = float(((W @ H) * W).sum()) or 1.0
+    LR = torch.zeros_like(W)
+    best, errors = None, []
+    for _ in range(iters):
+        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, scheme, group_size, damp, act_order)
+        A = W - in_w_order(Q, perm)
+        L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, lr_bits, scheme, group_size, lr_iters, shift)
+        LR = L.value @ R.value
+        errors.append(err / total)
+        if best is None or err < best[0]:
+            best = (err, Q, perm, L, R, {**qinfo, **linfo})
+    _, Q, perm, L, R, info = best
+    return QuantLowRank.of({**quantized_part(Q, perm), "L": L, "R": R}, lr_bits=lr_bits, iters=iters,
+                           lr_iters=lr_iters, best_iter=errors.index(min(errors)), errors=errors, **info)

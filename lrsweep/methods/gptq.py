@@ -1,0 +1,162 @@
+"""GPTQ (Frantar et al., ICLR 2023): column-by-column quantization with error feedback.
+
+H = X^T X + damp * mean(diag) * I (the factor 2 of the paper cancels); U = upper Cholesky
+factor of H^-1. Column j (in act-order: descending diag(H)) is rounded, its error
+e = (w_j - q_j) / U[j, j] is pushed onto the later columns along U[j, j+1:], in lazy blocks
+of 128 columns (one GEMM per block for the columns after it). Scales follow ``scheme``
+(:func:`lrsweep.quant.quantize`): per tensor (``uniform``) and per row (``channel``) from W
+before any update, per group (``group``) from the updated weights when the group starts.
+
+The stored Q has the layout and bits of ``quantize`` at the same scheme, so gptq stores what
+``quant`` stores; with ``act_order`` and ``scheme: group`` the groups run over the permuted
+columns, so Q is kept in that order and the permutation is stored too (ceil(log2 d) bits per
+column, like the g_idx of GPTQ kernels). Columns that never see an input (diag(H) = 0) are set
+to zero, as in the reference implementation.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from lrsweep.errors import ConfigError
+from lrsweep.factorization import QuantLowRank, index_tensor
+from lrsweep.methods import register, require
+from lrsweep.methods.svdllm import cholesky_shifted
+from lrsweep.quant import FLOAT_BITS, SCHEMES, QTensor, _codes_dtype, quantize, tensor_bits
+
+# Q + L R methods store every weight of Q: param_ratio does not apply (once register takes ``params``)
+NO_PARAMS = {"params": None} if "params" in inspect.signature(register).parameters else {}
+BLOCK = 128
+
+
+def perm_bits(d: int) -> int:
+    """Bits of one stored column index of a d-column matrix."""
+    return max(1, (d - 1).bit_length())
+
+
+def q_bits(n: int, d: int, bits: int, scheme: str, group_size: int, act_order: bool, quantizer: str = "gptq") -> int:
+    """Stored bits of Q (n x d): codes and scales as ``quantize`` stores them, plus the permutation
+    when gptq keeps Q in act-order (``group`` scheme)."""
+    stores_perm = quantizer == "gptq" and act_order and scheme == "group" and bits not in FLOAT_BITS
+    return tensor_bits((n, d), bits, scheme, group_size) + (d * perm_bits(d) if stores_perm else 0)
+
+
+def gptq_bits(n: int, d: int, rank: int, bits: int, scheme: str = "group", group_size: int = 128,
+              act_order: bool = True, **_) -> int:
+    return q_bits(n, d, bits, scheme, group_size, act_order)
+
+
+def check(n: int, d: int, scheme: str = "group", damp: float = 0.01, **_) -> None:
+    if scheme not in SCHEMES:
+        raise ConfigError("method.scheme", f"{scheme!r} is unknown", list(SCHEMES))
+    if not isinstance(damp, int | float) or isinstance(damp, bool) or damp < 0:
+        raise ConfigError("method.damp", f"{damp!r} must be a number >= 0 (a fraction of mean(diag(H)))")
+
+
+def output_error(D: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) = ||D X^T||_F^2 for H = X^T X: the output error of a weight error D."""
+    D = D.float()
+    return float(((D @ H.to(D.device, torch.float32)) * D).sum())
+
+
+class _Grid:
+    """The rounding grid of ``scheme`` at ``bits``, column by column, with the metadata quantize() stores."""
+
+    def __init__(self, W: torch.Tensor, bits: int, scheme: str, group_size: int):
+        n, d = W.shape
+        self.bits, self.scheme, self.qmax = bits, scheme, 2 ** (bits - 1) - 1
+        self.group = d if scheme == "channel" else min(group_size, d) if scheme == "group" else d
+        if scheme == "uniform":  # per-tensor min/max, as quantize(): codes * step + min
+            ref = quantize(W, bits, "uniform")
+            self.meta = dict(ref.meta)
+            self.lo, self.step = ref.meta["min"], ref.meta["step"]
+        else:
+            self.scales = torch.empty(n, -(-d // self.group), device=W.device)
+            if scheme == "channel":
+                self.start(W, 0)
+
+    def start(self, cols: torch.Tensor, j: int) -> None:
+        """Absmax scale of the group starting at column j, from its current values ``cols``."""
+        scale = cols.abs().amax(dim=1) / self.qmax
+        self.scales[:, j // self.group] = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
+
+    def round(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dequantized value, stored code) of column j."""
+        if self.scheme == "uniform":
+            code = torch.clamp(torch.round((w - self.lo) / self.step), 0, 2**self.bits - 1)
+            return code * self.step + self.lo, code
+        s = self.scales[:, j // self.group]
+        code = torch.clamp(torch.round(w / s), -self.qmax - 1, self.qmax)
+        return code * s, code + self.qmax + 1
+
+    def qtensor(self, value: torch.Tensor, codes: torch.Tensor, group_size: int) -> QTensor:
+        meta = self.meta if self.scheme == "uniform" else {"scale": self.scales.half()}
+        return QTensor(value=value, bits=self.bits, codes=codes.to(_codes_dtype(self.bits)), meta=meta,
+                       scheme=self.scheme, group_size=group_size)
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """(U upper with U^T U = (H + damp mean(diag) I)^-1, fp32; extra shift added if H + damp is not PD)."""
+    H = H.double()
+    damped = H + damp * float(H.diagonal().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    C, added = cholesky_shifted(damped, max(damp, 1e-6))
+    Hinv = torch.cholesky_inverse(C)
+    return torch.linalg.cholesky(Hinv, upper=True).float(), added
+
+
+def gptq_quantize(W: torch.Tensor, xtx: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128,
+                  damp: float = 0.01, act_order: bool = True) -> tuple[QTensor, torch.Tensor | None, dict]:
+    """(Q, perm, info): Q quantized by GPTQ; perm (the stored column order of Q) or None when Q is
+    stored in W's own column order."""
+    if bits in FLOAT_BITS:  # no rounding grid to feed errors back through: plain fp16/fp32
+        return quantize(W, bits, scheme, group_size), None, {"gptq": "float bits: no error feedback"}
+    W = W.float().clone()
+    n, d = W.shape
+    H = xtx.to(W.device).double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, added = inverse_hessian_factor(H, damp)
+    grid = _Grid(W, bits, scheme, group_size)
+    block = grid.group * max(1, BLOCK // grid.group) if scheme == "group" else BLOCK  # groups never span blocks
+    value, codes = torch.zeros_like(W), torch.zeros_like(W)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if scheme == "group" and j % grid.group == 0:
+                grid.start(W1[:, i:i + grid.group], j)
+            w = W1[:, i]
+            q, c = grid.round(w, j)
+            value[:, j], codes[:, j] = q, c
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err[:, i] = err
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    keep_perm = perm is not None and scheme == "group"
+    if perm is not None and not keep_perm:  # per-tensor / per-row scales: back to W's column order
+        inv = torch.argsort(perm)
+        value, codes = value[:, inv], codes[:, inv]
+    info = {"damp": damp, "act_order": act_order, "dead_columns": int(dead.sum()), "hessian_shift": added}
+    return grid.qtensor(value, codes, group_size), perm if keep_perm else None, info
+
+
+def quantized_part(Q: QTensor, perm: torch.Tensor | None) -> dict[str, QTensor]:
+    """The stored tensors of Q: its codes and scales, and the column order when kept permuted."""
+    return {"Q": Q} if perm is None else {"Q": Q, "perm": index_tensor(perm, perm_bits(perm.numel()))}
+
+
+@register("gptq", needs=("xtx",), storage_bits=gptq_bits, has_rank=False, check=check, **NO_PARAMS)
+def gptq(W: torch.Tensor, *, rank: int | None = None, bits: int = 4, seed: int = 0, stats=None,
+         scheme: str = "group", group_size: int = 128, damp: float = 0.01, act_order: bool = True) -> QuantLowRank:
+    xtx = require(stats, "xtx", "gptq")
+    Q, perm, info = gptq_quantize(W, xtx, bits, scheme, group_size, damp, act_order)
+    return QuantLowRank.of(quantized_part(Q, perm), scheme=scheme, **info)
+
