@@ -8,8 +8,7 @@ L = diag(w)⁻¹ U_r S_r^½, R = S_r^½ V_rᵀ: the exact minimizer of ||diag(w)
 ``side`` says which index of an nn.Linear weight W (out × in) is the paper's row:
   output  (default) w over output rows, summing F over the inputs. The paper writes a layer as
           y = W x + b with W ∈ R^{N×M} (N outputs), factorized W ≈ A B with A = Î⁻¹ U_r S_r
-          on the output side, so its rows are output units: the rows of torch's (out × in) weight,
-          which is also the layout its PyTorch (HuggingFace BERT) models store.
+          on the output side, so its rows are output units: the rows of torch's (out × in) weight.
   input   w over input channels, summing F over the outputs: SVD of W diag(w), R ← R diag(w)⁻¹,
           minimizing ||(W − L R) diag(w)||_F. This is what the public reimplementations do:
           ASVD4LLM's ``--scaling_method fisher`` (with ``power`` = alpha/2 = 0.25 at its default
