@@ -4,10 +4,19 @@ For every target ``nn.Linear`` (only the statistics the method ``needs``; target
 token ids and get none, see :func:`linears`):
   xtx      sum of x xᵀ over the calibration tokens of the layer input (d x d, fp64);
   absmean  mean |x| per input channel (fp64);
-  fisher   sum over calibration batches of (∂loss/∂W)², the empirical Fisher of the weight
-           (n x d; fp64 accumulation, stored fp32), as in FWSVD's reference code;
+  fisher   the empirical Fisher of the weight, Σ (∂loss/∂W)² (n x d; fp64 accumulation, stored fp32),
+           estimated as ``calib.fisher`` says (:data:`FISHER`):
+             sample  Σ over calibration samples of the squared gradient of each sample's own loss
+                     (FWSVD: Ĩ_W = 1/|D| Σ_i (∂L(d_i)/∂W)²); exact per-sample gradients of a Linear
+                     weight, G_b = g_bᵀ x_b from the layer input x_b (forward hook) and the gradient
+                     g_b of its output (tensor hook), in the same single backward pass per batch;
+             batch   Σ over calibration batches of the squared gradient of the batch's mean loss
+                     (lrsweep's estimator before issue #13; what it costs less: README);
   n_tokens tokens seen (padding excluded).
 Inputs come from forward hooks, gradients from one backward pass per batch over the same forward.
+A sample's loss is its own mean over its tokens (causal LM: mean next-token NLL of the window,
+padding excluded; encoder: the probe cross-entropy of the text), as the reference codes compute it
+with one sample per batch (ASVD4LLM's ``calib_fisher_info``).
 
 The loss behind the Fisher depends on ``model.kind`` (``SOURCES``):
   causal_lm  the LM loss on ``calib.n_samples`` random windows of ``calib.seq_len`` tokens of
@@ -45,6 +54,7 @@ from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.methods import LayerStats
 
 CACHE_VERSION = 2  # 2: statistics shared by layers reading the same input are stored once
+FISHER = ("sample", "batch")  # calib.fisher: the estimator of the Fisher (module docstring)
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Source:
 
     config_key: str  # which part of cfg.calib the batches come from
     batches: Callable[[DictConfig, Any], list[dict[str, torch.Tensor]]]
+    # (model, cfg, batches, device) -> loss_fn; loss_fn(model, batch) -> each sample's loss (B,)
     loss: Callable[[nn.Module, DictConfig, list[dict[str, torch.Tensor]], str], Callable[[nn.Module, dict], torch.Tensor]]
 
 
@@ -103,7 +114,17 @@ def _lm_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]
 
 
 def _lm_loss(model, cfg, batches, device):
-    return lambda m, batch: m(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    """Each window's mean next-token NLL (padding excluded): their mean is the HF loss of a batch of
+    equal-length windows."""
+
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].to(nll.dtype) if mask is not None else torch.ones_like(nll)
+        return (nll * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+    return loss
 
 
 # ---------------------------------------------------------------- encoder: labelled texts, probe loss
@@ -138,11 +159,12 @@ def _probe_loss(model, cfg, batches, device):
     coef = torch.tensor(clf.coef_, dtype=torch.float32, device=device)
     intercept = torch.tensor(clf.intercept_, dtype=torch.float32, device=device)
 
-    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # one value per text
         logits = _pooled(m, batch) @ coef.T + intercept
         if logits.shape[1] == 1:  # binary: sklearn keeps one logit
-            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], batch["labels"].float())
-        return nn.functional.cross_entropy(logits, batch["labels"])
+            return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], batch["labels"].float(),
+                                                                  reduction="none")
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
 
     return loss
 
@@ -230,15 +252,54 @@ class _Accumulator:
         return out
 
 
+class _SampleFisher:
+    """Σ_b G_b ⊙ G_b over samples b, with G_b = g_bᵀ x_b the gradient of sample b's loss w.r.t. a
+    Linear weight: x_b (T x d) is the layer's input (forward hook), g_b (T x n) the gradient of its
+    output (a hook on the output tensor) when the batch's summed per-sample losses are backpropagated.
+    Exact (Σ_t g_bt x_btᵀ is that sample's weight gradient) and one backward pass per batch; padded
+    positions carry g = 0 because no sample's loss reads them."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.handles = [lin.register_forward_hook(self._hook(name)) for name, lin in layers.items()]
+
+    def _hook(self, name: str):
+        def fn(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] > 1:  # a second call's gradient would be squared apart from the first
+                raise RuntimeError(f"{name} runs more than once per forward pass; its per-sample Fisher "
+                                   "is not the sum of per-call squares (use calib.fisher=batch)")
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                G = torch.bmm(g.reshape(g.shape[0], -1, g.shape[-1]).transpose(1, 2).to(x.dtype),
+                              x.reshape(x.shape[0], -1, x.shape[-1]))  # (B, n, d)
+                self.fisher[name] = self.fisher.get(name, 0) + G.double().square().sum(0)
+
+            output.register_hook(on_grad)
+
+        return fn
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict[str, torch.Tensor]],
             needs: tuple[str, ...], device: str,
-            loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> dict[str, LayerStats]:
-    """LayerStats of the Linears of ``layers`` over ``batches``: one forward (and, for fisher, one backward) per batch."""
+            loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+            fisher: str = "sample") -> dict[str, LayerStats]:
+    """LayerStats of the Linears of ``layers`` over ``batches``: one forward (and, for fisher, one
+    backward) per batch. ``loss_fn`` gives each sample's loss (B,); ``fisher`` is the estimator (FISHER)."""
     layers = linears(layers)
     acc = _Accumulator(layers, needs)
     want_grad = "fisher" in needs
     if want_grad and loss_fn is None:
         raise ValueError("fisher statistics need a loss function")
+    if want_grad and fisher not in FISHER:
+        raise ValueError(f"calib.fisher={fisher!r} is unknown; valid: {', '.join(FISHER)}")
+    per_sample = _SampleFisher(layers) if want_grad and fisher == "sample" else None
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         if want_grad:
@@ -250,22 +311,43 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[dict[s
             batch = _to(batch, device)
             mask = batch.get("attention_mask")
             acc.mask = mask.reshape(-1).bool() if mask is not None else None
-            if want_grad:
-                loss_fn(model, batch).backward()
-                for name, lin in layers.items():
-                    acc.fisher[name] = acc.fisher.get(name, 0) + lin.weight.grad.double() ** 2
-                    lin.weight.grad = None
-            else:
+            if not want_grad:
                 with torch.no_grad():
                     model(**{k: v for k, v in batch.items() if k != "labels"})
+                continue
+            if per_sample is not None:
+                per_sample.calls.clear()
+            losses = loss_fn(model, batch)
+            if per_sample is not None:
+                losses.sum().backward()
+            else:
+                losses.mean().backward()
+                for name, lin in layers.items():
+                    acc.fisher[name] = acc.fisher.get(name, 0) + lin.weight.grad.double() ** 2
+            for lin in layers.values():
+                lin.weight.grad = None
     finally:
         acc.remove()
+        if per_sample is not None:
+            per_sample.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
+    if per_sample is not None:
+        acc.fisher = per_sample.fisher
     return acc.result()
 
 
 # ---------------------------------------------------------------- cached statistics
+def fisher_estimator(cfg: DictConfig) -> str:
+    """calib.fisher (FISHER), ``sample`` where a calibration config does not set it."""
+    return str(cfg.calib.get("fisher", "sample"))
+
+
+def _estimator(cfg: DictConfig, needs: tuple[str, ...]) -> dict[str, str]:
+    """{"fisher": estimator} where the Fisher is collected: part of the cache key and the row's info."""
+    return {"fisher": fisher_estimator(cfg)} if "fisher" in needs else {}
+
+
 def stats_key(cfg: DictConfig, model_key: dict[str, Any], needs: tuple[str, ...]) -> dict[str, Any]:
     """Everything the statistics depend on (never the model id alone)."""
     c = cfg.calib
@@ -275,7 +357,8 @@ def stats_key(cfg: DictConfig, model_key: dict[str, Any], needs: tuple[str, ...]
             "n_samples": int(c.n_samples), "seq_len": int(c.seq_len), "seed": int(c.seed),
             "batch_size": int(c.batch_size), "targets": str(cfg.model.targets), "stats": sorted(needs),
             **{k: c[k] for k, default in (("sampling", "stream"), ("bos", False))  # old cache keys stay valid
-               if source.config_key == "text" and c.get(k, default) != default}}
+               if source.config_key == "text" and c.get(k, default) != default},
+            **_estimator(cfg, needs)}
 
 
 def _flatten(stats: dict[str, LayerStats]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -313,11 +396,12 @@ def layer_stats(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
     def compute():
         batches = source.batches(cfg, ctx.tokenizer)
         loss_fn = source.loss(model, cfg, batches, ctx.device) if "fisher" in needs else None
-        return _flatten(collect(model, layers, batches, needs, ctx.device, loss_fn))
+        return _flatten(collect(model, layers, batches, needs, ctx.device, loss_fn, fisher_estimator(cfg)))
 
     tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "calib", stats_key(cfg, ctx.model_key, needs), compute)
     stats = _unflatten(tensors, info)
     return stats, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "stats": sorted(needs),
+                   **_estimator(cfg, needs),
                    "n_tokens": max((s.n_tokens for s in stats.values()), default=0)}
 
 
@@ -334,6 +418,8 @@ def check(cfg: DictConfig, needs: tuple[str, ...]) -> None:
         if not isinstance(bos, bool):
             raise ConfigError("calib.bos", f"{bos!r} is not a boolean", [True, False])
         data.check_available(cfg.calib.text, "calib.text")
+    if "fisher" in needs and fisher_estimator(cfg) not in FISHER:
+        raise ConfigError("calib.fisher", f"{fisher_estimator(cfg)!r} is not an estimator of the Fisher", list(FISHER))
     if needs and cfg.get("stream", False) and "fisher" in needs:
         raise ConfigError("stream", "stream=true propagates activations block by block; the Fisher needs a "
                           "backward pass through the whole model", ["stream=false"])
@@ -369,10 +455,11 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
     results, calib_seconds = [], 0.0
     for block in blocks(layers).values():
         t1 = time.perf_counter()
-        stats = collect(model, block, batches, needs, ctx.device, loss_fn)
+        stats = collect(model, block, batches, needs, ctx.device, loss_fn, fisher_estimator(cfg))
         calib_seconds += time.perf_counter() - t1
         results += compress_model(model, block, cfg, stats=stats, progress=False)
     return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
+                     **_estimator(cfg, needs),
                      "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -76,17 +76,18 @@ def test_layers_reading_one_input_share_statistics(minilm):
     assert all(torch.equal(back[n].xtx, alone.xtx) for n in names)
 
 
-def test_fisher_is_the_sum_of_squared_batch_gradients(minilm):
+def test_batch_fisher_is_the_sum_of_squared_batch_gradients(minilm):
+    """calib.fisher=batch: the square of each batch's mean-loss gradient (per-sample: test_parity.py)."""
     model, tok = minilm
     layers = {Q0: model.get_submodule(Q0)}
     batches = [dict(tok(t, padding=True, return_tensors="pt")) for t in (["one text", "and another"], ["third"])]
 
-    def loss(m, b):
-        return m(**b).last_hidden_state.pow(2).mean()
+    def loss(m, b):  # one value per text
+        return m(**b).last_hidden_state.pow(2).mean((1, 2))
 
-    fisher = calib.collect(model, layers, batches, ("fisher",), "cpu", loss)[Q0].fisher
+    fisher = calib.collect(model, layers, batches, ("fisher",), "cpu", loss, "batch")[Q0].fisher
     W = layers[Q0].weight
-    expected = sum(torch.autograd.grad(loss(model, b), W)[0].double() ** 2 for b in batches)
+    expected = sum(torch.autograd.grad(loss(model, b).mean(), W)[0].double() ** 2 for b in batches)
     torch.testing.assert_close(fisher, expected.float(), rtol=1e-4, atol=1e-12)
     assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
     assert fisher.abs().sum() > 0

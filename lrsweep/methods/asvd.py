@@ -1,28 +1,57 @@
 """ASVD (Yuan et al., 2023): activation-aware SVD.
 
-Column scales s_j = (mean |x_j|)^alpha; SVD of W diag(s), then R <- R diag(s)^-1.
-Channels that never fire get a small floor scale (eps * max s).
+Column scales s_j = (mean |x_j|)^alpha (alpha 0.5); SVD of W diag(s), then R <- R diag(s)^-1
+(the inverse scale goes on the input side, V's rows, as in the reference), L = U_r S_r^½,
+R = S_r^½ V_rᵀ diag(s)⁻¹ (the reference's ``sigma_fuse=UV``). Channels that never fire get a
+floor scale (eps × max s).
+
+``solver``: ``exact`` (default) is the truncated SVD; ``lowrank`` is the reference's randomized
+``torch.svd_lowrank(W diag(s), q=rank, niter=2)`` (hahnyuan/ASVD4LLM), seeded with ``seed``, to
+reproduce its numbers. Other differences from the reference, none of which changes the factors
+beyond rounding: it sums each sample's mean |x| over the samples (we take the mean over all
+tokens: the same up to a constant factor for equal-length windows, and a constant factor of s
+cancels) and adds 1e-6 to s instead of the relative floor.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.methods import register, require
 from lrsweep.methods.svd import balanced, truncated_svd
 from lrsweep.quant import quantize
 
+SOLVERS = ("exact", "lowrank")
+NITER = 2  # torch.svd_lowrank's default, what the reference runs
 
-@register("asvd", needs=("absmean",))
+
+def lowrank_svd(A: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """(U_r, S_r, Vh_r, solver) of torch.svd_lowrank(A, q=rank, niter=2), its random draws seeded by ``seed``."""
+    with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(A, q=rank, niter=NITER)
+    return U, S, V.T, f"torch.svd_lowrank[niter={NITER}]"
+
+
+def check(n: int, d: int, solver: str = "exact", **_) -> None:
+    if solver not in SOLVERS:
+        raise ConfigError("method.solver", f"{solver!r} is not an asvd solver", list(SOLVERS))
+
+
+@register("asvd", needs=("absmean",), check=check)
 def asvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, alpha: float = 0.5,
-         eps: float = 1e-6, scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
+         eps: float = 1e-6, solver: str = "exact", scheme: str = "uniform", group_size: int = 128,
+         driver: str = "auto") -> LowRank:
+    check(*W.shape, solver=solver)
     absmean = require(stats, "absmean", "asvd").to(W.device).double()
     s = absmean.clamp_min(0) ** alpha
     if not torch.isfinite(s).all() or s.max() <= 0:
         raise ValueError("asvd: the absmean statistic is all zero or not finite")
-    s = s.clamp_min(eps * s.max())
-    U, S, Vh, solver = truncated_svd(W.float() * s.float(), rank, driver)
-    L, R = balanced(U, S, Vh / s.float())
+    s = s.clamp_min(eps * s.max()).float()
+    scaled = W.float() * s
+    U, S, Vh, used = lowrank_svd(scaled, rank, seed) if solver == "lowrank" else truncated_svd(scaled, rank, driver)
+    L, R = balanced(U, S, Vh / s)
     return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=solver, alpha=alpha)
+                      solver=used, alpha=alpha)
