@@ -20,8 +20,8 @@ from torch import nn
 from lrsweep.quant import QTensor
 
 KINDS: dict[str, type[Factorization]] = {}
-# stored tensors that hold integer indices (a sparse part in CSR form), not weights
-INDEX_KEYS = ("S_col", "S_crow")
+# stored tensors that hold integer indices (a sparse part in CSR form, a column permutation), not weights
+INDEX_KEYS = ("S_col", "S_crow", "perm")
 
 
 @dataclass

@@ -120,3 +120,11 @@ def test_row_records_the_ratio_and_the_measured_one(compose, tmp_path):
         n, d = next(s for k, s in shapes.items() if name.endswith(k))
         kept, dense = kept + r * (n + d), dense + n * d
     assert row.param_ratio_measured == pytest.approx(kept / dense) and row.param_ratio_measured <= 0.5
+
+
+@pytest.mark.parametrize("method", ["lqer", "caldera"])
+def test_quantized_plus_low_rank_methods_refuse_it(compose, tmp_path, method):
+    """Q + L R stores every weight of Q: a fraction of parameters kept has no meaning (use budget)."""
+    with pytest.raises(ConfigError, match=f"does not apply to method {method}") as e:
+        validate(compose([f"method={method}", "param_ratio=0.8", f"results_dir={tmp_path}"]), check_device=False)
+    assert e.value.key == "param_ratio"

@@ -19,7 +19,7 @@ import torch
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.gptq import NO_PARAMS, gptq_quantize, quantized_part
+from lrsweep.methods.gptq import gptq_quantize, quantized_part
 from lrsweep.methods.lplr import least_squares
 from lrsweep.methods.lqer import check_lr_bits, in_w_order, qlr_bits
 from lrsweep.methods.svdllm import svdllm
@@ -72,7 +72,7 @@ def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, 
     return *best, init.info
 
 
-@register("caldera", needs=("xtx",), storage_bits=caldera_bits, check=check, **NO_PARAMS)
+@register("caldera", needs=("xtx",), storage_bits=caldera_bits, check=check, params=None)
 def caldera(W: torch.Tensor, *, rank: int, bits: int = 2, seed: int = 0, stats=None, lr_bits: int = 4,
             iters: int = 15, lr_iters: int = 5, scheme: str = "group", group_size: int = 128, damp: float = 0.01,
             act_order: bool = True, shift: float = 1e-6) -> QuantLowRank:

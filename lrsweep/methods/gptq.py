@@ -16,8 +16,6 @@ to zero, as in the reference implementation.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from lrsweep.errors import ConfigError
@@ -26,8 +24,6 @@ from lrsweep.methods import register, require
 from lrsweep.methods.svdllm import cholesky_shifted
 from lrsweep.quant import FLOAT_BITS, SCHEMES, QTensor, _codes_dtype, quantize, tensor_bits
 
-# Q + L R methods store every weight of Q: param_ratio does not apply (once register takes ``params``)
-NO_PARAMS = {"params": None} if "params" in inspect.signature(register).parameters else {}
 BLOCK = 128
 
 
@@ -153,7 +149,7 @@ def quantized_part(Q: QTensor, perm: torch.Tensor | None) -> dict[str, QTensor]:
     return {"Q": Q} if perm is None else {"Q": Q, "perm": index_tensor(perm, perm_bits(perm.numel()))}
 
 
-@register("gptq", needs=("xtx",), storage_bits=gptq_bits, has_rank=False, check=check, **NO_PARAMS)
+@register("gptq", needs=("xtx",), storage_bits=gptq_bits, has_rank=False, check=check, params=None)
 def gptq(W: torch.Tensor, *, rank: int | None = None, bits: int = 4, seed: int = 0, stats=None,
          scheme: str = "group", group_size: int = 128, damp: float = 0.01, act_order: bool = True) -> QuantLowRank:
     xtx = require(stats, "xtx", "gptq")

@@ -17,7 +17,7 @@ from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
 from lrsweep.methods import lowrank_bits, register, require
 from lrsweep.methods.asvd import asvd
-from lrsweep.methods.gptq import NO_PARAMS, gptq_quantize, q_bits, quantized_part
+from lrsweep.methods.gptq import gptq_quantize, q_bits, quantized_part
 from lrsweep.methods.gptq import check as check_quantizer
 from lrsweep.methods.svdllm import svdllm
 from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize
@@ -59,7 +59,7 @@ def in_w_order(Q: QTensor, perm: torch.Tensor | None) -> torch.Tensor:
     return Q.value if perm is None else Q.value[:, torch.argsort(perm)]
 
 
-@register("lqer", needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, **NO_PARAMS)
+@register("lqer", needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, params=None)
 def lqer(W: torch.Tensor, *, rank: int, bits: int = 4, seed: int = 0, stats=None, lr_bits: int = 16,
          quantizer: str = "rtn", metric: str = "qera", scheme: str = "group", group_size: int = 128,
          damp: float = 0.01, act_order: bool = True, shift: float = 1e-6) -> QuantLowRank:
