@@ -22,7 +22,7 @@ EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_di
 
 # top-level keys added after rows were first written, with the default that means "as before":
 # left out of the hash while at that default, so existing rows keep their run_id
-LATER_KEYS: dict[str, Any] = {"param_ratio": None}
+LATER_KEYS: dict[str, Any] = {"param_ratio": None, "allocation": "uniform"}
 
 
 def experiment_config(cfg: DictConfig) -> dict[str, Any]:
@@ -49,5 +49,7 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"p{cfg.param_ratio}")
     else:
         parts.append(f"r{cfg.rank}")
+    if cfg.get("allocation", "uniform") != "uniform":
+        parts.append(str(cfg.allocation))
     parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg)]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
