@@ -429,6 +429,7 @@ def record(row: Any, cfg: DictConfig, results: list, info: dict[str, Any] | None
 
     spec = method_spec(cfg.method)
     row.allocation = str(cfg.get("allocation", "uniform"))
+    row.extra["layer_shapes"] = {r.name: list(r.shape) for r in results}  # kept fractions (analysis --kind ranks)
     row.bits_predicted = predicted_bits(spec, {r.name: r.shape for r in results}, {r.name: r.rank for r in results},
                                         int(cfg.bits), method_options(cfg.method)) if spec.has_rank else None
     if info:

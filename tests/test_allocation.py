@@ -207,3 +207,25 @@ def test_a_run_records_the_allocation(compose, tmp_path):
     assert row.param_ratio_measured <= 0.5
     shipped = info["candidate_ranks"] if info["shipped"] == "spectrum" else info["uniform_ranks"]
     assert row.extra["layer_ranks"] == shipped
+
+
+def test_rank_plot(tmp_path):
+    from analysis import plot
+    from analysis.load import frame
+    from lrsweep.row import ResultRow
+
+    names = [f"model.layers.{b}.{t}" for b in range(3) for t in ("self_attn.q_proj", "mlp.down_proj")]
+    shapes = {n: [576, 576] if "q_proj" in n else [576, 1536] for n in names}
+    rows = []
+    for i, alloc in enumerate(["uniform", "spectrum"]):
+        ranks = {n: 100 + 10 * i * k for k, n in enumerate(names)}
+        rows.append(ResultRow(run_id=str(i), status="ok", model="smollm2", method="svdllm", param_ratio=0.6,
+                              allocation=alloc, extra={"layer_ranks": ranks, "layer_shapes": shapes}))
+    df = frame(rows)
+    rf = plot.rank_frame(df, fraction=True)
+    assert set(rf["run"]) == {"svdllm, allocation=uniform", "svdllm, allocation=spectrum"}
+    assert set(rf["type"]) == {"q_proj", "down_proj"} and set(rf["block"]) == {0, 1, 2}
+    q0 = rf[(rf["run"].str.endswith("uniform")) & (rf["layer"] == names[0])]["value"].item()
+    assert q0 == pytest.approx(100 * 1152 / 576**2)
+    paths = plot.rank_plot(df, tmp_path / "ranks.png")
+    assert paths[0].exists() and paths[0].with_suffix(".pdf").exists()
