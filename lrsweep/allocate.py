@@ -14,11 +14,12 @@ diag(sqrt(Σ_j F_ij))·W for ``fisher`` (fwsvd), and W itself otherwise (svd, lp
 plugins). Adding rank i to a layer gains
 
   spectrum     σ_i² / ‖M‖_F², the error removed as a fraction of the layer's dense output energy;
-  sensitivity  σ_i² · ΔL / e(r_ref), the layer's measured calibration-loss increase ΔL when it alone is
-               truncated to a reference rank r_ref (the ``param_ratio`` ``REFERENCE_RATIO`` rank),
-               spread over its spectrum (e(r) = Σ_{i>r} σ_i²): one forward pass per layer on
-               ``SENSITIVITY_SAMPLES`` calibration windows, cached under the calibration key, shared
-               by every budget.
+  sensitivity  (σ_i² / ‖M‖_F²) · ΔL_b / Σ_{l in b} ê_l(r_ref): the measured calibration-loss increase ΔL_b
+               when the unit b alone (a block, ``GRANULARITY``; or one layer) is truncated to its
+               layers' reference ranks r_ref (their ``param_ratio=REFERENCE_RATIO`` ranks), shared by
+               its layers in proportion to their normalized spectral error there
+               (ê(r) = Σ_{i>r} σ_i² / ‖M‖_F²). One forward pass per unit on ``SENSITIVITY_SAMPLES``
+               calibration windows, cached under the calibration key and shared by every budget.
 
 :func:`knapsack` then maximizes the total gain within the budget (exact DP when small, greedy on
 gain per unit cost otherwise). A candidate is checked before use: the calibration loss of the
@@ -50,9 +51,10 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("uniform", "spectrum", "sensitivity")
 LOW, HIGH = 0.5, 2.0  # each layer's rank stays within [LOW, HIGH] x its uniform rank
-REFERENCE_RATIO = 0.5  # sensitivity: each layer alone truncated to its param_ratio=0.5 rank
-# calibration windows (causal LMs) or labelled texts (encoders: the probe needs both classes) of a
-# sensitivity pass, and of the held-out check (drawn with seed calib.seed + 1) against uniform
+REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
+GRANULARITY = "block"  # sensitivity unit: "block" (one pass per block) or "layer" (one per layer, 7x on LLaMA)
+# calibration windows (causal LMs, calib.seq_len tokens) or labelled texts (encoders: the probe needs both
+# classes) of a sensitivity pass, and of the held-out check (drawn with seed calib.seed + 1) against uniform
 SENSITIVITY_SAMPLES = {"causal_lm": 2, "encoder": 64}
 CHECK_SAMPLES = {"causal_lm": 4, "encoder": 128}
 EXACT_CELLS = 20_000_000  # knapsack: exact DP up to this many (rank option x budget unit) cells
@@ -281,8 +283,18 @@ def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int
     return [_to(b, device) for b in SOURCES[cfg.model.kind].batches(c, tokenizer)]
 
 
+def units(names: list[str]) -> dict[str, list[str]]:
+    """What one sensitivity pass truncates together: a block (``GRANULARITY="block"``) or one layer."""
+    from lrsweep.calib import blocks
+
+    if GRANULARITY == "layer":
+        return {n: [n] for n in names}
+    return {b: list(group) for b, group in blocks(dict.fromkeys(names)).items()}
+
+
 def sensitivity(model, layers, spectra, ref_ranks, ctx, loss_fn, batches) -> tuple[dict[str, float], dict]:
-    """Each layer's calibration-loss increase alone at its reference rank (cached on disk)."""
+    """Each unit's (block's or layer's) calibration-loss increase alone at its layers' reference ranks
+    (cached on disk); the result is per unit name."""
     from lrsweep import cache
     from lrsweep.calib import stats_key
     from lrsweep.compress import method_options
@@ -290,35 +302,36 @@ def sensitivity(model, layers, spectra, ref_ranks, ctx, loss_fn, batches) -> tup
     cfg = ctx.cfg
     key = {"version": VERSION, "calib": stats_key(cfg, ctx.model_key, ()), "method": str(cfg.method.name),
            "options": method_options(cfg.method), "bits": int(cfg.bits), "reference": ref_ranks,
-           "samples": len(batches[0]["input_ids"])}
+           "samples": list(batches[0]["input_ids"].shape), "granularity": GRANULARITY}
+    groups = units(list(ref_ranks))
 
     def compute():
         base = mean_loss(model, batches, loss_fn)
-        out = {}
-        for name, r in ref_ranks.items():
-            with Swap(layers, {name: spectra[name].approx(r)}):
-                out[name] = mean_loss(model, batches, loss_fn) - base
-        return {"delta": torch.tensor([out[n] for n in ref_ranks], dtype=torch.float64)}, {"base": base}
+        out = []
+        for names in groups.values():
+            with Swap(layers, {n: spectra[n].approx(ref_ranks[n]) for n in names}):
+                out.append(mean_loss(model, batches, loss_fn) - base)
+        return {"delta": torch.tensor(out, dtype=torch.float64)}, {"base": base}
 
     t0 = time.perf_counter()
     tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "sensitivity", key, compute)
-    delta = dict(zip(ref_ranks, tensors["delta"].tolist()))
-    return delta, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "passes": len(ref_ranks),
-                   "base_loss": info["base"]}
+    delta = dict(zip(groups, tensors["delta"].tolist()))
+    return delta, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "passes": len(groups),
+                   "granularity": GRANULARITY, "base_loss": info["base"], "delta": delta}
 
 
 # ---------------------------------------------------------------- the strategy
 def gains(strategy: str, spectra: dict[str, Spectrum], delta: dict[str, float] | None,
           ref_ranks: dict[str, int] | None) -> dict[str, np.ndarray]:
     """Per layer, the value of each singular value (index i: adding rank i + 1)."""
-    out = {}
-    for name, sp in spectra.items():
-        s2 = (sp.S ** 2).cpu().numpy()
-        if strategy == "spectrum":
-            out[name] = s2 / max(s2.sum(), 1e-300)
-        else:
-            tail = sp.tail()[ref_ranks[name]]
-            out[name] = s2 * max(delta[name], 0.0) / max(tail, 1e-300)
+    out = {name: (sp.S ** 2).cpu().numpy() / max(float((sp.S ** 2).sum()), 1e-300) for name, sp in spectra.items()}
+    if strategy == "spectrum":
+        return out
+    for unit, names in units(list(spectra)).items():
+        # the unit's measured loss increase, shared by its layers as their normalized errors at r_ref
+        errs = sum(float(out[n][ref_ranks[n]:].sum()) for n in names)
+        for n in names:
+            out[n] = out[n] * max(delta[unit], 0.0) / max(errs, 1e-300)
     return out
 
 

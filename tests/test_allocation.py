@@ -229,3 +229,22 @@ def test_rank_plot(tmp_path):
     assert q0 == pytest.approx(100 * 1152 / 576**2)
     paths = plot.rank_plot(df, tmp_path / "ranks.png")
     assert paths[0].exists() and paths[0].with_suffix(".pdf").exists()
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+def test_sensitivity_gains_share_each_units_measured_loss(monkeypatch, granularity):
+    """Predicted loss at the reference ranks (the gains left out) equals each unit's measured increase."""
+    monkeypatch.setattr(allocate, "GRANULARITY", granularity)
+    g = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{b}.{t}" for b in range(2) for t in ("q", "up")]
+    spectra = {n: allocate.spectrum(torch.randn(12, 8, generator=g), methods.REGISTRY["svd"], None, {})
+               for n in names}
+    ref = {n: 2 + i for i, n in enumerate(names)}
+    groups = allocate.units(names)
+    assert len(groups) == (2 if granularity == "block" else 4)
+    delta = {u: 0.1 * (k + 1) for k, u in enumerate(groups)}
+    value = allocate.gains("sensitivity", spectra, delta, ref)
+    for u, members in groups.items():
+        assert sum(value[n][ref[n]:].sum() for n in members) == pytest.approx(delta[u])
+    spectrum = allocate.gains("spectrum", spectra, None, None)
+    assert all(v.sum() == pytest.approx(1.0) for v in spectrum.values())
