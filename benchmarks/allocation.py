@@ -38,7 +38,11 @@ def main() -> None:
     p.add_argument("--methods", default="svdllm,svd")
     p.add_argument("--ratios", default="0.8,0.6,0.4")
     p.add_argument("--strategies", default="spectrum,sensitivity")
+    p.add_argument("--sensitivity-samples", type=int, default=None,
+                   help="calibration windows per sensitivity pass (default: allocate.SENSITIVITY_SAMPLES)")
     args = p.parse_args()
+    if args.sensitivity_samples:
+        allocate.SENSITIVITY_SAMPLES = {k: args.sensitivity_samples for k in allocate.SENSITIVITY_SAMPLES}
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 
@@ -74,6 +78,7 @@ def main() -> None:
                 base = task.evaluate(model, ctx, state)
             metric = "perplexity" if "perplexity" in base else "accuracy"
             rows.append([method, ratio, "uniform", "", base[metric], "", round(spectra_s, 1), round(compress_s, 1)])
+            print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
             for strategy in args.strategies.split(","):
                 c = cfg.copy()
                 with open_dict(c):
