@@ -3,6 +3,7 @@
     python -m analysis plot results/ --x bits_per_weight --y accuracy --hue method --col model
     python -m analysis plot results/ --kind pareto --y recon_rel_err -o pareto.png
     python -m analysis plot results/ --kind layers --reference quant -o layers.png
+    python -m analysis plot results/ --kind ranks --query "param_ratio == 0.6" [--fraction] -o ranks.png
     python -m analysis table results/ --kind paper --rows method --cols bits_per_weight --metric accuracy --format latex
     python -m analysis table results/ --kind summary
     python -m analysis report results/ -o report/
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--decimals", type=int, default=2, help="rounding of float column levels")
 
     pl = sub.add_parser("plot", parents=[common], help="tradeoff, pareto or per-layer figure (PNG + PDF)")
-    pl.add_argument("--kind", choices=("tradeoff", "pareto", "layers"), default="tradeoff")
+    pl.add_argument("--kind", choices=("tradeoff", "pareto", "layers", "ranks"), default="tradeoff")
     pl.add_argument("-o", "--out", default=None, help="output path (.png; a .pdf is written next to it)")
     pl.add_argument("--x", default=None, help="default: bits_per_weight (pareto: compression_ratio)")
     pl.add_argument("--y", default=None)
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--logy", choices=SCALES, default="auto")
     pl.add_argument("--reference", default="quant", help="layers: the baseline at equal bits")
     pl.add_argument("--ratio", action="store_true", help="layers: error divided by the reference's")
+    pl.add_argument("--fraction", action="store_true", help="ranks: the kept fraction of each layer's parameters")
 
     r = sub.add_parser("report", parents=[common], help="figures + tables + index.html")
     r.add_argument("-o", "--out", default="report")
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "pareto":
         print(plot.pareto_plot(ok, args.out or "pareto.png", x=args.x or "compression_ratio", y=args.y,
                                hue=args.hue, col=col, **scales))
+    elif args.kind == "ranks":
+        for path in plot.rank_plot(ok, args.out or "ranks.png", fraction=args.fraction):
+            print(path)
     else:
         ref = args.reference if (ok["method"] == args.reference).any() else None
         for path in plot.layer_plot(ok, args.out or "layers.png", reference=ref, ratio=args.ratio):

@@ -40,7 +40,7 @@ LABELS = {"bits_per_weight": "bits per weight", "compression_ratio": "compressio
           "recon_rel_err": r"relative error $\|W-\hat W\|_F/\|W\|_F$", "latency_ms": "latency (ms)",
           "speedup": "speedup over dense (×)", "cosine_similarity": "cosine similarity to dense"}
 METRICS = ("accuracy", "perplexity", "recon_rel_err", "speedup", "latency_ms", "cosine_similarity")
-GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "heal")  # one configuration; seeds are repeats
+GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "heal")  # one configuration; seeds are repeats
 
 
 def label(col: str, tex: bool = True) -> str:
@@ -404,5 +404,69 @@ def layer_plot(df: pd.DataFrame, out: str | Path, reference: str | None = "quant
             what = f"error relative to {reference}" if ratio and reference else "relative error"
             fig.suptitle(f"{model}: per-layer {what} at equal bits per weight", fontsize=8)
             stem = out.with_name(f"{out.stem}_{model}" if lf["model"].nunique() > 1 else out.stem)
+            paths.append(savefig(fig, stem.with_suffix(".png")))
+    return paths
+
+
+# ---- ranks per layer (allocation=...) -------------------------------------------------------------
+
+RUN_KEYS = ("method", "allocation", "rank", "bits", "budget", "param_ratio", "heal", "seed")
+
+
+def rank_frame(df: pd.DataFrame, fraction: bool = False) -> pd.DataFrame:
+    """Long table: model, run (a label of the keys that differ between runs), layer, block, type, order,
+    value (the rank, or with ``fraction`` the kept fraction r (n + d) / (n d) of the layer's parameters)."""
+    has = df["extra"].map(lambda e: isinstance(e, dict) and bool(e.get("layer_ranks")))
+    df = df[has]
+    if df.empty:
+        raise ValueError("no row has extra.layer_ranks")
+    keys = [k for k in RUN_KEYS[1:] if k in df.columns and df[k].astype(str).nunique() > 1]
+    recs = []
+    for _, r in df.iterrows():
+        run = ", ".join([str(r["method"]), *(f"{k}={r[k]}" for k in keys)])
+        shapes = r["extra"].get("layer_shapes") or {}
+        for i, (name, rank) in enumerate(r["extra"]["layer_ranks"].items()):
+            if fraction:
+                if name not in shapes:
+                    continue
+                n, d = shapes[name]
+                rank = rank * (n + d) / (n * d)
+            recs.append({"model": r["model"], "run": run, "layer": name, "order": i, "value": float(rank)})
+    long = pd.DataFrame(recs)
+    if long.empty:
+        raise ValueError("no row has extra.layer_shapes (rows written before allocation=...): plot ranks")
+    long["type"] = long["layer"].map(layer_types(long["layer"].unique()))
+    long["block"] = long["layer"].map(lambda n: _split(n)[0])
+    return long
+
+
+def rank_plot(df: pd.DataFrame, out: str | Path, fraction: bool = False) -> list[Path]:
+    """Per model: one panel per layer type, x = block (depth), y = rank (or kept fraction), one line per
+    run. Returns the PNG paths (one figure per model)."""
+    rf = rank_frame(df, fraction)
+    out = Path(out)
+    paths = []
+    runs = list(dict.fromkeys(rf["run"]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for model, m in rf.groupby("model", sort=False):
+        types = list(dict.fromkeys(m.sort_values("order")["type"]))
+        with plt.rc_context(STYLE):
+            fig, axes = plt.subplots(1, len(types), figsize=(TEXT_WIDTH, 2.0), squeeze=False, sharex=True,
+                                     layout="constrained")
+            for j, t in enumerate(types):
+                ax = axes[0, j]
+                for run, g in m[m["type"] == t].groupby("run", sort=False):
+                    k = runs.index(run)
+                    xv = g["block"] if g["block"].notna().all() else g["order"]
+                    ax.plot(xv, g["value"], marker=MARKERS[k % len(MARKERS)], color=colors[k % len(colors)],
+                            label=run)
+                ax.set_title(t, fontsize=7)
+                ax.set_xlabel("block")
+                ax.tick_params(labelsize=6)
+            axes[0, 0].set_ylabel("kept fraction of parameters" if fraction else "rank")
+            handles, labels = axes[0, 0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3))
+            fig.suptitle(f"{model}: {'kept fraction' if fraction else 'rank'} per layer", fontsize=8)
+            stem = out.with_name(f"{out.stem}_{model}" if rf["model"].nunique() > 1 else out.stem)
             paths.append(savefig(fig, stem.with_suffix(".png")))
     return paths

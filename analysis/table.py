@@ -166,7 +166,7 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
 
 # ---- sweep summary --------------------------------------------------------------------------------
 
-AXES = ("model", "method", "rank", "bits", "budget", "param_ratio", "seed")
+AXES = ("model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "seed")
 
 
 def _same(a: object, b: object) -> bool:

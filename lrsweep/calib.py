@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import cache, data
+from lrsweep.allocate import allocate
 from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.methods import LayerStats
 
@@ -441,13 +442,18 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
     """Compress ``layers`` with the statistics the method needs; (layer results, calibration info)."""
     cfg = ctx.cfg
     needs = method_spec(cfg.method).needs
-    if cfg.get("stream", False):
-        return streamed(model, layers, ctx, needs)
+    if cfg.get("stream", False):  # a global allocation here only for methods without statistics (validate)
+        ranks, alloc = allocate(model, layers, ctx, None)
+        results, info = streamed(model, layers, ctx, needs, ranks)
+        return results, {**info, "allocation": alloc} if alloc else info
     if not needs:
-        return compress_model(model, layers, cfg, progress=progress), {}
+        ranks, alloc = allocate(model, layers, ctx, None)
+        return compress_model(model, layers, cfg, progress=progress, ranks=ranks), {"allocation": alloc} if alloc else {}
     if not cfg.calib.get("sequential", False):
         stats, info = layer_stats(model, layers, ctx, needs)
-        return compress_model(model, layers, cfg, stats=stats, progress=progress), info
+        ranks, alloc = allocate(model, layers, ctx, stats)
+        results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
+        return results, {**info, "allocation": alloc} if alloc else info
     source = SOURCES[cfg.model.kind]
     t0 = time.perf_counter()
     batches = source.batches(cfg, ctx.tokenizer)
@@ -514,8 +520,8 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 @torch.no_grad()
-def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
-             needs: tuple[str, ...]) -> tuple[list[LayerResult], dict[str, Any]]:
+def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, needs: tuple[str, ...],
+             ranks: dict[str, int] | None = None) -> tuple[list[LayerResult], dict[str, Any]]:
     """Compress block by block with only the current block on ``ctx.device`` (the model stays on CPU).
 
     Statistics (xtx, absmean) come from the block's inputs, propagated from block to block on the
@@ -552,7 +558,7 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
             finally:
                 acc.remove()
             stats = acc.result()
-        results += compress_model(model, block_layers, cfg, stats=stats, progress=False)
+        results += compress_model(model, block_layers, cfg, stats=stats, progress=False, ranks=ranks)
         if sequential:  # the next block sees this block compressed
             outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
         inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]

@@ -117,8 +117,11 @@ class LayerResult:
 
 
 def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConfig,
-                   stats: dict[str, LayerStats] | None = None, progress: bool = True) -> list[LayerResult]:
+                   stats: dict[str, LayerStats] | None = None, progress: bool = True,
+                   ranks: dict[str, int] | None = None) -> list[LayerResult]:
     """Replace every layer in ``layers`` (Linear or Embedding) by its compressed module, in model order.
+
+    ``ranks`` (from :mod:`lrsweep.allocate`) fixes each layer's rank; otherwise :func:`resolve_rank`.
 
     Modules holding the same weight (tied embeddings, see :mod:`lrsweep.tying`) are compressed once,
     by the first of them in ``layers``, and all replaced by modules sharing the new parameters: one
@@ -137,7 +140,8 @@ def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConf
         W = layers[name].weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
-        r = resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts, cfg.get("param_ratio"))
+        r = ranks[name] if ranks else resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts,
+                                                   cfg.get("param_ratio"))
         f = spec.fn(W, rank=r, bits=cfg.bits, seed=int(cfg.seed) * 100_003 + index,
                     stats=(stats or {}).get(name), **opts)
         seconds = time.perf_counter() - t0

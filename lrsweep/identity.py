@@ -24,7 +24,10 @@ EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_di
 # left out of the hash while at that default, so existing rows keep their run_id
 LATER_KEYS: dict[str, Any] = {"param_ratio": None,
                               "eval.ppl_drop_last": False, "eval.ppl_bos": False,  # perplexity protocol
-                              "calib.sampling": "stream", "calib.bos": False}  # calibration protocol
+                              "calib.sampling": "stream", "calib.bos": False,  # calibration protocol
+                              "allocation": "uniform",  # rank allocation across layers
+                              "method.solver": "exact",  # asvd: torch.svd_lowrank as in ASVD's code
+                              "method.side": "output", "method.power": 0.5}  # fwsvd: the weighted side
 
 
 def _drop_later_defaults(out: dict[str, Any]) -> None:
@@ -45,7 +48,20 @@ def experiment_config(cfg: DictConfig) -> dict[str, Any]:
         node = cfg[key]
         out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     _drop_later_defaults(out)
+    if isinstance(out.get("calib"), dict) and "fisher" not in _needs(cfg):
+        out["calib"].pop("fisher", None)  # the Fisher estimator identifies only runs that use a Fisher
     return out
+
+
+def _needs(cfg: DictConfig) -> tuple[str, ...]:
+    """The calibration statistics of the configured method (all of them when it cannot be resolved)."""
+    from lrsweep.compress import method_spec
+    from lrsweep.errors import ConfigError
+
+    try:
+        return method_spec(cfg.method).needs
+    except ConfigError:
+        return ("fisher",)
 
 
 def run_id(cfg: DictConfig) -> str:
@@ -62,5 +78,7 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"p{cfg.param_ratio}")
     else:
         parts.append(f"r{cfg.rank}")
+    if cfg.get("allocation", "uniform") != "uniform":
+        parts.append(str(cfg.allocation))
     parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg)]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import calib, checkpoint, evaluate, heal, identity, models
+from lrsweep import allocate, calib, checkpoint, evaluate, heal, identity, models
 from lrsweep.compress import LayerResult
 from lrsweep.row import ResultRow, row_status, write_row
 from lrsweep.validate import resolve_device, validate
@@ -290,6 +290,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     t0 = time.perf_counter()
     results, calib_info = calib.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
     row.compress_seconds = time.perf_counter() - t0
+    allocate.record(row, cfg, results, calib_info.pop("allocation", None))
     if calib_info:
         row.extra["stream" if calib_info.get("stream") else "calib"] = calib_info
     model.to(device)

@@ -43,6 +43,13 @@ class ResultRow:
     bits_per_weight: float | None = None
     compression_ratio: float | None = None
     param_ratio_measured: float | None = None  # stored weight entries / dense ones, over the compressed layers
+    # rank allocation (allocation=...): the strategy configured and the one that shipped (uniform when the
+    # candidate's held-out calibration loss was not below uniform's: both losses recorded)
+    allocation: str = "uniform"
+    allocation_shipped: str | None = None
+    allocation_loss_uniform: float | None = None
+    allocation_loss: float | None = None
+    bits_predicted: int | None = None  # stored bits the ranks should give (method's storage_bits); achieved: bits_compressed
     layers_compressed: int | None = None
     exceeds_break_even: bool | None = None
     # quality

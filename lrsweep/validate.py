@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import calib, evaluate, heal, methods, models, tying
+from lrsweep import allocate, calib, evaluate, heal, methods, models, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -158,7 +158,9 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if check_device:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)))
-    for name, target in targets(cfg).items():
+    layers = targets(cfg)
+    allocate.check(cfg, spec, opts, {name: t.shape for name, t in layers.items()})
+    for name, target in layers.items():
         if target.embedding:
             check_embedding_method(name, spec)
         try:

@@ -1,0 +1,451 @@
+"""Rank allocation under one global budget: ``allocation=uniform|spectrum|sensitivity``.
+
+``uniform`` gives every layer the rank its own share of ``budget`` / ``param_ratio`` allows (the
+rule of :func:`lrsweep.compress.resolve_rank`). The other strategies treat the budget as one
+constraint over all target layers: the stored cost (bits, quantizer metadata included, with
+``budget``; parameters with ``param_ratio``) summed over layers must stay within what the uniform
+allocation stores (so results compare at equal or fewer bits), and each layer's rank stays in
+``[max(1, LOW * u), min(HIGH * u, limit, break-even)]`` around its uniform rank u.
+
+Both rank the same per-layer spectrum: the singular values σ_i of the matrix the method truncates
+(its error metric): W·C with X^T X = C C^T for methods using ``xtx`` (svdllm, drone: dropping σ_i
+costs exactly σ_i² of output error ‖(W - Ŵ) X^T‖²), W·diag(absmean^alpha) for ``absmean`` (asvd),
+diag(sqrt(Σ_j F_ij))·W for ``fisher`` (fwsvd), and W itself otherwise (svd, lplr, lsvd, dsvd,
+plugins). Adding rank i to a layer gains
+
+  spectrum     σ_i² / ‖M‖_F², the error removed as a fraction of the layer's dense output energy;
+  sensitivity  (σ_i² / ‖M‖_F²) · ΔL_b / Σ_{l in b} ê_l(r_ref): the measured calibration-loss increase ΔL_b
+               when the unit b alone (a block, ``GRANULARITY``; or one layer) is truncated to its
+               layers' reference ranks r_ref (their ``param_ratio=REFERENCE_RATIO`` ranks), shared by
+               its layers in proportion to their normalized spectral error there
+               (ê(r) = Σ_{i>r} σ_i² / ‖M‖_F²). One forward pass per unit on ``SENSITIVITY_SAMPLES``
+               calibration windows, cached under the calibration key and shared by every budget.
+
+:func:`knapsack` then maximizes the total gain within the budget (exact DP when small, greedy on
+gain per unit cost otherwise). A candidate is checked before use: the calibration loss of the
+model with every layer truncated in its metric, on ``CHECK_SAMPLES`` windows drawn with
+``calib.seed + 1`` (not the ones that chose it), for the candidate ranks and for the uniform ones;
+the uniform allocation ships whenever the candidate is not better, and the row records both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lrsweep import methods
+from lrsweep.errors import ConfigError
+from lrsweep.methods import LayerStats, MethodSpec
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("uniform", "spectrum", "sensitivity")
+LOW, HIGH = 0.5, 2.0  # each layer's rank stays within [LOW, HIGH] x its uniform rank
+REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
+GRANULARITY = "block"  # sensitivity unit: "block" (one pass per block) or "layer" (one per layer, 7x on LLaMA)
+# calibration windows (causal LMs, calib.seq_len tokens) or labelled texts (encoders: the probe needs both
+# classes) of a sensitivity pass, and of the held-out check (drawn with seed calib.seed + 1) against uniform
+SENSITIVITY_SAMPLES = {"causal_lm": 2, "encoder": 64}
+CHECK_SAMPLES = {"causal_lm": 4, "encoder": 128}
+EXACT_CELLS = 20_000_000  # knapsack: exact DP up to this many (rank option x budget unit) cells
+VERSION = 1
+
+
+# ---------------------------------------------------------------- costs and the global budget
+def layer_cost(spec: MethodSpec, n: int, d: int, r: int, cfg: DictConfig, opts: dict[str, Any]) -> int:
+    """What one layer at rank r spends of the budget: stored bits with ``budget``, else parameters."""
+    if cfg.get("param_ratio") is not None:
+        return int(spec.params(n, d, r, **opts))
+    return int(spec.storage_bits(n, d, r, int(cfg.bits), **opts))
+
+
+def minimum_cost(spec: MethodSpec, shapes: dict[str, tuple[int, int]], cfg: DictConfig,
+                 opts: dict[str, Any]) -> float:
+    """The budget (bits/weight or kept fraction) of every layer at rank 1."""
+    total = sum(n * d for n, d in shapes.values())
+    return sum(layer_cost(spec, n, d, 1, cfg, opts) for n, d in shapes.values()) / total
+
+
+def budget_value(cfg: DictConfig) -> tuple[str, float]:
+    return ("param_ratio", float(cfg.param_ratio)) if cfg.get("param_ratio") is not None \
+        else ("budget", float(cfg.budget))
+
+
+def check(cfg: DictConfig, spec: MethodSpec, opts: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> None:
+    """ConfigError (before launch) for an allocation that cannot run."""
+    strategy = cfg.get("allocation", "uniform")
+    if strategy not in STRATEGIES:
+        raise ConfigError("allocation", f"{strategy!r} is unknown", list(STRATEGIES))
+    if strategy == "uniform":
+        return
+    if cfg.budget is None and cfg.get("param_ratio") is None:
+        raise ConfigError("allocation", f"{strategy} shares one global budget across layers; set it",
+                          ["budget=<bits per weight>", "param_ratio=<fraction kept>"])
+    if not spec.has_rank or spec.rank_rule is not None:
+        raise ConfigError("allocation", f"method {spec.name} has no free per-layer rank to allocate", ["uniform"])
+    if cfg.get("param_ratio") is not None and spec.params is None:
+        return  # resolve_rank names this error
+    if not cfg.get("calib"):
+        raise ConfigError("calib", f"allocation={strategy} checks its ranks on held-out calibration batches, "
+                          "but no calibration data is configured", ["+calib=default"])
+    if cfg.calib.get("sequential", False):
+        raise ConfigError("allocation", f"{strategy} fixes all ranks before the first block is compressed; "
+                          "calib.sequential=true takes later statistics from the compressed model",
+                          ["uniform", "calib.sequential=false"])
+    if cfg.get("stream", False) and spec.needs:
+        raise ConfigError("allocation", f"{strategy} needs every layer's {list(spec.needs)} before the first "
+                          "block is compressed, which stream=true never holds", ["uniform", "stream=false"])
+    key, value = budget_value(cfg)
+    low = minimum_cost(spec, shapes, cfg, opts)
+    if value < low:
+        raise ConfigError(key, f"{value} is below every layer's rank-1 cost: the minimum is {low:.4g}"
+                          f" ({'bits per weight' if key == 'budget' else 'of the parameters'})")
+
+
+# ---------------------------------------------------------------- the knapsack
+@dataclass
+class Choice:
+    """One layer's options: ranks lo..hi, cost[k] of rank lo + k, gain[k] of the step lo + k -> lo + k + 1."""
+
+    lo: int
+    cost: np.ndarray  # (hi - lo + 1,) integer
+    gain: np.ndarray  # (hi - lo,) float, the value added by each step
+
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.cost) - 1
+
+
+def knapsack(choices: list[Choice], cap: int) -> tuple[list[int], str]:
+    """Ranks maximizing the summed gain with total cost <= cap; (ranks, solver).
+
+    Exact dynamic programming over cost in units of the costs' gcd when that table is small,
+    otherwise greedy by gain per unit of cost (optimal when the gains per cost decrease and
+    all steps have one cost; within one step's gain of the optimum in general).
+    """
+    base = sum(int(c.cost[0]) for c in choices)
+    if base > cap:
+        raise ValueError(f"the lowest ranks cost {base} > {cap}")
+    g = reduce(math.gcd, (int(v) for c in choices for v in c.cost), 0) or 1
+    units = cap // g
+    if sum(len(c.cost) for c in choices) * (units + 1) <= EXACT_CELLS:
+        return _exact(choices, units, g), "exact"
+    return _greedy(choices, cap), "greedy"
+
+
+def _exact(choices: list[Choice], units: int, g: int) -> list[int]:
+    best = np.zeros(units + 1)
+    picks = []
+    for c in choices:
+        values = np.concatenate([[0.0], np.cumsum(c.gain)])
+        new = np.full(units + 1, -np.inf)
+        pick = np.zeros(units + 1, dtype=np.int64)
+        for k, cost in enumerate(c.cost // g):
+            cost = int(cost)
+            if cost > units:
+                break
+            cand = np.full(units + 1, -np.inf)
+            cand[cost:] = best[:units + 1 - cost] + values[k]
+            better = cand > new
+            new[better], pick[better] = cand[better], k
+        best = new
+        picks.append(pick)
+    b = int(np.argmax(best))
+    ranks = []
+    for c, pick in zip(reversed(choices), reversed(picks)):
+        k = int(pick[b])
+        ranks.append(c.lo + k)
+        b -= int(c.cost[k] // g)
+    return ranks[::-1]
+
+
+def _greedy(choices: list[Choice], cap: int) -> list[int]:
+    steps = [0] * len(choices)
+    spent = sum(int(c.cost[0]) for c in choices)
+
+    def push(heap, i):
+        c, k = choices[i], steps[i]
+        if k < len(c.gain):
+            delta = int(c.cost[k + 1] - c.cost[k])
+            heapq.heappush(heap, (-c.gain[k] / max(delta, 1), i, delta))
+
+    heap: list = []
+    for i in range(len(choices)):
+        push(heap, i)
+    while heap:
+        _, i, delta = heapq.heappop(heap)
+        if spent + delta > cap:
+            continue  # this layer's next step does not fit: it stays where it is
+        spent += delta
+        steps[i] += 1
+        push(heap, i)
+    return [c.lo + k for c, k in zip(choices, steps)]
+
+
+# ---------------------------------------------------------------- spectra in the method's metric
+@dataclass
+class Spectrum:
+    """SVD of M = diag(left) W B, with W = diag(1/left) M B^-1 (left and B optional)."""
+
+    U: torch.Tensor
+    S: torch.Tensor  # fp64, descending
+    Vh: torch.Tensor
+    left: torch.Tensor | None = None  # row weights (n,)
+    right: torch.Tensor | None = None  # column scales (d,) or a lower-triangular (d, d)
+
+    def tail(self) -> np.ndarray:
+        """e[r] = Σ_{i>r} σ_i² for r = 0..len(S)."""
+        s2 = (self.S ** 2).cpu().numpy()
+        return np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+
+    def approx(self, r: int) -> torch.Tensor:
+        """The rank-r truncation in the metric, mapped back to weight space."""
+        M = (self.U[:, :r] * self.S[:r].to(self.U.dtype)) @ self.Vh[:r]
+        if self.right is not None:
+            if self.right.dim() == 1:
+                M = M / self.right
+            else:
+                M = torch.linalg.solve_triangular(self.right, M.double(), upper=False, left=False).to(M.dtype)
+        if self.left is not None:
+            M = M / self.left[:, None]
+        return M
+
+
+def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: dict[str, Any],
+             factors: dict | None = None) -> Spectrum:
+    """The singular values (and vectors) of the matrix the method truncates; ``factors`` shares one
+    Cholesky factor among layers reading the same input (q/k/v, gate/up share their X^T X)."""
+    from lrsweep.methods.fwsvd import row_weights
+    from lrsweep.methods.svdllm import cholesky_shifted
+
+    W = W.detach().double()
+    left = right = None
+    if "xtx" in spec.needs:
+        factors = {} if factors is None else factors
+        if id(stats.xtx) not in factors:
+            factors[id(stats.xtx)] = cholesky_shifted(stats.xtx.to(W.device), float(opts.get("shift", 1e-6)))[0]
+        right = factors[id(stats.xtx)]
+        M = W @ right
+    elif "absmean" in spec.needs:
+        s = stats.absmean.to(W.device).double().clamp_min(0) ** float(opts.get("alpha", 0.5))
+        right = s.clamp_min(1e-6 * s.max())
+        M = W * right
+    elif "fisher" in spec.needs:
+        left = row_weights(stats.fisher.to(W.device), 1e-6)
+        M = W * left[:, None]
+    else:
+        M = W
+    U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
+    return Spectrum(U, S.double(), Vh, None if left is None else left.float(),
+                    None if right is None else (right.float() if right.dim() == 1 else right))
+
+
+# ---------------------------------------------------------------- losses with truncated layers
+class Swap:
+    """Temporarily set target weights to given matrices (restored on exit)."""
+
+    def __init__(self, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]):
+        self.layers, self.weights, self.saved = layers, weights, {}
+
+    def __enter__(self):
+        for name, W in self.weights.items():
+            p = self.layers[name].weight
+            self.saved[name] = p.data
+            p.data = W.to(p.device, p.dtype).reshape(p.shape)
+        return self
+
+    def __exit__(self, *exc):
+        for name, data in self.saved.items():
+            self.layers[name].weight.data = data
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[dict], loss_fn) -> float:
+    return float(np.mean([float(loss_fn(model, b)) for b in batches]))
+
+
+def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int, device: str) -> list[dict]:
+    """``samples`` calibration windows/texts drawn with ``seed`` (one batch)."""
+    from lrsweep.calib import SOURCES, _to
+
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    c.calib.seed, c.calib.n_samples, c.calib.batch_size = int(seed), int(samples), int(samples)
+    return [_to(b, device) for b in SOURCES[cfg.model.kind].batches(c, tokenizer)]
+
+
+def units(names: list[str]) -> dict[str, list[str]]:
+    """What one sensitivity pass truncates together: a block (``GRANULARITY="block"``) or one layer."""
+    from lrsweep.calib import blocks
+
+    if GRANULARITY == "layer":
+        return {n: [n] for n in names}
+    return {b: list(group) for b, group in blocks(dict.fromkeys(names)).items()}
+
+
+def sensitivity(model, layers, spectra, ref_ranks, ctx, loss_fn, batches) -> tuple[dict[str, float], dict]:
+    """Each unit's (block's or layer's) calibration-loss increase alone at its layers' reference ranks
+    (cached on disk); the result is per unit name."""
+    from lrsweep import cache
+    from lrsweep.calib import stats_key
+    from lrsweep.compress import method_options
+
+    cfg = ctx.cfg
+    key = {"version": VERSION, "calib": stats_key(cfg, ctx.model_key, ()), "method": str(cfg.method.name),
+           "options": method_options(cfg.method), "bits": int(cfg.bits), "reference": ref_ranks,
+           "samples": list(batches[0]["input_ids"].shape), "granularity": GRANULARITY}
+    groups = units(list(ref_ranks))
+
+    def compute():
+        base = mean_loss(model, batches, loss_fn)
+        out = []
+        for names in groups.values():
+            with Swap(layers, {n: spectra[n].approx(ref_ranks[n]) for n in names}):
+                out.append(mean_loss(model, batches, loss_fn) - base)
+        return {"delta": torch.tensor(out, dtype=torch.float64)}, {"base": base}
+
+    t0 = time.perf_counter()
+    tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "sensitivity", key, compute)
+    delta = dict(zip(groups, tensors["delta"].tolist()))
+    return delta, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "passes": len(groups),
+                   "granularity": GRANULARITY, "base_loss": info["base"], "delta": delta}
+
+
+# ---------------------------------------------------------------- the strategy
+def gains(strategy: str, spectra: dict[str, Spectrum], delta: dict[str, float] | None,
+          ref_ranks: dict[str, int] | None) -> dict[str, np.ndarray]:
+    """Per layer, the value of each singular value (index i: adding rank i + 1)."""
+    out = {name: (sp.S ** 2).cpu().numpy() / max(float((sp.S ** 2).sum()), 1e-300) for name, sp in spectra.items()}
+    if strategy == "spectrum":
+        return out
+    for unit, names in units(list(spectra)).items():
+        # the unit's measured loss increase, shared by its layers as their normalized errors at r_ref
+        errs = sum(float(out[n][ref_ranks[n]:].sum()) for n in names)
+        for n in names:
+            out[n] = out[n] * max(delta[unit], 0.0) / max(errs, 1e-300)
+    return out
+
+
+def choose(spec: MethodSpec, shapes: dict[str, tuple[int, int]], uniform: dict[str, int],
+           value: dict[str, np.ndarray], cfg: DictConfig, opts: dict[str, Any]) -> tuple[dict[str, int], dict]:
+    """Knapsack over ranks within [LOW, HIGH] x uniform, at most the uniform allocation's cost."""
+    choices = []
+    cap = 0
+    for name, (n, d) in shapes.items():
+        u = uniform[name]
+        limit = spec.rank_limit(n, d, **opts)
+        if spec.params is not None:  # never at or above break-even
+            limit = min(limit, max(methods.rank_for_param_ratio(spec, n, d, 1.0, **opts), u))
+        lo, hi = max(1, min(u, math.floor(LOW * u))), max(u, min(limit, math.ceil(HIGH * u)))
+        ranks = range(lo, hi + 1)
+        cost = np.array([layer_cost(spec, n, d, r, cfg, opts) for r in ranks], dtype=np.int64)
+        v = value[name]
+        gain = np.array([v[r - 1] if r - 1 < len(v) else 0.0 for r in range(lo + 1, hi + 1)])
+        choices.append(Choice(lo, cost, gain))
+        cap += layer_cost(spec, n, d, u, cfg, opts)
+    ranks, solver = knapsack(choices, cap)
+    return dict(zip(shapes, ranks)), {"solver": solver, "cap": cap}
+
+
+def against_uniform(model: nn.Module, layers: dict[str, nn.Module], spectra: dict[str, Spectrum],
+                    uniform: dict[str, int], ranks: dict[str, int], batches: list[dict], loss_fn
+                    ) -> tuple[dict[str, int], tuple[float, float]]:
+    """(the ranks that ship, (uniform's loss, the candidate's)): the candidate only when strictly better."""
+    losses = []
+    for rs in (uniform, ranks):
+        with Swap(layers, {n: spectra[n].approx(r) for n, r in rs.items()}):
+            losses.append(mean_loss(model, batches, loss_fn))
+    return (ranks if losses[1] < losses[0] else uniform), (losses[0], losses[1])
+
+
+def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: dict[str, LayerStats] | None,
+             spectra: dict[str, Spectrum] | None = None) -> tuple[dict[str, int] | None, dict[str, Any]]:
+    """(ranks per leader layer, info for the row) for ``cfg.allocation``; ranks None for uniform.
+
+    ``spectra``: a dict filled on the first call and reused by later ones (benchmarks sweeping budgets).
+    """
+    from lrsweep import tying
+    from lrsweep.calib import SOURCES
+    from lrsweep.compress import method_options, method_spec, resolve_rank
+
+    cfg = ctx.cfg
+    strategy = cfg.get("allocation", "uniform")
+    if strategy == "uniform":
+        return None, {}
+    t_all = time.perf_counter()
+    spec, opts = method_spec(cfg.method), method_options(cfg.method)
+    leaders = list(tying.groups(model, layers))
+    shapes = {n: tuple(layers[n].weight.shape) for n in leaders}
+    uniform = {n: resolve_rank(spec, *shapes[n], cfg.rank, cfg.bits, cfg.budget, opts, cfg.get("param_ratio"))
+               for n in leaders}
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    factors: dict = {}
+    spectra = {} if spectra is None else spectra
+    for n in leaders:
+        if n not in spectra:
+            spectra[n] = spectrum(layers[n].weight, spec, (stats or {}).get(n), opts, factors)
+    seconds["spectra"] = time.perf_counter() - t0
+    source = SOURCES[cfg.model.kind]
+    device = str(next(model.parameters()).device)
+    check_batches = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed) + 1,
+                                        CHECK_SAMPLES[cfg.model.kind], device)
+    info: dict[str, Any] = {"strategy": strategy}
+    delta = ref = None
+    if strategy == "sensitivity":
+        chosen = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed),
+                                     SENSITIVITY_SAMPLES[cfg.model.kind], device)
+        loss_fn = source.loss(model, cfg, chosen, device)
+        ref = {n: max(1, methods.rank_for_param_ratio(spec, *shapes[n], REFERENCE_RATIO, **opts))
+               if spec.params is not None else uniform[n] for n in leaders}
+        delta, info["sensitivity"] = sensitivity(model, layers, spectra, ref, ctx, loss_fn, chosen)
+        seconds["sensitivity"] = info["sensitivity"]["seconds"]
+    t0 = time.perf_counter()
+    ranks, info["knapsack"] = choose(spec, shapes, uniform, gains(strategy, spectra, delta, ref), cfg, opts)
+    seconds["knapsack"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_fn = source.loss(model, cfg, check_batches, device)
+    final, losses = against_uniform(model, layers, spectra, uniform, ranks, check_batches, loss_fn)
+    seconds["check"] = time.perf_counter() - t0
+    shipped = strategy if final is ranks else "uniform"
+    if shipped == "uniform":
+        log.warning("allocation=%s: held-out calibration loss %.4f is not below uniform's %.4f; "
+                    "the uniform ranks ship", strategy, losses[1], losses[0])
+    seconds["total"] = time.perf_counter() - t_all
+    info.update(shipped=shipped, loss_uniform=losses[0], loss_candidate=losses[1],
+                check_samples=CHECK_SAMPLES[cfg.model.kind], check_seed=int(cfg.calib.seed) + 1, bounds=[LOW, HIGH],
+                candidate_ranks=ranks, uniform_ranks=uniform,
+                seconds={k: round(v, 3) for k, v in seconds.items()})
+    return final, info
+
+
+def predicted_bits(spec: MethodSpec, shapes: dict[str, tuple[int, int]], ranks: dict[str, int], bits: int,
+                   opts: dict[str, Any]) -> int | None:
+    """Total stored bits the ranks should give, from the method's ``storage_bits`` (None without it)."""
+    if spec.storage_bits is None:
+        return None
+    return sum(int(spec.storage_bits(*shapes[n], r, bits, **opts)) for n, r in ranks.items())
+
+
+def record(row: Any, cfg: DictConfig, results: list, info: dict[str, Any] | None) -> None:
+    """The row's allocation fields: strategy, what shipped, the check's losses, predicted bits."""
+    from lrsweep.compress import method_options, method_spec
+
+    spec = method_spec(cfg.method)
+    row.allocation = str(cfg.get("allocation", "uniform"))
+    row.extra["layer_shapes"] = {r.name: list(r.shape) for r in results}  # kept fractions (analysis --kind ranks)
+    row.bits_predicted = predicted_bits(spec, {r.name: r.shape for r in results}, {r.name: r.rank for r in results},
+                                        int(cfg.bits), method_options(cfg.method)) if spec.has_rank else None
+    if info:
+        row.allocation_shipped = info["shipped"]
+        row.allocation_loss_uniform, row.allocation_loss = info["loss_uniform"], info["loss_candidate"]
+        row.extra["allocation"] = info
