@@ -25,6 +25,7 @@ EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_di
 LATER_KEYS: dict[str, Any] = {"param_ratio": None,
                               "eval.ppl_drop_last": False, "eval.ppl_bos": False,  # perplexity protocol
                               "calib.sampling": "stream", "calib.bos": False,  # calibration protocol
+                              "calib.fisher": "batch",  # the Fisher estimator before per-sample became the default
                               "allocation": "uniform",  # rank allocation across layers
                               "method.solver": "exact",  # asvd: torch.svd_lowrank as in ASVD's code
                               "method.side": "output", "method.power": 0.5}  # fwsvd: the weighted side

@@ -70,3 +70,16 @@ def test_run_name_is_readable_and_safe(compose):
     name = run_name(cfg)
     assert name.startswith("minilm-svd-r64-b8-s2-") and name.endswith(run_id(cfg))
     assert "/" not in name
+
+
+# run_ids computed by lrsweep before param_ratio, allocation, the protocol keys and the Fisher estimator
+# existed (commit 5190cb6): rows written then are still found (identity.LATER_KEYS)
+EARLIER_RUN_IDS = {"": "521f5d9592f6", "model=smollm2": "34f9ea320546", "method=svdllm": "7ad16b06a136",
+                   "method=asvd": "e3c5cc707190", "method=drone": "462a4d5939d9", "method=lplr bits=4": "65e0dfa8f47c",
+                   "model=smollm2 method=svdllm": "22dad3642870", "budget=4": "bb6264e0792a",
+                   "method=fwsvd calib.fisher=batch": "6058c996b53e"}
+
+
+@pytest.mark.parametrize("overrides", sorted(EARLIER_RUN_IDS))
+def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides):
+    assert run_id(compose(overrides.split())) == EARLIER_RUN_IDS[overrides]
