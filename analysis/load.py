@@ -68,10 +68,20 @@ def error_line(error: dict[str, str] | None) -> str | None:
     return f"{error.get('type', 'Error')}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def task_columns(row: ResultRow) -> dict[str, float]:
+    """Per-task metrics (eval=lm_eval) as float columns: ``task.<task>.<metric>`` and ``..._dense``."""
+    out = {}
+    for table, suffix in ((row.task_metrics, ""), (row.task_metrics_dense, "_dense")):
+        for task, metrics in table.items():
+            out.update({f"task.{task}.{m}{suffix}": float(v) for m, v in metrics.items()})
+    return out
+
+
 def _record(row: ResultRow, source: str) -> dict[str, Any]:
     d = row.to_dict()
     config = d["config"] or {}
     d.update({f"config.{k}": v for k, v in flatten(config).items()})
+    d.update(task_columns(row))
     d["source"] = source
     return d
 

@@ -49,12 +49,23 @@ def label(col: str, tex: bool = True) -> str:
 
 def better(col: str) -> str:
     """'max' or 'min': which direction of ``col`` is better."""
+    if col.startswith("task.") and (d := _task_direction(col)):
+        return d
     if col in HIGHER_BETTER:
         return "max"
     if col in LOWER_BETTER:
         return "min"
     raise ValueError(f"do not know whether larger {col!r} is better; known: "
                      f"{', '.join(sorted(HIGHER_BETTER | LOWER_BETTER))}")
+
+
+def _task_direction(col: str) -> str | None:
+    """Per-task lm-eval metrics (``task.<task>.<metric>[_dense]``): perplexities and bits/byte lower,
+    other metrics (acc, acc_norm, f1, exact_match, ...) higher; stderrs and counts have none."""
+    metric = col.rsplit(".", 1)[1].removesuffix("_dense")
+    if "stderr" in metric or metric == "n":
+        return None
+    return "min" if "perplexity" in metric or "bits_per_byte" in metric else "max"
 
 
 def _direction(col: str) -> str | None:

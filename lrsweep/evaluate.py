@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import cache, data
+from lrsweep import lm_eval as _lm_eval
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import dense_linear
 
@@ -257,7 +258,7 @@ def zeroshot_predictions(model: nn.Module, tokenizer: Any, texts: list[str], tem
     return preds
 
 
-def _zeroshot_split(ctx: Context) -> tuple[list[str], list[int], list[str]]:
+def zeroshot_split(ctx: Context) -> tuple[list[str], list[int], list[str]]:
     z = ctx.cfg.eval.zeroshot
     split = data.load_classification(ctx.cfg.data, 0, int(z.n))
     missing = [n for n in split.label_names if n not in z.verbalizers]
@@ -267,7 +268,7 @@ def _zeroshot_split(ctx: Context) -> tuple[list[str], list[int], list[str]]:
 
 
 def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> float:
-    texts, labels, verbalizers = _zeroshot_split(ctx)
+    texts, labels, verbalizers = zeroshot_split(ctx)
     preds = zeroshot_predictions(model, ctx.tokenizer, texts, ctx.cfg.eval.zeroshot.template, verbalizers, ctx.device)
     return sum(p == y for p, y in zip(preds, labels)) / len(labels)
 
@@ -289,37 +290,9 @@ TASKS["zeroshot"] = Task("zeroshot", _zeroshot_prepare, _zeroshot_evaluate, kind
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness (optional extra)
-def _lm_eval_results(model: nn.Module, ctx: Context) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from lm-evaluation-harness run on the in-memory model."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    e = ctx.cfg.eval.lm_eval
-    lm = HFLM(pretrained=model, tokenizer=ctx.tokenizer, batch_size=int(e.batch_size), device=ctx.device)
-    manager = TaskManager(include_path=e.include_path) if e.get("include_path") else TaskManager()
-    out = simple_evaluate(model=lm, tasks=list(e.tasks), num_fewshot=e.get("num_fewshot"), limit=e.get("limit"),
-                          task_manager=manager, random_seed=int(ctx.cfg.seed))
-    return {task: {k: float(v) for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            for task, res in out["results"].items()}
-
-
-def _lm_eval_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
-    key = {"model": ctx.model_key, "lm_eval": OmegaConf.to_container(ctx.cfg.eval.lm_eval, resolve=True)}
-    _, info, _ = cache.get_or_compute(ctx.cache_dir, "lm_eval", key, lambda: ({}, {"results": _lm_eval_results(model, ctx)}))
-    return info["results"]
-
-
-def _lm_eval_evaluate(model: nn.Module, ctx: Context, dense: dict[str, Any]) -> dict[str, Any]:
-    """accuracy / accuracy_dense: ``eval.lm_eval.metric`` of the first task; all metrics in extra."""
-    e = ctx.cfg.eval.lm_eval
-    results, first = _lm_eval_results(model, ctx), str(e.tasks[0])
-    return {"task": f"lm_eval:{first}", "accuracy_dense": dense.get(first, {}).get(e.metric),
-            "accuracy": results.get(first, {}).get(e.metric),
-            "extra": {"lm_eval": {"dense": dense, "compressed": results}}}
-
-
-TASKS["lm_eval"] = Task("lm_eval", _lm_eval_prepare, _lm_eval_evaluate, kinds=("causal_lm",), requires="lm_eval")
+# the adapter and lrsweep's offline task live in lrsweep/lm_eval.py
+TASKS["lm_eval"] = Task("lm_eval", _lm_eval.prepare, _lm_eval.evaluate, kinds=("causal_lm",), requires="lm_eval",
+                        config_check=_lm_eval.check)
 
 
 # ---------------------------------------------------------------- latency and memory

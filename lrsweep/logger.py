@@ -34,6 +34,7 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
             run.log({"heal/loss": loss}, step=int(step))
         run.summary.update(row.summary())
         run.summary["layer_errors"] = row.layer_errors
+        run.summary["task_metrics"], run.summary["task_metrics_dense"] = row.task_metrics, row.task_metrics_dense
         run_dir = str(Path(run.dir).parent)
         run.finish(exit_code=0 if row.status == "ok" else 1)
         return run_dir

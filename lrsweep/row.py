@@ -60,6 +60,9 @@ class ResultRow:
     perplexity_dense: float | None = None
     perplexity: float | None = None
     cosine_similarity: float | None = None
+    # per-task metrics of multi-task evaluators (eval=lm_eval): {task: {acc, acc_stderr, acc_norm, ..., n}}
+    task_metrics_dense: dict[str, dict[str, float]] = field(default_factory=dict)
+    task_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # healing (heal=distill | dsee): the fields above describe the healed model, these the model before
     heal: str = "none"  # the healer (conf/heal/), "none" without healing
     heal_seconds: float | None = None

@@ -139,13 +139,6 @@ def test_task_kind_and_optional_package_checked_before_launch(compose, tmp_path)
             validate(compose([*FAST, "model=smollm2", "eval=lm_eval", f"results_dir={tmp_path}"]))
 
 
-def test_lm_eval_adapter_runs_on_local_tasks(compose):
-    pytest.importorskip("lm_eval")
-    cfg = compose([*FAST, "model=smollm2", "eval=lm_eval"])
-    assert cfg.eval.task == "lm_eval" and evaluate.TASKS["lm_eval"].requires == "lm_eval"
-    evaluate.TASKS["lm_eval"].check(cfg)
-
-
 def test_row_has_dense_and_compressed_latency_and_memory(compose, tmp_path):
     row = job.run(compose([*FAST, BLOCK0, "rank=8", f"results_dir={tmp_path}", "eval.latency.batch_size=2",
                            "eval.latency.seq_len=32", "eval.latency.shapes=[[2,1]]", "eval.latency.repeats=3"]))
