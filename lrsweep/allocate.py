@@ -225,7 +225,7 @@ def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: 
              factors: dict | None = None) -> Spectrum:
     """The singular values (and vectors) of the matrix the method truncates; ``factors`` shares one
     Cholesky factor among layers reading the same input (q/k/v, gate/up share their X^T X)."""
-    from lrsweep.methods.fwsvd import row_weights
+    from lrsweep.methods.fwsvd import importance
     from lrsweep.methods.svdllm import cholesky_shifted
 
     W = W.detach().double()
@@ -241,8 +241,14 @@ def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: 
         right = s.clamp_min(1e-6 * s.max())
         M = W * right
     elif "fisher" in spec.needs:
-        left = row_weights(stats.fisher.to(W.device), 1e-6)
-        M = W * left[:, None]
+        side = str(opts.get("side", "output"))
+        w = importance(stats.fisher.to(W.device), side, float(opts.get("power", 0.5)), float(opts.get("eps", 1e-6)))
+        if side == "output":
+            left = w
+            M = W * left[:, None]
+        else:
+            right = w
+            M = W * right
     else:
         M = W
     U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)

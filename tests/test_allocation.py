@@ -93,15 +93,16 @@ def test_spectrum_of_svdllm_is_its_output_error():
         assert torch.allclose(f.reconstruct().float(), sp.approx(r).float(), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["svd", "asvd", "fwsvd"])
-def test_spectrum_truncation_matches_the_method(method):
+@pytest.mark.parametrize("method,opts", [("svd", {}), ("asvd", {}), ("fwsvd", {}), ("fwsvd", {"side": "input"}),
+                                         ("fwsvd", {"power": 0.25})])
+def test_spectrum_truncation_matches_the_method(method, opts):
     g = torch.Generator().manual_seed(1)
     W, X = torch.randn(20, 12, generator=g), torch.randn(100, 12, generator=g).abs() + 0.1
     stats = LayerStats.from_inputs(X)
     stats.fisher = torch.rand(20, 12, generator=g)
     spec = methods.REGISTRY[method]
-    sp = allocate.spectrum(W, spec, stats, {})
-    f = spec.fn(W, rank=4, bits=32, stats=stats)
+    sp = allocate.spectrum(W, spec, stats, opts)
+    f = spec.fn(W, rank=4, bits=32, stats=stats, **opts)
     assert torch.allclose(f.reconstruct().float(), sp.approx(4).float(), atol=1e-4)
 
 
