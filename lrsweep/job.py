@@ -112,7 +112,8 @@ def new_row(cfg: DictConfig) -> ResultRow:
 
 
 # top-level keys that differ between the points of one packed job (the rest must match: dense_key)
-POINT_KEYS = frozenset({"method", "rank", "bits", "budget", "heal", "inference", "stream", "save_compressed"})
+POINT_KEYS = frozenset({"method", "rank", "bits", "budget", "param_ratio", "allocation", "heal", "inference",
+                        "stream", "save_compressed"})
 
 
 def dense_key(cfg: DictConfig) -> str:

@@ -200,3 +200,14 @@ def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):
     base = run_id(compose(["rank=8"]))
     assert run_id(compose(["rank=8", "dry_run=true"])) == base
     assert run_id(compose(["rank=8", "hydra.launcher.points_per_job=4"])) == base
+
+
+def test_points_differing_only_in_how_they_compress_share_the_dense_model(compose):
+    """param_ratio / budget / allocation sweeps pack: they compress the same dense model differently."""
+    from lrsweep.job import dense_key
+
+    base = dense_key(compose())
+    for point in (["param_ratio=0.6"], ["budget=4"], ["allocation=spectrum", "param_ratio=0.8"], ["method=lplr", "rank=64"]):
+        assert dense_key(compose(point)) == base, point
+    for other in (["seed=1"], ["data=bbc"], ["model.targets=encoder\\.layer\\.0\\..*"]):
+        assert dense_key(compose(other)) != base, other
