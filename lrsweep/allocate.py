@@ -30,13 +30,14 @@ the uniform allocation ships whenever the candidate is not better, and the row r
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import math
 import time
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from torch import nn
 from lrsweep import methods
 from lrsweep.errors import ConfigError
 from lrsweep.methods import LayerStats, MethodSpec
+from lrsweep.methods import svd as _svd
 
 log = logging.getLogger(__name__)
 
@@ -195,36 +197,43 @@ def _greedy(choices: list[Choice], cap: int) -> list[int]:
 # ---------------------------------------------------------------- spectra in the method's metric
 @dataclass
 class Spectrum:
-    """SVD of M = diag(left) W B, with W = diag(1/left) M B^-1 (left and B optional)."""
+    """A layer's singular values in the method's error metric and its weight at any rank."""
 
-    U: torch.Tensor
     S: torch.Tensor  # fp64, descending
-    Vh: torch.Tensor
-    left: torch.Tensor | None = None  # row weights (n,)
-    right: torch.Tensor | None = None  # column scales (d,) or a lower-triangular (d, d)
+    approx: Callable[[int], torch.Tensor]  # rank -> the layer's (reconstructed) weight at that rank
+    source: str  # "method": the method's own SVD (and output); "metric": computed here (no reusable SVD)
 
     def tail(self) -> np.ndarray:
         """e[r] = Σ_{i>r} σ_i² for r = 0..len(S)."""
         s2 = (self.S ** 2).cpu().numpy()
         return np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
 
-    def approx(self, r: int) -> torch.Tensor:
-        """The rank-r truncation in the metric, mapped back to weight space."""
-        M = (self.U[:, :r] * self.S[:r].to(self.U.dtype)) @ self.Vh[:r]
-        if self.right is not None:
-            if self.right.dim() == 1:
-                M = M / self.right
-            else:
-                M = torch.linalg.solve_triangular(self.right, M.double(), upper=False, left=False).to(M.dtype)
-        if self.left is not None:
-            M = M / self.left[:, None]
-        return M
+
+def method_spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: dict[str, Any],
+                    bits: int, seed: int) -> Spectrum | None:
+    """The spectrum the method itself truncates, read by running it once at rank 1 inside an active
+    :func:`lrsweep.methods.svd.reuse` scope (which keeps its full SVD for the real compression);
+    ``approx(r)`` is the method's own result at rank r (quantization included), reusing that SVD.
+    None when the method decomposes no matrix through ``truncated_svd`` (randomized or iterative ones)."""
+    scope = _svd.active()
+    scope["last"] = None
+    spec.fn(W, rank=1, bits=bits, seed=seed, stats=stats, **opts)
+    if scope["last"] is None:
+        return None
+    S = scope["svds"][scope["last"]][1]
+
+    def approx(r: int) -> torch.Tensor:
+        return spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **opts).reconstruct()
+
+    return Spectrum(S.detach().double().cpu(), approx, "method")
 
 
 def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: dict[str, Any],
              factors: dict | None = None) -> Spectrum:
-    """The singular values (and vectors) of the matrix the method truncates; ``factors`` shares one
-    Cholesky factor among layers reading the same input (q/k/v, gate/up share their X^T X)."""
+    """The singular values of the matrix the method truncates, computed here (methods whose own
+    decomposition :func:`method_spectrum` cannot read): M = diag(left) W B; the weight at rank r is
+    the rank-r truncation of M mapped back. ``factors`` shares one Cholesky factor among layers
+    reading the same input (q/k/v, gate/up share their X^T X)."""
     from lrsweep.methods.fwsvd import importance
     from lrsweep.methods.svdllm import cholesky_shifted
 
@@ -252,8 +261,17 @@ def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: 
     else:
         M = W
     U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
-    return Spectrum(U, S.double(), Vh, None if left is None else left.float(),
-                    None if right is None else (right.float() if right.dim() == 1 else right))
+    left = None if left is None else left.float()
+    right = None if right is None else (right.float() if right.dim() == 1 else right)
+
+    def approx(r: int) -> torch.Tensor:
+        A = (U[:, :r] * S[:r]) @ Vh[:r]
+        if right is not None:
+            A = A / right if right.dim() == 1 else \
+                torch.linalg.solve_triangular(right, A.double(), upper=False, left=False).to(A.dtype)
+        return A / left[:, None] if left is not None else A
+
+    return Spectrum(S.double(), approx, "metric")
 
 
 # ---------------------------------------------------------------- losses with truncated layers
@@ -277,7 +295,7 @@ class Swap:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[dict], loss_fn) -> float:
-    return float(np.mean([float(loss_fn(model, b)) for b in batches]))
+    return float(np.mean([float(loss_fn(model, b).float().mean()) for b in batches]))
 
 
 def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int, device: str) -> list[dict]:
@@ -373,6 +391,12 @@ def against_uniform(model: nn.Module, layers: dict[str, nn.Module], spectra: dic
     return (ranks if losses[1] < losses[0] else uniform), (losses[0], losses[1])
 
 
+def scope(cfg: DictConfig) -> contextlib.AbstractContextManager:
+    """Wrap allocation and compression: a non-uniform allocation reads every layer's SVD through the
+    method, and the compression at the chosen ranks truncates the same decompositions (svd.reuse)."""
+    return _svd.reuse() if cfg.get("allocation", "uniform") != "uniform" else contextlib.nullcontext()
+
+
 def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: dict[str, LayerStats] | None,
              spectra: dict[str, Spectrum] | None = None) -> tuple[dict[str, int] | None, dict[str, Any]]:
     """(ranks per leader layer, info for the row) for ``cfg.allocation``; ranks None for uniform.
@@ -380,7 +404,6 @@ def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: di
     ``spectra``: a dict filled on the first call and reused by later ones (benchmarks sweeping budgets).
     """
     from lrsweep import tying
-    from lrsweep.calib import SOURCES
     from lrsweep.compress import method_options, method_spec, resolve_rank
 
     cfg = ctx.cfg
@@ -397,10 +420,28 @@ def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: di
     t0 = time.perf_counter()
     factors: dict = {}
     spectra = {} if spectra is None else spectra
-    for n in leaders:
-        if n not in spectra:
-            spectra[n] = spectrum(layers[n].weight, spec, (stats or {}).get(n), opts, factors)
-    seconds["spectra"] = time.perf_counter() - t0
+    order = {name: i for i, name in enumerate(layers)}  # the seeds compress_model gives each layer
+    with contextlib.ExitStack() as stack:
+        if not _svd._SCOPES:  # called on its own (benchmarks): the method's SVDs live as long as this call
+            stack.enter_context(_svd.reuse())
+        for n in leaders:
+            if n not in spectra:
+                W, st = layers[n].weight.detach(), (stats or {}).get(n)
+                spectra[n] = method_spectrum(W, spec, st, opts, int(cfg.bits), int(cfg.seed) * 100_003 + order[n]) \
+                    or spectrum(W, spec, st, opts, factors)
+        seconds["spectra"] = time.perf_counter() - t0
+        info, final = _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform, spectra, seconds)
+    seconds["total"] = time.perf_counter() - t_all
+    info["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return final, info
+
+
+def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform, spectra, seconds):
+    """The candidate ranks for ``strategy`` and the held-out check against uniform: (row info, ranks that ship)."""
+    from lrsweep.calib import SOURCES
+
+    cfg = ctx.cfg
+    leaders = list(shapes)
     source = SOURCES[cfg.model.kind]
     device = str(next(model.parameters()).device)
     check_batches = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed) + 1,
@@ -426,12 +467,11 @@ def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: di
     if shipped == "uniform":
         log.warning("allocation=%s: held-out calibration loss %.4f is not below uniform's %.4f; "
                     "the uniform ranks ship", strategy, losses[1], losses[0])
-    seconds["total"] = time.perf_counter() - t_all
     info.update(shipped=shipped, loss_uniform=losses[0], loss_candidate=losses[1],
                 check_samples=CHECK_SAMPLES[cfg.model.kind], check_seed=int(cfg.calib.seed) + 1, bounds=[LOW, HIGH],
                 candidate_ranks=ranks, uniform_ranks=uniform,
-                seconds={k: round(v, 3) for k, v in seconds.items()})
-    return final, info
+                spectra={src: sum(sp.source == src for sp in spectra.values()) for src in ("method", "metric")})
+    return info, final
 
 
 def predicted_bits(spec: MethodSpec, shapes: dict[str, tuple[int, int]], ranks: dict[str, int], bits: int,

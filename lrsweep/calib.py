@@ -51,6 +51,7 @@ from torch import nn
 
 from lrsweep import cache, data
 from lrsweep.allocate import allocate
+from lrsweep.allocate import scope as allocation_scope
 from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.methods import LayerStats
 
@@ -447,12 +448,15 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Any,
         results, info = streamed(model, layers, ctx, needs, ranks)
         return results, {**info, "allocation": alloc} if alloc else info
     if not needs:
-        ranks, alloc = allocate(model, layers, ctx, None)
-        return compress_model(model, layers, cfg, progress=progress, ranks=ranks), {"allocation": alloc} if alloc else {}
+        with allocation_scope(cfg):
+            ranks, alloc = allocate(model, layers, ctx, None)
+            results = compress_model(model, layers, cfg, progress=progress, ranks=ranks)
+        return results, {"allocation": alloc} if alloc else {}
     if not cfg.calib.get("sequential", False):
         stats, info = layer_stats(model, layers, ctx, needs)
-        ranks, alloc = allocate(model, layers, ctx, stats)
-        results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
+        with allocation_scope(cfg):
+            ranks, alloc = allocate(model, layers, ctx, stats)
+            results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
         return results, {**info, "allocation": alloc} if alloc else info
     source = SOURCES[cfg.model.kind]
     t0 = time.perf_counter()

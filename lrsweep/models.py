@@ -164,3 +164,22 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def config_stamp(mcfg: DictConfig) -> list | None:
+    """What a model's module tree depends on besides its config keys: the local config file's (or
+    GGUF file's) size and mtime, and the transformers version; None for hub ids and random-init
+    models built from the config alone (``random_init`` is in the config: stamp without a file)."""
+    from importlib.metadata import version
+
+    if mcfg.get("random_init"):
+        return [version("transformers")]
+    try:
+        path = Path(resolve_path(mcfg))
+    except ConfigError:
+        return None
+    f = path / mcfg.gguf_file if mcfg.get("gguf_file") else path / "config.json"
+    if not f.is_file():
+        return None
+    st = f.stat()
+    return [str(f), st.st_size, st.st_mtime_ns, version("transformers")]

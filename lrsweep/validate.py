@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, calib, evaluate, heal, methods, models, tying
+from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -49,9 +49,7 @@ def _replaceable(name: str, m: nn.Module) -> str | None:
     return None
 
 
-@lru_cache(maxsize=16)
-def _targets(model_json: str) -> dict[str, Target]:
-    mcfg = OmegaConf.create(json.loads(model_json))
+def _from_skeleton(mcfg: DictConfig) -> dict[str, Target]:
     skel = models.skeleton(mcfg)
     try:
         layers = models.target_modules(skel, mcfg.targets)
@@ -71,9 +69,40 @@ def _targets(model_json: str) -> dict[str, Target]:
     return out
 
 
+@lru_cache(maxsize=16)
+def _targets(model_json: str, cache_dir: str) -> dict[str, Target]:
+    """The targets of one model config, from its skeleton; kept on disk (``<cache_dir>/targets``)
+    under the model config and the stamp of its config file, so later processes (every job and
+    every sweep's planner) skip importing and building the model class."""
+    mcfg = OmegaConf.create(json.loads(model_json))
+    stamp = models.config_stamp(mcfg)
+    if stamp is None or not cache_dir:
+        return _from_skeleton(mcfg)
+    key = cache.digest({"version": 1, "model": model_json, "stamp": stamp})
+    path = Path(cache_dir) / "targets" / f"{key}.json"
+    try:
+        return {n: Target(tuple(t["shape"]), t["embedding"], tuple(t["tied"]))
+                for n, t in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    out = _from_skeleton(mcfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # ATOMIC-MERGE: one helper after #17
+        with os.fdopen(fd, "w") as f:
+            json.dump({n: {"shape": list(t.shape), "embedding": t.embedding, "tied": list(t.tied)}
+                       for n, t in out.items()}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the skeleton next time
+    return out
+
+
 def targets(cfg: DictConfig) -> dict[str, Target]:
     """The weights ``model.targets`` compresses, by leading module (tied modules folded in), in model order."""
-    return _targets(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True))
+    cache_dir = str(cfg.get("cache_dir") or "")
+    return _targets(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True),
+                    os.path.abspath(cache_dir) if cache_dir else "")
 
 
 def check_embedding_method(name: str, spec: MethodSpec) -> None:

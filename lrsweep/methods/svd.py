@@ -7,6 +7,11 @@ used is recorded in the factorization's ``info`` (and so in the row).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 
 from lrsweep.factorization import LowRank
@@ -21,11 +26,55 @@ def compute_dtype(W: torch.Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
+_SCOPES: list[dict[str, Any]] = []  # active reuse() scopes, innermost last
+
+
+@contextmanager
+def reuse() -> Iterator[dict[str, Any]]:
+    """Keep every full SVD that :func:`truncated_svd` computes within, keyed by the matrix's bytes
+    (and shape, dtype, device, driver): the same matrix again is truncated from the kept SVD, not
+    decomposed again. Rank allocation reads each layer's spectrum through the method itself, then
+    the method compresses at the chosen rank from the same decomposition. The scope yields
+    ``{"svds": {key: (U, S, Vh, solver)}, "last": key of the latest call, "hits": reuses}``."""
+    scope: dict[str, Any] = {"svds": {}, "last": None, "hits": 0}
+    _SCOPES.append(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPES.remove(scope)
+
+
+def active() -> dict[str, Any]:
+    """The innermost :func:`reuse` scope (RuntimeError outside one)."""
+    if not _SCOPES:
+        raise RuntimeError("no svd.reuse() scope is active")
+    return _SCOPES[-1]
+
+
+def _key(W: torch.Tensor, driver: str) -> str:
+    data = W.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return f"{tuple(W.shape)}:{W.dtype}:{W.device}:{driver}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
 def truncated_svd(W: torch.Tensor, rank: int, driver: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """(U_r, S_r, Vh_r, solver) of the rank-``rank`` truncated SVD of W, in fp32 (fp64 for fp64 input)."""
+    """(U_r, S_r, Vh_r, solver) of the rank-``rank`` truncated SVD of W, in fp32 (fp64 for fp64 input);
+    inside :func:`reuse`, from the kept decomposition when W was decomposed there before."""
     if driver not in DRIVERS:
         raise ValueError(f"svd driver={driver!r} is unknown; valid: {', '.join(DRIVERS)}")
     W = W.to(compute_dtype(W))
+    if not _SCOPES:
+        return _truncated_svd(W, rank, driver)
+    scope, key = _SCOPES[-1], _key(W, driver)
+    scope["last"] = key
+    if key in scope["svds"]:
+        scope["hits"] += 1
+    else:
+        scope["svds"][key] = _truncated_svd(W, min(W.shape), driver)
+    U, S, Vh, solver = scope["svds"][key]
+    return U[:, :rank], S[:rank], Vh[:rank], solver
+
+
+def _truncated_svd(W: torch.Tensor, rank: int, driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     if driver == "auto":
         driver = "gesvda" if W.is_cuda else "default"
     if driver == "default" or not W.is_cuda:

@@ -1,0 +1,80 @@
+"""svd.reuse(): allocation reads each layer's spectrum through the method, compression reuses its SVD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrsweep import allocate, methods
+from lrsweep.methods import LayerStats
+from lrsweep.methods import svd as svd_mod
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W, X = torch.randn(24, 16, generator=g), torch.randn(200, 16, generator=g).abs() + 0.1
+    stats = LayerStats.from_inputs(X)
+    stats.fisher = torch.rand(24, 16, generator=g)
+    return W, stats
+
+
+def test_reused_truncation_is_bitwise_the_fresh_one():
+    W = torch.randn(30, 20, generator=torch.Generator().manual_seed(3))
+    fresh = svd_mod.truncated_svd(W, 7)
+    with svd_mod.reuse() as scope:
+        first = svd_mod.truncated_svd(W, 3)
+        again = svd_mod.truncated_svd(W.clone(), 7)  # same bytes, another tensor: a hit
+        other = svd_mod.truncated_svd(W + 1e-6, 7)  # other bytes: decomposed on its own
+    assert scope["hits"] == 1 and len(scope["svds"]) == 2
+    for a, b in zip(fresh[:3], again[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[1], fresh[1][:3])
+    assert not torch.equal(other[1], fresh[1])
+    assert not svd_mod._SCOPES
+
+
+@pytest.mark.parametrize("method,opts", [("svd", {}), ("svdllm", {}), ("asvd", {}), ("fwsvd", {}),
+                                         ("fwsvd", {"side": "input"}), ("drone", {})])
+def test_method_spectrum_is_the_methods_own(method, opts):
+    """The spectrum read through the method equals the one computed in its metric, its rank-r weight is
+    the method's output, and compressing again in the scope decomposes nothing."""
+    W, stats = _data()
+    spec = methods.REGISTRY[method]
+    with svd_mod.reuse() as scope:
+        sp = allocate.method_spectrum(W, spec, stats, opts, bits=32, seed=5)
+        assert sp is not None and sp.source == "method"
+        computed = 1
+        assert len(scope["svds"]) == computed
+        for r in (2, 6):
+            f = spec.fn(W, rank=r, bits=32, seed=5, stats=stats, **opts)
+            assert torch.equal(sp.approx(r), f.reconstruct())
+        assert len(scope["svds"]) == computed and scope["hits"] == 4
+    if method != "drone":  # allocate.spectrum has no metric of its own for drone
+        ref = allocate.spectrum(W, spec, stats, opts)
+        assert torch.allclose(sp.S, ref.S, rtol=1e-4, atol=1e-6)
+    fresh = spec.fn(W, rank=6, bits=32, seed=5, stats=stats, **opts).reconstruct()
+    assert torch.allclose(sp.approx(6), fresh, atol=1e-5)
+
+
+def test_methods_without_a_reusable_svd_fall_back():
+    W, stats = _data()
+    with svd_mod.reuse():
+        assert allocate.method_spectrum(W, methods.REGISTRY["lplr"], None, {}, bits=8, seed=0) is None
+        assert allocate.method_spectrum(W, methods.REGISTRY["asvd"], stats, {"solver": "lowrank"}, 32, 0) is None
+
+
+def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, monkeypatch):
+    """A whole allocation + compression: every layer's SVD is computed once (by the allocation)."""
+    from conftest import FAST
+    from lrsweep.job import run
+
+    calls = []
+    real = svd_mod._truncated_svd
+    monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))
+    cfg = compose([*FAST, "param_ratio=0.5", "allocation=spectrum", "method=svdllm", "calib.n_samples=16",
+                   "model.targets='encoder\\.layer\\.0\\..*'", f"results_dir={tmp_path}", "logger=none",
+                   "eval.latency.repeats=1", "eval.latency.shapes=[]"])
+    row = run(cfg)
+    assert row.status == "ok", row.error
+    assert len(calls) == row.layers_compressed == 6
+    assert row.extra["allocation"]["spectra"] == {"method": 6, "metric": 0}
