@@ -15,7 +15,6 @@ only. ``dry_run=true`` lists the points with their status and estimated time, an
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import logging
 import os
 import statistics
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import identity
 from lrsweep.errors import ConfigError
-from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status, write_row
+from lrsweep.row import ResultRow, now, read_row, read_rows, row_path, row_status
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,6 @@ class Outcome:
 
 
 LAST: Outcome | None = None
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _row(results_dir: str, run_id: str) -> ResultRow | None:
@@ -175,7 +170,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         log.info(f"[lrsweep] {len(todo)} points in {len(jobs)} jobs (points_per_job={per_job})")
     executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
-    since = _now()
+    since = now()
     args = [(job, Singleton.get_state(), since) for job in jobs]
     submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
     LAST.job_ids = [str(j.job_id) for j in submitted]
@@ -250,23 +245,18 @@ def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobRe
 
 def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultRow:
     """The failed row of a point whose job ended without writing it, with submitit's view of the job."""
-    from lrsweep.job import new_row
+    from lrsweep.job import write_failed
 
-    # without the hydra node: its runtime interpolations are only set inside the job
-    row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
-    row.slurm_job_id = str(job.job_id) if launcher._EXECUTOR == "slurm" else None
-    row.log_path = str(job.paths.stdout)
     state = getattr(job, "state", "")
     # submitit's first two lines say what happened ("... has not produced any output (state: ...)")
     first = " ".join(str(error).strip().splitlines()[:2])
-    row.error = {"type": type(error).__name__,
-                 "message": f"job {job.job_id} ended without a row (state {state}; killed, out of memory "
-                            f"or crashed): {first}",
-                 "traceback": (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error))}
-    row.extra["job_state"] = state
-    row.finished_at = _now()
-    write_row(p.results_dir, row)
-    return row
+    # without the hydra node: its runtime interpolations are only set inside the job
+    return write_failed(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]), error,
+                        f"job {job.job_id} ended without a row (state {state}; killed, out of memory or crashed): "
+                        f"{first}",
+                        (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error)),
+                        slurm_job_id=str(job.job_id) if launcher._EXECUTOR == "slurm" else None,
+                        log_path=str(job.paths.stdout), extra={"job_state": state})
 
 
 # ---------------------------------------------------------------- inside a job
@@ -300,11 +290,7 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
             row = _written_since(p, since)
             if row is None:  # raised outside lrsweep's row handling: the point's failed row, then the next
                 error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
-                row = job.new_row(p.cfg)
-                row.error = {"type": type(error).__name__, "message": str(error),
-                             "traceback": "".join(traceback.format_exception(error))}
-                row.finished_at = _now()
-                write_row(p.results_dir, row)
+                row = job.write_failed(p.cfg, error)
             out.append(_returned(p, row))
     return out
 
