@@ -140,15 +140,36 @@ def slots(launcher: Any) -> int:
     return max(1, int(launcher.params.get(key) or 1))
 
 
+def gpus_requested(params: Any) -> int:
+    """GPUs per job asked of the launcher (gpus_per_node, gpus_per_task, or a gpu gres)."""
+    return int(params.get("gpus_per_node") or 0) or int(params.get("gpus_per_task") or 0) \
+        or int("gpu" in str(params.get("gres") or ""))
+
+
+def auto_device(launcher: Any) -> str | None:
+    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.auto_device):
+    a job sees the GPUs its launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none
+    without; a local job's are this machine's (None: cuda when available here), a SLURM job's cuda."""
+    if not gpus_requested(launcher.params):
+        return "cpu"
+    return None if launcher._EXECUTOR == "local" else "cuda"
+
+
 # ---------------------------------------------------------------- launching
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """Plan, skip what is ok, pack, submit, wait and account for every point: one JobReturn per point run."""
+    with identity.auto_device(auto_device(launcher)):
+        return _launch(launcher, job_overrides, initial_job_idx)
+
+
+def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     global LAST
     per_job = points_per_job(launcher.params.get("points_per_job", 1))
     points = plan(launcher, job_overrides, initial_job_idx)
     slurm = launcher._EXECUTOR == "slurm"
     if slurm:
         preflight(launcher.params, points)
+    check_gpus(launcher.params, points)
     active = _active(points) if slurm else {}
     results_dir = points[0].results_dir if points else ""
     if points and points[0].cfg.get("dry_run"):
@@ -322,18 +343,22 @@ def preflight(params: dict[str, Any], points: list[Point]) -> None:
         if q not in gres:
             raise ConfigError("hydra.launcher.partition", f"{q!r} is not a partition of this cluster"
                               f"{did_you_mean(q, gres)}", sorted(gres))
-    gpus = int(params.get("gpus_per_node") or 0) or int(params.get("gpus_per_task") or 0) \
-        or int("gpu" in str(params.get("gres") or ""))
-    if gpus > 0:
-        for q in wanted:
-            if not any("gpu" in g for g in gres[q]):
-                raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
-                                  f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
-    else:
-        for p in points:
-            if str(p.cfg.device).startswith("cuda"):
-                raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
-                                  "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu"])
+    gpus = gpus_requested(params)
+    for q in wanted if gpus > 0 else []:
+        if not any("gpu" in g for g in gres[q]):
+            raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
+                              f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
+
+
+def check_gpus(params: dict[str, Any], points: list[Point]) -> None:
+    """ConfigError for device=cuda in jobs that ask for no GPU: they see none (submitit's local jobs
+    get CUDA_VISIBLE_DEVICES='' unless hydra.launcher.gpus_per_node is set)."""
+    if gpus_requested(params):
+        return
+    for p in points:
+        if str(p.cfg.device).startswith("cuda"):
+            raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
+                              "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu", "hydra.launcher.gpus_per_node=1"])
 
 
 def _active(points: list[Point]) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CONF
 from lrsweep.identity import run_id, run_name
@@ -50,7 +51,8 @@ def test_launcher_configs_compose(compose):
     assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.parallelism >= 1
 
 
-def test_run_id_ignores_launcher_logger_paths_and_device(compose):
+def test_run_id_ignores_launcher_logger_and_paths(compose, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # device=auto is cpu here (its type counts)
     base = run_id(compose())
     for same in (["logger=none"], ["results_dir=/elsewhere"], ["device=cpu"], ["cache_dir=/c"],
                  ["sweep_name=abc"], ["progress=false"]):
@@ -81,5 +83,26 @@ EARLIER_RUN_IDS = {"": "521f5d9592f6", "model=smollm2": "34f9ea320546", "method=
 
 
 @pytest.mark.parametrize("overrides", sorted(EARLIER_RUN_IDS))
-def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides):
+def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # these ids were computed on CPU (device=auto)
     assert run_id(compose(overrides.split())) == EARLIER_RUN_IDS[overrides]
+    assert run_id(compose([*overrides.split(), "device=cpu", "save_compressed=true"])) == EARLIER_RUN_IDS[overrides]
+
+
+def test_run_id_has_the_device_type_but_not_the_gpu_index(compose, monkeypatch):
+    from lrsweep import identity
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu, cuda = run_id(compose(["device=cpu"])), run_id(compose(["device=cuda"]))
+    assert cpu != cuda and run_id(compose(["device=cuda:1"])) == cuda  # a CPU row does not block the GPU rerun
+    assert run_id(compose(["device=auto"])) == cpu  # auto: what this machine has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_id(compose(["device=auto"])) == cuda
+    with identity.auto_device("cpu"):  # a sweep planning jobs that see no GPU
+        assert run_id(compose(["device=auto"])) == cpu and run_id(compose(["device=cuda"])) == cuda
+    assert run_name(compose(["device=auto"])).endswith(cuda)
+
+
+def test_save_compressed_changes_no_run_id(compose):
+    for base in ([], ["method=lplr", "bits=4"], ["device=cuda"]):
+        assert run_id(compose([*base, "save_compressed=true"])) == run_id(compose([*base, "save_compressed=false"]))
