@@ -106,9 +106,14 @@ def _needs(cfg: DictConfig) -> tuple[str, ...]:
         return ("fisher",)
 
 
-def run_id(cfg: DictConfig) -> str:
-    payload = json.dumps({"schema_version": SCHEMA_VERSION, **experiment_config(cfg)}, sort_keys=True, default=str)
+def digest(experiment: dict[str, Any]) -> str:
+    """The run_id of an experiment config (:func:`experiment_config`)."""
+    payload = json.dumps({"schema_version": SCHEMA_VERSION, **experiment}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def run_id(cfg: DictConfig) -> str:
+    return digest(experiment_config(cfg))
 
 
 def run_name(cfg: DictConfig) -> str:
