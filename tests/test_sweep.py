@@ -47,6 +47,10 @@ def test_sweep_writes_four_ok_rows(sweep):
         assert len(r.layer_errors) == 36
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout
     assert "| minilm" in proc.stdout and "tradeoff.png" in proc.stdout
+    # each point's messages (logging) are in its Hydra job's log file: <sweep dir>/<job num>/cli.log
+    logs = "".join(open(f).read() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
+    for r in rows:
+        assert f"[lrsweep] row {results / 'rows' / r.run_id}.json (ok)" in logs
     assert (results / "tradeoff.png").stat().st_size > 0
 
 
