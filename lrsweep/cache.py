@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+
+from lrsweep import atomic
 
 
 def digest(obj: Any) -> str:
@@ -54,11 +55,6 @@ def get_or_compute(cache_dir: str | os.PathLike, namespace: str, key: dict[str, 
             return (*found, True)
         tensors, info = compute()
         meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic.replacing(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
         return tensors, json.loads(json.dumps(info, default=str)), False

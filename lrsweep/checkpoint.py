@@ -10,12 +10,13 @@ which earlier attempts were stopped; the file is removed once the row is written
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lrsweep import atomic, slurm
+from lrsweep.row import now
 
 # the grid point running in this process: results_dir, run_id, stage (set by lrsweep.job)
 STATE: dict[str, Any] = {}
@@ -54,19 +55,10 @@ def save(reason: str) -> Path | None:
     """Append the running point's state to its checkpoint file (atomically); None if no point runs."""
     if not STATE.get("run_id"):
         return None
-    env = os.environ
-    job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" \
-        or env.get("SLURM_JOB_ID")
     record = {k: v for k, v in STATE.items() if k not in ("results_dir", "run_id")}
-    record.update(job_id=job_id, reason=reason, at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    p = path(STATE["results_dir"], STATE["run_id"])
-    p.parent.mkdir(parents=True, exist_ok=True)
+    record.update(job_id=slurm.job_id(), reason=reason, at=now())
     data = {"run_id": STATE["run_id"], "attempts": [*attempts(STATE["results_dir"], STATE["run_id"]), record]}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, p)
-    return p
+    return atomic.write_json(path(STATE["results_dir"], STATE["run_id"]), data)
 
 
 def clear(results_dir: str | os.PathLike, run_id: str) -> None:

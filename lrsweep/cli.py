@@ -41,12 +41,7 @@ def _task(cfg: DictConfig) -> str:
     try:
         return job.run(cfg).status
     except ConfigError as e:  # inside a sweep job (e.g. no GPU on this node): a failed row
-        from lrsweep.row import write_row
-
-        row = job.new_row(cfg)
-        row.error = {"type": "ConfigError", "message": str(e), "traceback": ""}
-        row.finished_at = job._now()
-        write_row(os.path.abspath(str(cfg.results_dir)), row)
+        job.write_failed(cfg, e, traceback="")
         return "failed"
 
 

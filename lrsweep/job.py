@@ -13,7 +13,6 @@ same cores never time at once; the row's ``extra["latency_measurement"]`` says h
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import hashlib
 import logging
@@ -23,7 +22,6 @@ import platform
 import socket
 import subprocess
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +30,12 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import allocate, calib, checkpoint, evaluate, heal, identity, models
+from lrsweep import allocate, calib, checkpoint, evaluate, heal, identity, models, slurm
 from lrsweep.compress import LayerResult
-from lrsweep.row import ResultRow, row_status, write_row
+from lrsweep.row import ResultRow, now, row_status, write_row
 from lrsweep.validate import resolve_device, validate
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+log = logging.getLogger(__name__)
 
 
 def git_sha() -> str:
@@ -82,11 +78,8 @@ def model_key(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _slurm_fields(row: ResultRow) -> None:
-    env = os.environ
-    row.slurm_job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}" \
-        or env.get("SLURM_JOB_ID")
-    row.slurm_array_index = env.get("SLURM_ARRAY_TASK_ID")
-    if env.get("SUBMITIT_FOLDER") and env.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: its log file
+    row.slurm_job_id, row.slurm_array_index = slurm.job_id(), slurm.array_index()
+    if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: its log file
         import submitit
 
         row.log_path = str(submitit.JobEnvironment().paths.stdout)
@@ -104,10 +97,21 @@ def new_row(cfg: DictConfig) -> ResultRow:
                     bits=cfg.bits, budget=cfg.budget, param_ratio=cfg.get("param_ratio"),
                     seed=int(cfg.seed),
                     run_name=identity.run_name(cfg), sweep=str(cfg.get("sweep_name") or ""),
-                    started_at=_now(), git_sha=git_sha(), versions=versions(), host=socket.gethostname(),
+                    started_at=now(), git_sha=git_sha(), versions=versions(), host=socket.gethostname(),
                     config=OmegaConf.to_container(cfg, resolve=True))
     row.config.pop("hydra", None)
     _slurm_fields(row)
+    return row
+
+
+def write_failed(cfg: DictConfig, error: BaseException, message: str | None = None, traceback: str | None = None,
+                 **fields: Any) -> ResultRow:
+    """Write the failed row of a grid point that has no row of its own (ResultRow.fail; ``fields``
+    set before it), e.g. a job that died or a point that could not start."""
+    row = new_row(cfg)
+    for key, value in fields.items():
+        setattr(row, key, value)
+    write_row(os.path.abspath(str(cfg.results_dir)), row.fail(error, message, traceback))
     return row
 
 
@@ -232,7 +236,7 @@ def release(device: str) -> None:
         try:
             _restore(d, device)
         except Exception as e:  # the next point loads the model again
-            logging.getLogger(__name__).warning(f"[lrsweep] dense model not restored ({e}); the next point reloads it")
+            log.warning(f"[lrsweep] dense model not restored ({e}); the next point reloads it")
             PACK["dense"] = None
 
 
@@ -349,7 +353,7 @@ def run(cfg: DictConfig) -> ResultRow:
     if row_status(results_dir, rid) == "ok" and not cfg.get("force", False):
         from lrsweep.row import read_row, row_path
 
-        print(f"[lrsweep] {rid} already ok, skipped")
+        log.info(f"[lrsweep] {rid} already ok, skipped")
         return read_row(row_path(results_dir, rid))
     validate(cfg)
     row = new_row(cfg)
@@ -358,14 +362,13 @@ def run(cfg: DictConfig) -> ResultRow:
     try:
         execute(cfg, row)
     except Exception as e:  # any failure of the job becomes a failed row
-        row.status = "failed"
-        row.error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()}
+        row.fail(e)
         row.wall_seconds = time.perf_counter() - t0
-        print(f"[lrsweep] {rid} failed: {type(e).__name__}: {e}")
+        log.error(f"[lrsweep] {rid} failed: {type(e).__name__}: {e}")
     release(row.device or "cpu")
-    row.finished_at = _now()
+    row.finished_at = now()
     path = write_row(results_dir, row)
     checkpoint.clear(results_dir, rid)
-    print(f"[lrsweep] row {path} ({row.status})")
+    log.info(f"[lrsweep] row {path} ({row.status})")
     log_row(cfg, row)
     return row

@@ -18,15 +18,13 @@ n}} (lm-eval's metric names without the ``,none`` filter suffix; ``n`` = items s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import cache
+from lrsweep import atomic, cache
 from lrsweep.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -68,14 +66,6 @@ def task_yaml(name: str, data_file: str, template: str, verbalizers: list[str]) 
     }
 
 
-def _write(path: Path, text: str) -> None:
-    """Atomic write (content-addressed folder: concurrent writers write the same bytes)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def render_local_task(ctx: Context) -> Path:
     """Write the offline task (yaml + test.jsonl) under the cache dir; return its folder."""
     import yaml
@@ -89,10 +79,10 @@ def render_local_task(ctx: Context) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data_file = folder / "test.jsonl"
     if not data_file.exists():
-        _write(data_file, docs)
+        atomic.write_text(data_file, docs)  # content-addressed: concurrent writers write the same bytes
     spec = yaml.safe_dump(task_yaml(name, str(data_file), template, verbalizers), sort_keys=False, allow_unicode=True)
     if not (folder / f"{name}.yaml").exists():
-        _write(folder / f"{name}.yaml", spec)
+        atomic.write_text(folder / f"{name}.yaml", spec)
     return folder
 
 

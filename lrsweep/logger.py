@@ -7,12 +7,15 @@ never read, printed or stored here: wandb takes it from its own settings when on
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from lrsweep.row import ResultRow
+
+log = logging.getLogger(__name__)
 
 
 def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
@@ -39,7 +42,7 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
         run.finish(exit_code=0 if row.status == "ok" else 1)
         return run_dir
     except Exception as e:  # the row is already on disk: report, do not fail the job
-        print(f"[lrsweep] W&B logging failed for {row.run_id}: {type(e).__name__}: {e}")
+        log.warning(f"[lrsweep] W&B logging failed for {row.run_id}: {type(e).__name__}: {e}")
         return None
 
 

@@ -1,22 +1,31 @@
 """The result row: one typed schema shared by the runner, W&B logging and analysis.
 
-One JSON object per run at ``<results_dir>/rows/<run_id>.json``, written atomically (unique
-temp file + ``os.replace``) so a reader never sees a partial row.
+One JSON object per run at ``<results_dir>/rows/<run_id>.json``, written atomically
+(lrsweep.atomic) so a reader never sees a partial row. A failed grid point's row is made by
+:meth:`ResultRow.fail`, wherever the failure is seen (the job, the CLI, the sweep).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import math
 import os
-import tempfile
+import traceback as tb
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
+from lrsweep import atomic
+
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed")
+
+
+def now() -> str:
+    """The UTC time of a row's started_at / finished_at."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -111,6 +120,15 @@ class ResultRow:
             raise ValueError(f"row has unknown keys {sorted(unknown)}")
         return cls(**data)
 
+    def fail(self, error: BaseException, message: str | None = None, traceback: str | None = None) -> ResultRow:
+        """Mark the row failed, finished now: ``error`` = {type, message, traceback}, the message and
+        traceback being the exception's own unless given."""
+        self.status = "failed"
+        self.error = {"type": type(error).__name__, "message": str(error) if message is None else message,
+                      "traceback": "".join(tb.format_exception(error)) if traceback is None else traceback}
+        self.finished_at = now()
+        return self
+
     def summary(self) -> dict[str, Any]:
         """The flat scalars of the row: what goes into the W&B run summary."""
         return {k: v for k, v in self.to_dict().items() if not isinstance(v, dict | list) and v is not None}
@@ -142,21 +160,8 @@ def row_path(results_dir: str | os.PathLike, run_id: str) -> Path:
 
 
 def write_row(results_dir: str | os.PathLike, row: ResultRow) -> Path:
-    """Write the row atomically: a unique temp file in the same directory, fsync, os.replace."""
-    path = row_path(results_dir, row.run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row.to_dict(), indent=1, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{row.run_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the row atomically (lrsweep.atomic): a reader sees the old row or the new one."""
+    return atomic.write_json(row_path(results_dir, row.run_id), row.to_dict())
 
 
 def read_row(path: str | os.PathLike) -> ResultRow:

@@ -21,11 +21,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrsweep import atomic
 from lrsweep.row import read_rows
 
 # SLURM states of a job that has not ended yet
@@ -40,17 +40,10 @@ def manifest_dir(results_dir: str | os.PathLike) -> Path:
 def write_manifest(results_dir: str | os.PathLike, sweep: str, array_job_id: str, submitit_folder: str,
                    points: list[dict[str, Any]]) -> Path:
     """Record a submitted array: its points (index, run_id, job_id, overrides) and its command."""
-    d = manifest_dir(results_dir)
-    d.mkdir(parents=True, exist_ok=True)
     data = {"sweep": sweep, "array_job_id": array_job_id, "submitit_folder": submitit_folder,
             "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "cwd": os.getcwd(), "argv": [sys.executable, "-m", "lrsweep", *sys.argv[1:]], "points": points}
-    path = d / f"{sweep}-{array_job_id}.json"
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{path.stem}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(manifest_dir(results_dir) / f"{sweep}-{array_job_id}.json", data)
 
 
 def read_manifests(results_dir: str | os.PathLike) -> list[dict[str, Any]]:

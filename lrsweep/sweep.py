@@ -15,7 +15,6 @@ only. ``dry_run=true`` lists the points with their status and estimated time, an
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import logging
 import os
 import statistics
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import identity
 from lrsweep.errors import ConfigError
-from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status, write_row
+from lrsweep.row import ResultRow, now, read_row, read_rows, row_path, row_status
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,6 @@ class Outcome:
 
 
 LAST: Outcome | None = None
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _row(results_dir: str, run_id: str) -> ResultRow | None:
@@ -145,15 +140,36 @@ def slots(launcher: Any) -> int:
     return max(1, int(launcher.params.get(key) or 1))
 
 
+def gpus_requested(params: Any) -> int:
+    """GPUs per job asked of the launcher (gpus_per_node, gpus_per_task, or a gpu gres)."""
+    return int(params.get("gpus_per_node") or 0) or int(params.get("gpus_per_task") or 0) \
+        or int("gpu" in str(params.get("gres") or ""))
+
+
+def auto_device(launcher: Any) -> str | None:
+    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.auto_device):
+    a job sees the GPUs its launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none
+    without; a local job's are this machine's (None: cuda when available here), a SLURM job's cuda."""
+    if not gpus_requested(launcher.params):
+        return "cpu"
+    return None if launcher._EXECUTOR == "local" else "cuda"
+
+
 # ---------------------------------------------------------------- launching
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """Plan, skip what is ok, pack, submit, wait and account for every point: one JobReturn per point run."""
+    with identity.auto_device(auto_device(launcher)):
+        return _launch(launcher, job_overrides, initial_job_idx)
+
+
+def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     global LAST
     per_job = points_per_job(launcher.params.get("points_per_job", 1))
     points = plan(launcher, job_overrides, initial_job_idx)
     slurm = launcher._EXECUTOR == "slurm"
     if slurm:
         preflight(launcher.params, points)
+    check_gpus(launcher.params, points)
     active = _active(points) if slurm else {}
     results_dir = points[0].results_dir if points else ""
     if points and points[0].cfg.get("dry_run"):
@@ -175,7 +191,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         log.info(f"[lrsweep] {len(todo)} points in {len(jobs)} jobs (points_per_job={per_job})")
     executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
-    since = _now()
+    since = now()
     args = [(job, Singleton.get_state(), since) for job in jobs]
     submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
     LAST.job_ids = [str(j.job_id) for j in submitted]
@@ -250,23 +266,18 @@ def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobRe
 
 def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultRow:
     """The failed row of a point whose job ended without writing it, with submitit's view of the job."""
-    from lrsweep.job import new_row
+    from lrsweep.job import write_failed
 
-    # without the hydra node: its runtime interpolations are only set inside the job
-    row = new_row(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]))
-    row.slurm_job_id = str(job.job_id) if launcher._EXECUTOR == "slurm" else None
-    row.log_path = str(job.paths.stdout)
     state = getattr(job, "state", "")
     # submitit's first two lines say what happened ("... has not produced any output (state: ...)")
     first = " ".join(str(error).strip().splitlines()[:2])
-    row.error = {"type": type(error).__name__,
-                 "message": f"job {job.job_id} ended without a row (state {state}; killed, out of memory "
-                            f"or crashed): {first}",
-                 "traceback": (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error))}
-    row.extra["job_state"] = state
-    row.finished_at = _now()
-    write_row(p.results_dir, row)
-    return row
+    # without the hydra node: its runtime interpolations are only set inside the job
+    return write_failed(OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]), error,
+                        f"job {job.job_id} ended without a row (state {state}; killed, out of memory or crashed): "
+                        f"{first}",
+                        (job.stderr() or "")[-4000:] + "\n" + "".join(traceback.format_exception(error)),
+                        slurm_job_id=str(job.job_id) if launcher._EXECUTOR == "slurm" else None,
+                        log_path=str(job.paths.stdout), extra={"job_state": state})
 
 
 # ---------------------------------------------------------------- inside a job
@@ -300,11 +311,7 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
             row = _written_since(p, since)
             if row is None:  # raised outside lrsweep's row handling: the point's failed row, then the next
                 error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
-                row = job.new_row(p.cfg)
-                row.error = {"type": type(error).__name__, "message": str(error),
-                             "traceback": "".join(traceback.format_exception(error))}
-                row.finished_at = _now()
-                write_row(p.results_dir, row)
+                row = job.write_failed(p.cfg, error)
             out.append(_returned(p, row))
     return out
 
@@ -336,18 +343,22 @@ def preflight(params: dict[str, Any], points: list[Point]) -> None:
         if q not in gres:
             raise ConfigError("hydra.launcher.partition", f"{q!r} is not a partition of this cluster"
                               f"{did_you_mean(q, gres)}", sorted(gres))
-    gpus = int(params.get("gpus_per_node") or 0) or int(params.get("gpus_per_task") or 0) \
-        or int("gpu" in str(params.get("gres") or ""))
-    if gpus > 0:
-        for q in wanted:
-            if not any("gpu" in g for g in gres[q]):
-                raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
-                                  f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
-    else:
-        for p in points:
-            if str(p.cfg.device).startswith("cuda"):
-                raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
-                                  "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu"])
+    gpus = gpus_requested(params)
+    for q in wanted if gpus > 0 else []:
+        if not any("gpu" in g for g in gres[q]):
+            raise ConfigError("hydra.launcher.gpus_per_node", f"{gpus} GPU(s) per node requested but "
+                              f"partition {q!r} has no GPUs (gres {sorted(gres[q])})", [0])
+
+
+def check_gpus(params: dict[str, Any], points: list[Point]) -> None:
+    """ConfigError for device=cuda in jobs that ask for no GPU: they see none (submitit's local jobs
+    get CUDA_VISIBLE_DEVICES='' unless hydra.launcher.gpus_per_node is set)."""
+    if gpus_requested(params):
+        return
+    for p in points:
+        if str(p.cfg.device).startswith("cuda"):
+            raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
+                              "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu", "hydra.launcher.gpus_per_node=1"])
 
 
 def _active(points: list[Point]) -> dict[str, str]:

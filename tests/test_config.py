@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import CONF
 from lrsweep.identity import run_id, run_name
@@ -50,7 +51,8 @@ def test_launcher_configs_compose(compose):
     assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.parallelism >= 1
 
 
-def test_run_id_ignores_launcher_logger_paths_and_device(compose):
+def test_run_id_ignores_launcher_logger_and_paths(compose, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # device=auto is cpu here (its type counts)
     base = run_id(compose())
     for same in (["logger=none"], ["results_dir=/elsewhere"], ["device=cpu"], ["cache_dir=/c"],
                  ["sweep_name=abc"], ["progress=false"]):
@@ -81,5 +83,52 @@ EARLIER_RUN_IDS = {"": "521f5d9592f6", "model=smollm2": "34f9ea320546", "method=
 
 
 @pytest.mark.parametrize("overrides", sorted(EARLIER_RUN_IDS))
-def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides):
+def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # these ids were computed on CPU (device=auto)
     assert run_id(compose(overrides.split())) == EARLIER_RUN_IDS[overrides]
+    assert run_id(compose([*overrides.split(), "device=cpu", "save_compressed=true"])) == EARLIER_RUN_IDS[overrides]
+
+
+def test_run_id_has_the_device_type_but_not_the_gpu_index(compose, monkeypatch):
+    from lrsweep import identity
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu, cuda = run_id(compose(["device=cpu"])), run_id(compose(["device=cuda"]))
+    assert cpu != cuda and run_id(compose(["device=cuda:1"])) == cuda  # a CPU row does not block the GPU rerun
+    assert run_id(compose(["device=auto"])) == cpu  # auto: what this machine has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run_id(compose(["device=auto"])) == cuda
+    with identity.auto_device("cpu"):  # a sweep planning jobs that see no GPU
+        assert run_id(compose(["device=auto"])) == cpu and run_id(compose(["device=cuda"])) == cuda
+    assert run_name(compose(["device=auto"])).endswith(cuda)
+
+
+def test_save_compressed_changes_no_run_id(compose):
+    for base in ([], ["method=lplr", "bits=4"], ["device=cuda"]):
+        assert run_id(compose([*base, "save_compressed=true"])) == run_id(compose([*base, "save_compressed=false"]))
+
+
+def test_rekey_moves_gpu_and_save_compressed_rows_to_their_id_now(compose, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from lrsweep import rekey
+    from lrsweep.row import ResultRow, read_rows, write_row
+
+    def row(overrides, earlier, device):  # a row as written before the device type was in run_id
+        config = OmegaConf.to_container(compose(overrides), resolve=True)
+        return ResultRow(run_id=earlier, status="ok", device=device, run_name=f"minilm-svd-{earlier}", config=config)
+
+    gpu = row([], "521f5d9592f6", "cuda:0")  # the default config's id before (tests: EARLIER_RUN_IDS)
+    saved = row(["save_compressed=true", "bits=8"], "f425b6e1bb01", "cpu")  # id of main at 4b3c400
+    cpu = row(["bits=4"], run_id(compose(["bits=4", "device=cpu"])), "cpu")
+    failed = row(["save_compressed=true"], "55a32ca50a66", "")  # no device recorded, config says auto
+    for r in (gpu, saved, cpu, failed):
+        write_row(tmp_path, r)
+    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "2 rows to move" in capsys.readouterr().out
+    moves = rekey.rekey(tmp_path)
+    new_gpu, new_saved = run_id(compose(["device=cuda"])), run_id(compose(["bits=8", "device=cpu"]))
+    assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved")])
+    rows = {r.run_id: r for r in read_rows(tmp_path)}
+    assert set(rows) == {new_gpu, new_saved, cpu.run_id, "55a32ca50a66"}
+    assert rows[new_gpu].run_name == f"minilm-svd-{new_gpu}" and rows[new_gpu].device == "cuda:0"
+    assert rekey.rekey(tmp_path) == []  # idempotent

@@ -46,3 +46,54 @@ def test_run_ids_cannot_escape_results_dir(tmp_path, bad):
 def test_summary_is_flat_scalars():
     s = ResultRow(run_id="r", accuracy=0.7, layer_errors={"a": 1.0}, config={"k": 1}).summary()
     assert s["accuracy"] == 0.7 and "layer_errors" not in s and "config" not in s and "error" not in s
+
+
+def test_fail_records_the_exception_or_the_given_message_and_traceback():
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as e:
+        row = ResultRow(run_id="r1", status="ok").fail(e)
+    assert row.status == "failed" and row.finished_at
+    assert row.error["type"] == "RuntimeError" and row.error["message"] == "boom"
+    assert "Traceback" in row.error["traceback"] and 'raise RuntimeError("boom")' in row.error["traceback"]
+    given = ResultRow(run_id="r2").fail(KeyError("k"), "job 7 ended without a row", "stderr tail")
+    assert given.error == {"type": "KeyError", "message": "job 7 ended without a row", "traceback": "stderr tail"}
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_the_writer_raises(tmp_path):
+    from lrsweep import atomic
+
+    target = tmp_path / "d" / "f.json"
+    atomic.write_json(target, {"v": 1})
+    with pytest.raises(OSError, match="disk full"):
+        with atomic.replacing(target) as tmp:
+            tmp.write_text('{"v": 2, "part')
+            raise OSError("disk full")
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+    atomic.write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_atomic_write_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from lrsweep import atomic
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
+    atomic.write_text(tmp_path / "x.txt", "x")
+    assert synced == [False, True]  # the temp file before the rename, the directory after
+
+
+@pytest.mark.parametrize("env, job_id, index", [
+    ({}, None, None),
+    ({"SLURM_JOB_ID": "77"}, "77", None),
+    ({"SLURM_JOB_ID": "78", "SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "4"}, "70_4", "4"),
+])
+def test_slurm_job_id_names_array_tasks_as_squeue_does(env, job_id, index):
+    from lrsweep import slurm
+
+    assert slurm.job_id(env) == job_id and slurm.array_index(env) == index

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import FAST, REPO, run_cli
 from lrsweep import job
@@ -46,6 +47,10 @@ def test_sweep_writes_four_ok_rows(sweep):
         assert len(r.layer_errors) == 36
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout
     assert "| minilm" in proc.stdout and "tradeoff.png" in proc.stdout
+    # each point's messages (logging) are in its Hydra job's log file: <sweep dir>/<job num>/cli.log
+    logs = "".join(open(f).read() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
+    for r in rows:
+        assert f"[lrsweep] row {results / 'rows' / r.run_id}.json (ok)" in logs
     assert (results / "tradeoff.png").stat().st_size > 0
 
 
@@ -192,6 +197,10 @@ def test_single_run_without_m(tmp_path):
     (row,) = read_rows(tmp_path)
     assert row.status == "ok" and row.bits == 8 and row.rank == 4
     assert json.loads((tmp_path / "rows" / f"{row.run_id}.json").read_text())["config"]["bits"] == 8
+    # messages go through logging: on stdout as before, and in the run's Hydra log file
+    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in proc.stdout
+    (log,) = glob.glob(str(tmp_path / "hydra" / "*" / "*.log"))
+    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in open(log).read()
 
 
 def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):
@@ -211,3 +220,34 @@ def test_points_differing_only_in_how_they_compress_share_the_dense_model(compos
         assert dense_key(compose(point)) == base, point
     for other in (["seed=1"], ["data=bbc"], ["model.targets=encoder\\.layer\\.0\\..*"]):
         assert dense_key(compose(other)) != base, other
+
+
+@pytest.mark.parametrize("executor, params, auto", [
+    ("local", {}, "cpu"),  # submitit's local jobs get CUDA_VISIBLE_DEVICES='' unless GPUs are requested
+    ("local", {"gpus_per_node": 1}, None),  # this machine's: cuda when available here
+    ("slurm", {"gpus_per_node": 0}, "cpu"),
+    ("slurm", {"gpus_per_node": 2}, "cuda"),  # planned on the login node for jobs on GPU nodes
+    ("slurm", {"gres": "gpu:1"}, "cuda"),
+])
+def test_device_auto_of_a_sweep_is_what_its_jobs_see(compose, executor, params, auto):
+    from types import SimpleNamespace
+
+    from lrsweep import identity, sweep
+    from lrsweep.identity import run_id
+
+    launcher = SimpleNamespace(_EXECUTOR=executor, params=params)
+    assert sweep.auto_device(launcher) == auto
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    with identity.auto_device(sweep.auto_device(launcher)):
+        assert run_id(compose(["device=auto"])) == run_id(compose([f"device={auto or here}"]))
+
+
+def test_device_cuda_in_jobs_without_gpus_is_a_config_error(compose):
+    from lrsweep import sweep
+    from lrsweep.errors import ConfigError
+
+    points = [sweep.Point(0, [], compose(["device=cuda"]), "x")]
+    with pytest.raises(ConfigError, match="'cuda' but the jobs ask for no GPU"):
+        sweep.check_gpus({}, points)
+    sweep.check_gpus({"gpus_per_node": 1}, points)
+    sweep.check_gpus({}, [sweep.Point(0, [], compose(["device=auto"]), "x")])
