@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, tying
+from lrsweep import allocate, atomic, cache, calib, evaluate, heal, methods, models, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -88,11 +88,8 @@ def _targets(model_json: str, cache_dir: str) -> dict[str, Target]:
     out = _from_skeleton(mcfg)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # ATOMIC-MERGE: one helper after #17
-        with os.fdopen(fd, "w") as f:
-            json.dump({n: {"shape": list(t.shape), "embedding": t.embedding, "tied": list(t.tied)}
-                       for n, t in out.items()}, f)
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps({n: {"shape": list(t.shape), "embedding": t.embedding,
+                                                 "tied": list(t.tied)} for n, t in out.items()}))
     except OSError:
         pass  # a read-only cache only costs the skeleton next time
     return out
