@@ -51,7 +51,7 @@ def test_composed_method_config_is_what_it_was(compose, method):
 def test_every_default_lives_in_the_dataclass(compose, method):
     """The yaml names its base config (and calibration) only; the composed config is the dataclass's."""
     yaml = OmegaConf.load(CONF / "method" / f"{method}.yaml")
-    assert set(yaml) == {"defaults"} and f"base_{method}" in yaml.defaults
+    assert set(yaml) == {"defaults"} and f"base/{method}@_here_" in yaml.defaults
     spec = REGISTRY[method]
     composed = OmegaConf.to_container(compose([f"method={method}"]).method)
     assert composed == {"name": method, "_target_": spec.target, **dataclasses.asdict(spec.option_type())}

@@ -4,7 +4,7 @@ A built-in method is a function ``fn(W, o, *, rank, bits, seed, stats=None) -> F
 options ``o`` are an instance of its options dataclass (quantizing methods extend
 :class:`QuantizerOptions`). ``@register(name, Options, ...)`` records both; the dataclass is the one
 place of every default: it gives the method config (stored in Hydra's ConfigStore as
-``method/base_<name>``, which conf/method/<name>.yaml extends), the valid option keys
+``method/base/<name>``, which conf/method/<name>.yaml extends), the valid option keys
 (:meth:`MethodSpec.options`) and the types checked before launch (:meth:`MethodSpec.parse`).
 The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``) take the same ``o``
 last; the spec calls every one of them with options as keywords (a config's dict), missing ones at
@@ -202,7 +202,8 @@ BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
 
 
 def _config_node(name: str, target: str, options: type) -> dict[str, Any]:
-    """The method config of a built-in: what conf/method/<name>.yaml extends (``defaults: [base_<name>]``).
+    """The method config of a built-in: what conf/method/<name>.yaml extends (``defaults: [base/<name>@_here_]``;
+    a subgroup, so that ``method=`` lists only the yamls).
 
     ``_target_`` is kept in the config only so that run ids computed before options were typed stay
     the same; lrsweep resolves a built-in by ``name`` and reads ``_target_`` only when it names
@@ -236,7 +237,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
             BY_OPTIONS[options] = name
             from hydra.core.config_store import ConfigStore
 
-            ConfigStore.instance().store(group="method", name=f"base_{name}", node=_config_node(name, spec.target, options),
+            ConfigStore.instance().store(group="method/base", name=name, node=_config_node(name, spec.target, options),
                                          provider="lrsweep")
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
