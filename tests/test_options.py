@@ -73,7 +73,7 @@ def test_parse_checks_keys_and_types():
     with pytest.raises(ConfigError, match=r"^method.alpha: is not an option of method kronecker "
                                           r"\(valid: a_shape, driver, group_size, scheme\)$"):
         spec.parse({"alpha": 0.5})
-    with pytest.raises(ConfigError, match=r"^method.a_shape: \[8, 'x'\] is not a list of an integer or null$"):
+    with pytest.raises(ConfigError, match=r"^method.a_shape: \[8, 'x'\] is not a list of integers or null$"):
         spec.parse({"a_shape": [8, "x"]})
     with pytest.raises(ConfigError, match="method.group_size: True is not an integer"):
         spec.parse({"group_size": True})

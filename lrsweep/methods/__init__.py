@@ -97,14 +97,15 @@ def _plain_lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uni
     return lowrank_bits(n, d, rank, bits, QuantizerOptions(scheme, group_size))
 
 
-def _describe(hint: Any) -> str:
+def _describe(hint: Any, plural: bool = False) -> str:
+    """``hint`` in words: "an integer or null", "a list of integers", ..."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
+        return " or ".join(_describe(h, plural) for h in typing.get_args(hint))
     if typing.get_origin(hint) is list:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+        return f"a list of {_describe(typing.get_args(hint)[0], plural=True)}"
+    words = {bool: ("true/false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+             str: ("a string", "strings"), type(None): ("null", "nulls")}
+    return words[hint][plural] if hint in words else str(hint)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -201,14 +202,14 @@ CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that a
 BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
 
 
-def _config_node(name: str, target: str, options: type) -> dict[str, Any]:
+def _config_node(spec: MethodSpec) -> dict[str, Any]:
     """The method config of a built-in: what conf/method/<name>.yaml extends (``defaults: [base/<name>@_here_]``;
     a subgroup, so that ``method=`` lists only the yamls).
 
     ``_target_`` is kept in the config only so that run ids computed before options were typed stay
     the same; lrsweep resolves a built-in by ``name`` and reads ``_target_`` only when it names
     another function (a method outside the package)."""
-    return {"name": name, "_target_": target, **dataclasses.asdict(options())}
+    return {"name": spec.name, "_target_": spec.target, **spec.defaults()}
 
 
 def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
@@ -237,7 +238,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
             BY_OPTIONS[options] = name
             from hydra.core.config_store import ConfigStore
 
-            ConfigStore.instance().store(group="method/base", name=name, node=_config_node(name, spec.target, options),
+            ConfigStore.instance().store(group="method/base", name=name, node=_config_node(spec),
                                          provider="lrsweep")
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
