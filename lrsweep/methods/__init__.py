@@ -81,8 +81,9 @@ class QuantizerOptions:
         return tensor_bits(shape, bits, self.scheme, self.group_size)
 
 
-def lowrank_bits(n: int, d: int, rank: int, bits: int, o: QuantizerOptions) -> int:
-    """Stored bits of L (n x r) and R (r x d) quantized at ``bits``."""
+def lowrank_bits(n: int, d: int, rank: int, bits: int, o: QuantizerOptions | None = None) -> int:
+    """Stored bits of L (n x r) and R (r x d) quantized at ``bits`` (by default as ``QuantizerOptions()``)."""
+    o = o or QuantizerOptions()
     return o.tensor_bits((n, rank), bits) + o.tensor_bits((rank, d), bits)
 
 
