@@ -37,7 +37,8 @@ class LQEROptions(GPTQOptions):  # scheme and group_size: of Q, L and R; damp an
 
 
 def qlr_bits(n: int, d: int, rank: int, bits: int, o: LQEROptions) -> int:
-    """Stored bits of Q + L R: Q's codes and scales (and permutation), L and R at ``lr_bits``."""
+    """Stored bits of Q + L R: Q's codes and scales (and permutation), L and R at ``lr_bits`` (also
+    caldera's, whose options say ``quantizer`` gptq)."""
     return q_bits(n, d, bits, o.scheme, o.group_size, o.act_order, o.quantizer) + lowrank_bits(n, d, rank, o.lr_bits, o)
 
 
