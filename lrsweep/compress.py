@@ -1,9 +1,15 @@
-"""Compression of one matrix (the public ``compress_matrix``) and of a model's target layers."""
+"""Compression of one matrix (``compress_matrix``) and of a model's layers in place (``compress_``).
+
+Both take the method as one of the options dataclasses of :mod:`lrsweep.methods` (``SVDOptions(...)``)
+or as a name with keyword options (``"svd", driver="gesvd"``), need no Hydra config, and keep W's
+dtype. The config-driven path (``compress_model``, called by a job) is an adapter over ``compress_``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +42,20 @@ def method_spec(mcfg: DictConfig | dict) -> MethodSpec:
 def method_options(mcfg: DictConfig | dict) -> dict[str, Any]:
     opts = OmegaConf.to_container(mcfg, resolve=True) if OmegaConf.is_config(mcfg) else dict(mcfg)
     return {k: v for k, v in opts.items() if k not in METHOD_META_KEYS}
+
+
+def method_of(method: Any, target: str | None = None, **options: Any) -> tuple[MethodSpec, dict[str, Any]]:
+    """(spec, options) of a method given as an options dataclass instance (``options`` replace its
+    fields), a method config (``cfg.method``), or a name (``target``: a callable outside the package)
+    with keyword options. Unknown options and values of the wrong type are a ConfigError."""
+    if dataclasses.is_dataclass(method) and not isinstance(method, type):
+        spec, options = methods.spec_of(method), {**dataclasses.asdict(method), **options}
+    elif isinstance(method, Mapping) or OmegaConf.is_config(method):
+        spec, options = method_spec(method), {**method_options(method), **options}
+    else:
+        spec = method_spec({"name": method, "_target_": target})
+    spec.parse(options)
+    return spec, options
 
 
 def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, budget: float | None,
@@ -78,13 +98,22 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
     return int(rank)
 
 
-def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = None, bits: int = 16,
+def factorize(spec: MethodSpec, W: torch.Tensor, opts: dict[str, Any], rank: int, bits: int, seed: int,
+              stats: LayerStats | None) -> Factorization:
+    """The method's factorization of W at ``rank``, reconstructing (and building modules) in W's dtype."""
+    f = spec.fn(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)
+    f.dtype = W.dtype
+    return f
+
+
+def compress_matrix(W: torch.Tensor, method: Any = "svd", rank: int | None = None, bits: int = 16,
                     budget: float | None = None, param_ratio: float | None = None, seed: int = 0,
                     inputs: torch.Tensor | None = None,
                     fisher: torch.Tensor | None = None, stats: LayerStats | None = None,
                     target: str | None = None, **options: Any) -> Factorization:
-    """Compress one weight matrix W (n x d); see README for the options of each method."""
-    spec = method_spec({"name": method, "_target_": target})
+    """Compress one weight matrix W (n x d) with ``method``: a name (see README for the options of each
+    method) or an options dataclass (``SVDOptions(driver="gesvd")``)."""
+    spec, options = method_of(method, target, **options)
     if stats is None and (inputs is not None or fisher is not None):
         stats = LayerStats.from_inputs(inputs) if inputs is not None else LayerStats()
         stats.fisher = fisher
@@ -94,8 +123,7 @@ def compress_matrix(W: torch.Tensor, method: str = "svd", rank: int | None = Non
         methods.require(stats, kind, spec.name)
     n, d = W.shape
     r = resolve_rank(spec, n, d, rank, bits, budget, options, param_ratio)
-    f = spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **options)
-    return f
+    return factorize(spec, W, options, r, bits, seed, stats)
 
 
 @dataclass
@@ -116,38 +144,70 @@ class LayerResult:
         return self.storage_bits >= self.dense_bits
 
 
-def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConfig,
-                   stats: dict[str, LayerStats] | None = None, progress: bool = True,
-                   ranks: dict[str, int] | None = None) -> list[LayerResult]:
-    """Replace every layer in ``layers`` (Linear or Embedding) by its compressed module, in model order.
+def target_layers(model: nn.Module, targets: str | Iterable[str] | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
+    """The modules ``targets`` names: every nn.Linear (None), those whose qualified name fully matches a
+    regex (str, as ``model.targets``), the named ones (names), or ``targets`` itself (name -> module)."""
+    if isinstance(targets, Mapping):
+        return dict(targets)
+    if targets is None:
+        return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if isinstance(targets, str):
+        from lrsweep.models import target_modules
 
-    ``ranks`` (from :mod:`lrsweep.allocate`) fixes each layer's rank; otherwise :func:`resolve_rank`.
+        layers = target_modules(model, targets)
+        if not layers:
+            raise ValueError(f"targets {targets!r} match no Linear or Embedding module of the model")
+        return layers
+    return {name: model.get_submodule(name) for name in targets}
+
+
+def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapping[str, nn.Module] | None = None, *,
+              rank: int | None = None, bits: int = 16, budget: float | None = None, param_ratio: float | None = None,
+              seed: int = 0, stats: Mapping[str, LayerStats] | None = None, ranks: Mapping[str, int] | None = None,
+              keep: bool = False, progress: bool = False, target: str | None = None,
+              **options: Any) -> list[LayerResult]:
+    """Replace the ``targets`` of ``model`` (Linear or Embedding modules; default every nn.Linear) by their
+    compressed modules, in place and in model order, and return one :class:`LayerResult` per weight.
+
+    ``method``: an options dataclass (``SVDOptions(scheme="group")``) or a name with keyword ``options``
+    (``"svd", scheme="group"``); ``target``: the import path of a method outside the package. Each
+    layer's rank is ``ranks[name]``, else ``rank``, the largest that fits ``budget`` bits per weight,
+    or the largest keeping ``param_ratio`` of its parameters. ``stats``: calibration statistics by
+    layer name, for the methods that need them. Layer i is compressed with seed ``seed * 100003 + i``.
+    ``keep``: keep each layer's factorization in its result (``save_compressed``, healing).
 
     Modules holding the same weight (tied embeddings, see :mod:`lrsweep.tying`) are compressed once,
-    by the first of them in ``layers``, and all replaced by modules sharing the new parameters: one
+    by the first of them in ``targets``, and all replaced by modules sharing the new parameters: one
     result, whose ``info["tied"]`` names the others.
     """
     from tqdm.auto import tqdm
 
     from lrsweep import tying
 
-    spec = method_spec(cfg.method)
-    opts = method_options(cfg.method)
+    spec, opts = method_of(method, target, **options)
+    layers = target_layers(model, targets)
     results = []
     order = {name: i for i, name in enumerate(layers)}  # seeds follow the target order
-    for name, tied in tqdm(tying.groups(model, layers).items(), desc=f"{cfg.method.name}", disable=not progress):
-        index = order[name]
+    for name, tied in tqdm(tying.groups(model, layers).items(), desc=spec.name, disable=not progress):
         W = layers[name].weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
-        r = ranks[name] if ranks else resolve_rank(spec, n, d, cfg.rank, cfg.bits, cfg.budget, opts,
-                                                   cfg.get("param_ratio"))
-        f = spec.fn(W, rank=r, bits=cfg.bits, seed=int(cfg.seed) * 100_003 + index,
-                    stats=(stats or {}).get(name), **opts)
+        r = ranks[name] if ranks else resolve_rank(spec, n, d, rank, bits, budget, opts, param_ratio)
+        f = factorize(spec, W, opts, r, bits, int(seed) * 100_003 + order[name], (stats or {}).get(name))
         seconds = time.perf_counter() - t0
         tying.install(model, [name, *tied], f, dtype=W.dtype)
         dense_bits = n * d * torch.finfo(W.dtype).bits
         info = {**f.info, "tied": tied} if tied else f.info
         results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
-                                   f if cfg.get("save_compressed") or cfg.get("heal") else None, info, f.params))
+                                   f if keep else None, info, f.params))
     return results
+
+
+def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConfig,
+                   stats: dict[str, LayerStats] | None = None, progress: bool = True,
+                   ranks: dict[str, int] | None = None) -> list[LayerResult]:
+    """:func:`compress_` with the method, rank, bits, budget, param_ratio and seed of a run's config;
+    ``ranks`` (from :mod:`lrsweep.allocate`) fixes each layer's rank."""
+    return compress_(model, cfg.method, layers, rank=cfg.rank, bits=cfg.bits, budget=cfg.budget,
+                     param_ratio=cfg.get("param_ratio"), seed=cfg.seed, stats=stats, ranks=ranks,
+                     keep=bool(cfg.get("save_compressed") or cfg.get("heal")), progress=progress)

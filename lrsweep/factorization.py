@@ -30,6 +30,7 @@ class Factorization:
     rank: int
     stored: dict[str, QTensor]
     info: dict[str, Any] = field(default_factory=dict)  # method details recorded in the row
+    dtype: torch.dtype | None = None  # W's dtype: of reconstruct() and of the modules (None: the values' own)
 
     kind: ClassVar[str] = "abstract"
 
@@ -50,8 +51,15 @@ class Factorization:
     def bits_per_weight(self) -> float:
         return self.storage_bits / (self.shape[0] * self.shape[1])
 
+    def values(self) -> torch.Tensor:
+        """W_hat from the stored values, at their precision (fp32, fp64 for an fp64 W). Subclasses
+        implement this (or ``reconstruct``, as subclasses written before ``dtype`` do)."""
+        return self.reconstruct()
+
     def reconstruct(self) -> torch.Tensor:
-        raise NotImplementedError
+        """W_hat in W's dtype (``dtype``)."""
+        W_hat = self.values()
+        return W_hat if self.dtype is None else W_hat.to(self.dtype)
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         raise NotImplementedError
@@ -75,7 +83,7 @@ class Factorization:
 
     def rel_error(self, W: torch.Tensor) -> float:
         W = W.float()
-        return float(torch.linalg.norm(W - self.reconstruct().float()) / torch.linalg.norm(W))
+        return float(torch.linalg.norm(W - self.values().float()) / torch.linalg.norm(W))
 
 
 @dataclass
@@ -88,14 +96,14 @@ class LowRank(Factorization):
     def of(cls, L: QTensor, R: QTensor, **info: Any) -> LowRank:
         return cls(shape=(L.value.shape[0], R.value.shape[1]), rank=L.value.shape[1], stored={"L": L, "R": R}, info=info)
 
-    def reconstruct(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:
         return self.stored["L"].value @ self.stored["R"].value
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        return LowRankLinear(self.stored["L"].value, self.stored["R"].value, bias, dtype)
+        return LowRankLinear(self.stored["L"].value, self.stored["R"].value, bias, dtype or self.dtype)
 
     def as_embedding(self, dtype: torch.dtype | None = None) -> nn.Module:
-        return LowRankEmbedding(self.stored["L"].value, self.stored["R"].value, dtype)
+        return LowRankEmbedding(self.stored["L"].value, self.stored["R"].value, dtype or self.dtype)
 
     def tied_head(self, embedding: nn.Module, bias: torch.Tensor | None = None) -> nn.Module:
         return LowRankHead(embedding, bias)
@@ -117,11 +125,11 @@ class Dense(Factorization):
         n, d = W.value.shape
         return cls(shape=(n, d), rank=min(n, d), stored={"W": W}, info=info)
 
-    def reconstruct(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:
         return self.stored["W"].value
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        return dense_linear(self.stored["W"].value, bias, dtype)
+        return dense_linear(self.stored["W"].value, bias, dtype or self.dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         return {"W": module.weight}
@@ -225,11 +233,12 @@ class LowRankSparse(Factorization):
     def sparse(self) -> torch.Tensor:
         return csr_decode(self.stored, self.shape)
 
-    def reconstruct(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:
         return self.stored["L"].value @ self.stored["R"].value + self.sparse().to_dense()
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        return LowRankSparseLinear(self.stored["L"].value, self.stored["R"].value, self.sparse(), bias, dtype)
+        return LowRankSparseLinear(self.stored["L"].value, self.stored["R"].value, self.sparse(), bias,
+                                   dtype or self.dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         if not isinstance(module, LowRankSparseLinear):  # a materialized W_hat (as_embedding, tied_head)
@@ -285,13 +294,13 @@ class Kronecker(Factorization):
         B = self.stored["B"].value.reshape(r, n // n1, d // d1)
         return A, B
 
-    def reconstruct(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:
         A, B = self.factors()
         return sum(torch.kron(a, b) for a, b in zip(A, B))
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         A, B = self.factors()
-        return KroneckerLinear(A, B, bias, dtype)
+        return KroneckerLinear(A, B, bias, dtype or self.dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         if not isinstance(module, KroneckerLinear):  # a materialized W_hat (as_embedding, tied_head)
@@ -357,14 +366,14 @@ class QuantLowRank(Factorization):
         Q, perm = self.stored["Q"].value, self.perm()
         return Q if perm is None else Q[:, torch.argsort(perm.to(Q.device))]
 
-    def reconstruct(self) -> torch.Tensor:
+    def values(self) -> torch.Tensor:
         if "L" not in self.stored:
             return self.quantized()
         return self.quantized() + self.stored["L"].value @ self.stored["R"].value
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         L, R = (self.stored["L"].value, self.stored["R"].value) if "L" in self.stored else (None, None)
-        return QuantLowRankLinear(self.stored["Q"].value, self.perm(), L, R, bias, dtype)
+        return QuantLowRankLinear(self.stored["Q"].value, self.perm(), L, R, bias, dtype or self.dtype)
 
     def trainable(self, module: nn.Module) -> dict[str, nn.Parameter]:
         if not isinstance(module, QuantLowRankLinear):  # a materialized W_hat (as_embedding, tied_head)

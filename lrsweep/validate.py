@@ -163,10 +163,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
                               ["param_ratio=null", "budget=null"])
     spec = method_spec(cfg.method)
     opts = method_options(cfg.method)
-    accepted = spec.options()
-    if accepted is not None and set(opts) - accepted:
-        bad = sorted(set(opts) - accepted)[0]
-        raise ConfigError(f"method.{bad}", f"is not an option of method {spec.name}", sorted(accepted) or ["(none)"])
+    spec.parse(opts)  # unknown keys and values of the wrong type
     task = cfg.eval.task
     if task != "auto" and task not in evaluate.TASKS:
         raise ConfigError("eval.task", f"{task!r} is unknown", ["auto", *sorted(evaluate.TASKS)])

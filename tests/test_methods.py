@@ -272,12 +272,13 @@ def test_half_precision_weights(method, dtype):
     f = compress_matrix(W, method, rank=R, bits=8, **calib())
     ref = compress_matrix(W.float(), method, rank=R, bits=8, **calib())
     assert f.rel_error(W) == pytest.approx(ref.rel_error(W), rel=0.05, abs=1e-3)
+    assert f.reconstruct().dtype == dtype and ref.reconstruct().dtype == torch.float32
     bias = torch.randn(N).to(dtype)
     x = torch.randn(4, D).to(dtype)
     with torch.no_grad():
-        y = f.as_module(bias, dtype=dtype)(x)
+        y = f.as_module(bias)(x)  # the module computes in W's dtype without being told
     assert y.dtype == dtype and torch.isfinite(y).all()
-    expect = x.float() @ f.reconstruct().T + bias.float()
+    expect = x.float() @ f.reconstruct().float().T + bias.float()
     assert torch.allclose(y.float(), expect, atol=0.05 * float(expect.abs().max()))
 
 
@@ -317,8 +318,10 @@ def test_bad_bits_method_and_options():
         compress_matrix(W, "losparse", rank=R, density=1.5)
     with pytest.raises(ConfigError, match="method.b1"):
         compress_matrix(W, "lplr", rank=R, b1=17)
-    with pytest.raises(TypeError, match="alpha"):
+    with pytest.raises(ConfigError, match=r"method.alpha: is not an option of method svd \(valid: driver, group_size, scheme\)"):
         compress_matrix(W, "svd", rank=R, alpha=0.5)
+    with pytest.raises(ConfigError, match=r"method.group_size: '64' is not an integer"):
+        compress_matrix(W, "svd", rank=R, group_size="64")
 
 
 # ---- the real runner -----------------------------------------------------------------------------

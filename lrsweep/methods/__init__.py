@@ -1,23 +1,39 @@
 """The method registry: one file per method in this package, each registering itself here.
 
-A method is a callable ``fn(W, *, rank, bits, seed, stats=None, **options) -> Factorization``.
-Built-in methods register with :func:`register`; a method outside the package is named in
-config by ``method._target_=mypkg.mymethod`` and resolved with :func:`resolve` (it may carry a
-``needs`` attribute listing the calibration statistics it uses, like built-ins do).
+A built-in method is a function ``fn(W, o, *, rank, bits, seed, stats=None) -> Factorization`` whose
+options ``o`` are an instance of its options dataclass (quantizing methods extend
+:class:`QuantizerOptions`). ``@register(name, Options, ...)`` records both; the dataclass is the one
+place of every default: it gives the method config (stored in Hydra's ConfigStore as
+``method/base/<name>``, which conf/method/<name>.yaml extends), the valid option keys
+(:meth:`MethodSpec.options`) and the types checked before launch (:meth:`MethodSpec.parse`).
+The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``) take the same ``o``
+last; the spec calls every one of them with options as keywords (a config's dict), missing ones at
+their defaults.
+
+A method outside the package is a plain function ``fn(W, *, rank, bits, seed, stats=None, **options)``
+named in config by ``method._target_=mypkg.mymethod`` and resolved with :func:`resolve` (it may carry
+``needs``, ``storage_bits`` and ``params`` attributes, its hooks taking options as keywords), or
+registered with ``@register(name)`` and no dataclass: its keyword-only arguments are its options.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import inspect
 import pkgutil
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from lrsweep.errors import ConfigError
 from lrsweep.factorization import Factorization
-from lrsweep.quant import tensor_bits
+from lrsweep.quant import QTensor, quantize, tensor_bits
 
 # Calibration statistics a method may ask for (collected by lrsweep.calib):
 #   "xtx": sum of x x^T over calibration tokens (d x d, fp64); "absmean": mean |x| per input channel;
@@ -51,70 +67,212 @@ def require(stats: LayerStats | None, kind: str, method: str) -> torch.Tensor:
     return value
 
 
-def lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128, **_: Any) -> int:
-    """Stored bits of L (n x r) and R (r x d) quantized at ``bits``."""
-    return tensor_bits((n, rank), bits, scheme, group_size) + tensor_bits((rank, d), bits, scheme, group_size)
+@dataclass
+class QuantizerOptions:
+    """How a method's stored tensors are quantized at ``bits`` (:func:`lrsweep.quant.quantize`)."""
+
+    scheme: str = "uniform"  # uniform (per-tensor min/max) | channel (absmax per row) | group (absmax per group)
+    group_size: int = 128  # entries of a row per group (scheme: group)
+
+    def quantize(self, x: torch.Tensor, bits: int) -> QTensor:
+        return quantize(x, bits, self.scheme, self.group_size)
+
+    def tensor_bits(self, shape: tuple[int, int], bits: int) -> int:
+        return tensor_bits(shape, bits, self.scheme, self.group_size)
 
 
-def lowrank_params(n: int, d: int, rank: int, **_: Any) -> int:
-    """Stored entries (parameters) of L (n x r) and R (r x d)."""
+def lowrank_bits(n: int, d: int, rank: int, bits: int, o: QuantizerOptions | None = None) -> int:
+    """Stored bits of L (n x r) and R (r x d) quantized at ``bits`` (by default as ``QuantizerOptions()``)."""
+    o = o or QuantizerOptions()
+    return o.tensor_bits((n, rank), bits) + o.tensor_bits((rank, d), bits)
+
+
+def lowrank_params(n: int, d: int, rank: int, *_: Any, **__: Any) -> int:
+    """Stored entries (parameters) of L (n x r) and R (r x d) (whatever the options)."""
     return rank * (n + d)
+
+
+def _plain_lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128,
+                        **_: Any) -> int:
+    """:func:`lowrank_bits` of a method outside the package (options as keywords)."""
+    return lowrank_bits(n, d, rank, bits, QuantizerOptions(scheme, group_size))
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """``hint`` in words: "an integer or null", "a list of integers", ..."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(h, plural) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0], plural=True)}"
+    words = {bool: ("true/false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+             str: ("a string", "strings"), type(None): ("null", "nulls")}
+    return words[hint][plural] if hint in words else str(hint)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the type ``hint`` (an int is a float; a bool is neither)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list | tuple) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _typed(hook: Callable[..., Any] | None, options: type) -> Callable[..., Any] | None:
+    """``hook(*args, o)`` called as ``hook(*args, **options)``: o built from the keywords (defaults for the rest)."""
+    if hook is None:
+        return None
+
+    @functools.wraps(hook)
+    def call(*args: Any, **opts: Any) -> Any:
+        return hook(*args, options(**opts))
+
+    return call
 
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A method as the rest of lrsweep calls it: ``fn(W, rank=, bits=, seed=, stats=, **options)`` and
+    hooks taking options as keywords (for a built-in, adapters over its typed function and hooks)."""
+
     name: str
     fn: Callable[..., Factorization]
     needs: tuple[str, ...] = ()  # calibration statistics (STAT_KINDS)
-    storage_bits: Callable[..., int] | None = lowrank_bits  # (n, d, rank, bits, **opts) -> bits
+    storage_bits: Callable[..., int] | None = _plain_lowrank_bits  # (n, d, rank, bits, **opts) -> bits
     has_rank: bool = True  # False for methods without a rank (naive quantization)
     max_rank: Callable[..., int] | None = None  # (n, d, **opts) -> largest rank (default min(n, d))
     rank_rule: Callable[..., int | None] | None = None  # (n, d, bits, **opts) -> rank chosen by an option
     check: Callable[..., None] | None = None  # (n, d, **opts): raise ConfigError for bad options
     # (n, d, rank, **opts) -> stored parameters, used by param_ratio; None: param_ratio does not apply
     params: Callable[..., int] | None = lowrank_params
+    option_type: type | None = None  # the options dataclass (None: a method outside the package)
+
+    @property
+    def target(self) -> str:
+        """The import path of the method's function (the ``_target_`` of its config)."""
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    @property
+    def plain_params(self) -> bool:
+        """Whether the stored parameters are plain factors' r (n + d)."""
+        return self.params is not None and inspect.unwrap(self.params) is lowrank_params
 
     def rank_limit(self, n: int, d: int, **opts: Any) -> int:
         return self.max_rank(n, d, **opts) if self.max_rank else min(n, d)
 
+    def defaults(self) -> dict[str, Any]:
+        """Every option at its default ({} for a method outside the package)."""
+        return dataclasses.asdict(self.option_type()) if self.option_type else {}
+
     def options(self) -> set[str] | None:
-        """Keyword options the callable accepts (None: it takes **kwargs)."""
+        """The option keys of the method (None: a function outside the package taking **kwargs)."""
+        if self.option_type:
+            return {f.name for f in dataclasses.fields(self.option_type)}
         params = inspect.signature(self.fn).parameters
         if any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return None
-        return {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"rank", "bits", "seed", "stats"}
+        return {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - set(CALL_ARGS)
+
+    def parse(self, opts: Mapping[str, Any]) -> Any:
+        """``opts`` as the method's options dataclass (a dict for a method outside the package), or a
+        ConfigError naming the first unknown key (and the valid ones) or value of the wrong type."""
+        accepted = self.options()
+        if accepted is not None and set(opts) - accepted:
+            bad = sorted(set(opts) - accepted)[0]
+            raise ConfigError(f"method.{bad}", f"is not an option of method {self.name}", sorted(accepted) or ["(none)"])
+        if self.option_type is None:
+            return dict(opts)
+        hints = typing.get_type_hints(self.option_type)
+        for key, value in opts.items():
+            if not _fits(value, hints[key]):
+                raise ConfigError(f"method.{key}", f"{value!r} is not {_describe(hints[key])}")
+        return self.option_type(**opts)
 
 
 REGISTRY: dict[str, MethodSpec] = {}
+CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that are not its options
+BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), storage_bits: Callable[..., int] | None = lowrank_bits,
-             has_rank: bool = True, max_rank: Callable[..., int] | None = None,
-             rank_rule: Callable[..., int | None] | None = None, check: Callable[..., None] | None = None,
-             params: Callable[..., int] | None = lowrank_params):
+def _config_node(spec: MethodSpec) -> dict[str, Any]:
+    """The method config of a built-in: what conf/method/<name>.yaml extends (``defaults: [base/<name>@_here_]``;
+    a subgroup, so that ``method=`` lists only the yamls).
+
+    ``_target_`` is kept in the config only so that run ids computed before options were typed stay
+    the same; lrsweep resolves a built-in by ``name`` and reads ``_target_`` only when it names
+    another function (a method outside the package)."""
+    return {"name": spec.name, "_target_": spec.target, **spec.defaults()}
+
+
+def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
+             storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
+             max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
+             check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params):
+    """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
+    or, without ``options``, a plain function taking its options as keywords (as outside the package).
+
+    A typed ``fn(W, o, *, rank, ...)`` is replaced by ``fn(W, o=None, *, rank, ..., **options)``: options
+    given as keywords (the rest at their defaults) or as ``o``, with keywords replacing its fields."""
+
     def deco(fn: Callable[..., Factorization]) -> Callable[..., Factorization]:
-        REGISTRY[name] = MethodSpec(name, fn, tuple(needs), storage_bits, has_rank, max_rank, rank_rule, check,
-                                    params)
-        fn.needs = tuple(needs)  # type: ignore[attr-defined]
-        return fn
+        if options is None:
+            spec = MethodSpec(name, fn, tuple(needs), storage_bits or _plain_lowrank_bits, has_rank, max_rank,
+                              rank_rule, check, params)
+        else:
+            @functools.wraps(fn)
+            def call(W: torch.Tensor, o: Any = None, /, **kw: Any) -> Factorization:
+                args = {k: kw.pop(k) for k in CALL_ARGS if k in kw}
+                return fn(W, options(**kw) if o is None else dataclasses.replace(o, **kw), **args)
+
+            spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
+                              _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
+                              _typed(params, options), options)
+            BY_OPTIONS[options] = name
+            from hydra.core.config_store import ConfigStore
+
+            ConfigStore.instance().store(group="method/base", name=name, node=_config_node(spec),
+                                         provider="lrsweep")
+        REGISTRY[name] = spec
+        spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
+        return spec.fn
 
     return deco
 
 
+def spec_of(options: Any) -> MethodSpec:
+    """The built-in method whose options dataclass ``options`` is an instance of."""
+    name = BY_OPTIONS.get(type(options))
+    if name is None:
+        raise ConfigError("method", f"{type(options).__name__} is not the options dataclass of a registered method",
+                          sorted(c.__name__ for c in BY_OPTIONS))
+    return REGISTRY[name]
+
+
 def resolve(name: str, target: str | None = None) -> MethodSpec:
-    """The spec for a method config: the built-in ``name``, or the callable at ``target``."""
-    if target:
+    """The spec for a method config: the built-in ``name`` (whose config's ``_target_`` names its own
+    function), or the callable at ``target`` (a built-in's function under another name included)."""
+    spec = REGISTRY.get(name)
+    if target and (spec is None or target != spec.target):
         from hydra.utils import get_method
 
         fn = get_method(target)
         for spec in REGISTRY.values():
             if spec.fn is fn:
                 return spec
-        return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", lowrank_bits),
+        return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", _plain_lowrank_bits),
                           params=getattr(fn, "params", lowrank_params))
-    if name not in REGISTRY:
+    if spec is None:
         raise KeyError(name)
-    return REGISTRY[name]
+    return spec
 
 
 def rank_for_budget(spec: MethodSpec, n: int, d: int, bits: int, budget: float, **opts: Any) -> int:
@@ -137,7 +295,7 @@ def rank_for_param_ratio(spec: MethodSpec, n: int, d: int, ratio: float, **opts:
     computed with that very expression so the ranks match theirs bit for bit; other structures
     (Kronecker terms, a sparse part) search their own parameter count.
     """
-    if spec.params is lowrank_params:
+    if spec.plain_params:
         return min(int(n * d * ratio / (n + d)), spec.rank_limit(n, d, **opts))
     limit = ratio * n * d
     lo, hi = 0, spec.rank_limit(n, d, **opts)

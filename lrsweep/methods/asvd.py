@@ -15,13 +15,14 @@ cancels) and adds 1e-6 to s instead of the relative floor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register, require
-from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
 
 SOLVERS = ("exact", "lowrank")
 NITER = 2  # torch.svd_lowrank's default, what the reference runs
@@ -35,23 +36,28 @@ def lowrank_svd(A: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, to
     return U, S, V.T, f"torch.svd_lowrank[niter={NITER}]"
 
 
-def check(n: int, d: int, solver: str = "exact", **_) -> None:
-    if solver not in SOLVERS:
-        raise ConfigError("method.solver", f"{solver!r} is not an asvd solver", list(SOLVERS))
+@dataclass
+class ASVDOptions(SVDOptions):
+    alpha: float = 0.5  # exponent of the activation scale
+    eps: float = 1e-6  # floor of the scales, relative to the largest
+    solver: str = "exact"  # exact SVD | lowrank: torch.svd_lowrank(q=rank, niter=2) as in ASVD4LLM, seeded by `seed`
 
 
-@register("asvd", needs=("absmean",), check=check)
-def asvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, alpha: float = 0.5,
-         eps: float = 1e-6, solver: str = "exact", scheme: str = "uniform", group_size: int = 128,
-         driver: str = "auto") -> LowRank:
-    check(*W.shape, solver=solver)
+def check(n: int, d: int, o: ASVDOptions) -> None:
+    if o.solver not in SOLVERS:
+        raise ConfigError("method.solver", f"{o.solver!r} is not an asvd solver", list(SOLVERS))
+
+
+@register("asvd", ASVDOptions, needs=("absmean",), check=check)
+def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+         stats: LayerStats | None = None) -> LowRank:
+    check(*W.shape, o)
     absmean = require(stats, "absmean", "asvd").to(W.device).double()
-    s = absmean.clamp_min(0) ** alpha
+    s = absmean.clamp_min(0) ** o.alpha
     if not torch.isfinite(s).all() or s.max() <= 0:
         raise ValueError("asvd: the absmean statistic is all zero or not finite")
-    s = s.clamp_min(eps * s.max()).float()
+    s = s.clamp_min(o.eps * s.max()).float()
     scaled = W.float() * s
-    U, S, Vh, used = lowrank_svd(scaled, rank, seed) if solver == "lowrank" else truncated_svd(scaled, rank, driver)
+    U, S, Vh, used = lowrank_svd(scaled, rank, seed) if o.solver == "lowrank" else truncated_svd(scaled, rank, o.driver)
     L, R = balanced(U, S, Vh / s)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=used, alpha=alpha)
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=used, alpha=o.alpha)

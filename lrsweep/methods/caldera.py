@@ -14,27 +14,38 @@ The first round is LQER with ``quantizer: gptq``, ``metric: qera``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.gptq import gptq_quantize, quantized_part
+from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, quantized_part
 from lrsweep.methods.lplr import least_squares
 from lrsweep.methods.lqer import check_lr_bits, in_w_order, qlr_bits
 from lrsweep.methods.svdllm import svdllm
 from lrsweep.quant import FLOAT_BITS, QTensor, quantize
 
 
-def caldera_bits(n: int, d: int, rank: int, bits: int, lr_bits: int = 4, **opts) -> int:
-    return qlr_bits(n, d, rank, bits, **{**opts, "lr_bits": lr_bits, "quantizer": "gptq"})
+@dataclass
+class CalderaOptions(GPTQOptions):  # scheme and group_size: of Q, L and R
+    lr_bits: int = 4  # bits of L and R: 2..15, 16 (fp16), 32
+    iters: int = 15  # rounds of Q / L R updates
+    lr_iters: int = 5  # alternating least-squares rounds of the quantized L, R fit (0 with float lr_bits)
+    shift: float = 1e-6  # X^T X + shift * mean(diag) when not positive definite (x10 per retry)
+
+    @property
+    def quantizer(self) -> str:
+        """Q is always GPTQ's (what :func:`lrsweep.methods.lqer.qlr_bits` counts)."""
+        return "gptq"
 
 
-def check(n: int, d: int, iters: int = 15, lr_iters: int = 5, **opts) -> None:
-    for key, value in (("iters", iters), ("lr_iters", lr_iters)):
+def check(n: int, d: int, o: CalderaOptions) -> None:
+    for key, value in (("iters", o.iters), ("lr_iters", o.lr_iters)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "iters" else 0):
             raise ConfigError(f"method.{key}", f"{value!r} must be an integer >= {1 if key == 'iters' else 0}")
-    check_lr_bits(n, d, **opts)
+    check_lr_bits(n, d, o)
 
 
 class OutputError:
@@ -72,24 +83,24 @@ def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, 
     return *best, init.info
 
 
-@register("caldera", needs=("xtx",), storage_bits=caldera_bits, check=check, params=None)
-def caldera(W: torch.Tensor, *, rank: int, bits: int = 2, seed: int = 0, stats=None, lr_bits: int = 4,
-            iters: int = 15, lr_iters: int = 5, scheme: str = "group", group_size: int = 128, damp: float = 0.01,
-            act_order: bool = True, shift: float = 1e-6) -> QuantLowRank:
+@register("caldera", CalderaOptions, needs=("xtx",), storage_bits=qlr_bits, check=check, params=None)
+def caldera(W: torch.Tensor, o: CalderaOptions, *, rank: int, bits: int = 2, seed: int = 0,
+            stats: LayerStats | None = None) -> QuantLowRank:
     xtx = require(stats, "xtx", "caldera").to(W.device)
     W = W.float()
     H = xtx.float()
     total = float(((W @ H) * W).sum()) or 1.0
     LR = torch.zeros_like(W)
     best, errors = None, []
-    for _ in range(iters):
-        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, scheme, group_size, damp, act_order)
+    for _ in range(o.iters):
+        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order)
         A = W - in_w_order(Q, perm)
-        L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, lr_bits, scheme, group_size, lr_iters, shift)
+        L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, o.lr_bits, o.scheme, o.group_size, o.lr_iters,
+                                       o.shift)
         LR = L.value @ R.value
         errors.append(err / total)
         if best is None or err < best[0]:
             best = (err, Q, perm, L, R, {**qinfo, **linfo})
     _, Q, perm, L, R, info = best
-    return QuantLowRank.of({**quantized_part(Q, perm), "L": L, "R": R}, lr_bits=lr_bits, iters=iters,
-                           lr_iters=lr_iters, best_iter=errors.index(min(errors)), errors=errors, **info)
+    return QuantLowRank.of({**quantized_part(Q, perm), "L": L, "R": R}, lr_bits=o.lr_bits, iters=o.iters,
+                           lr_iters=o.lr_iters, best_iter=errors.index(min(errors)), errors=errors, **info)

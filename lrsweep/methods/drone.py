@@ -7,12 +7,13 @@ null space of X). Computed in fp64 from X^T X alone, so model code never holds a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register, require
-from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
 
 
 def input_basis(xtx: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +33,17 @@ def pad_rank(L: torch.Tensor, R: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return torch.nn.functional.pad(L, (0, extra)), torch.nn.functional.pad(R, (0, 0, 0, extra))
 
 
-@register("drone", needs=("xtx",))
-def drone(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, rtol: float = 1e-12,
-          scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
+@dataclass
+class DroneOptions(SVDOptions):
+    rtol: float = 1e-12  # eigenvalues of X^T X below rtol * max are treated as zero (pseudo-inverse)
+
+
+@register("drone", DroneOptions, needs=("xtx",))
+def drone(W: torch.Tensor, o: DroneOptions, *, rank: int, bits: int = 16, seed: int = 0,
+          stats: LayerStats | None = None) -> LowRank:
     xtx = require(stats, "xtx", "drone").to(W.device)
-    V, s = input_basis(xtx, rtol)
-    U, S, Vh, solver = truncated_svd(W.double() @ V * s, rank, driver)
+    V, s = input_basis(xtx, o.rtol)
+    U, S, Vh, solver = truncated_svd(W.double() @ V * s, rank, o.driver)
     L, R = balanced(U, S, (Vh / s) @ V.T)
     L, R = pad_rank(L, R, rank)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=solver, input_rank=int(s.numel()))
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, input_rank=int(s.numel()))

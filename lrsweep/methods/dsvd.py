@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register
-from lrsweep.methods.svd import truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, register
+from lrsweep.methods.svd import SVDOptions, truncated_svd
 
 
-@register("dsvd")
-def dsvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None,
-         scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
-    U, S, Vh, solver = truncated_svd(W, rank, driver)
-    L = quantize(U.float(), bits, scheme, group_size)
-    R = quantize((S[:, None] * Vh).float(), bits, scheme, group_size)
+@dataclass
+class DSVDOptions(SVDOptions):
+    pass
+
+
+@register("dsvd", DSVDOptions)
+def dsvd(W: torch.Tensor, o: DSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+         stats: LayerStats | None = None) -> LowRank:
+    U, S, Vh, solver = truncated_svd(W, rank, o.driver)
+    L = o.quantize(U.float(), bits)
+    R = o.quantize((S[:, None] * Vh).float(), bits)
     return LowRank.of(L, R, solver=solver)

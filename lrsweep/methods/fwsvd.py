@@ -19,13 +19,14 @@ Zero weights (rows no sample's gradient reached) get a floor: eps × the largest
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register, require
-from lrsweep.methods.svd import balanced, compute_dtype, truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods.svd import SVDOptions, balanced, compute_dtype, truncated_svd
 
 SIDES = ("output", "input")
 
@@ -38,26 +39,31 @@ def importance(fisher: torch.Tensor, side: str = "output", power: float = 0.5, e
     return w.clamp_min(eps * w.max())
 
 
-def check(n: int, d: int, side: str = "output", power: float = 0.5, **_) -> None:
-    if side not in SIDES:
-        raise ConfigError("method.side", f"{side!r} is not a side of the weight", list(SIDES))
-    if not isinstance(power, int | float) or power <= 0:
-        raise ConfigError("method.power", f"{power!r} must be a positive number (0.5: the paper)")
+@dataclass
+class FWSVDOptions(SVDOptions):
+    side: str = "output"  # output: weight rows of the (out x in) weight, as the paper (y = Wx) | input: channels
+    power: float = 0.5  # weight = (summed Fisher)^power; 0.5 the paper, 0.25 ASVD4LLM's fisher scaling at alpha 0.5
+    eps: float = 1e-6  # floor of the weights, relative to the largest
 
 
-@register("fwsvd", needs=("fisher",), check=check)
-def fwsvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, side: str = "output",
-          power: float = 0.5, eps: float = 1e-6, scheme: str = "uniform", group_size: int = 128,
-          driver: str = "auto") -> LowRank:
-    check(*W.shape, side=side, power=power)
+def check(n: int, d: int, o: FWSVDOptions) -> None:
+    if o.side not in SIDES:
+        raise ConfigError("method.side", f"{o.side!r} is not a side of the weight", list(SIDES))
+    if not isinstance(o.power, int | float) or o.power <= 0:
+        raise ConfigError("method.power", f"{o.power!r} must be a positive number (0.5: the paper)")
+
+
+@register("fwsvd", FWSVDOptions, needs=("fisher",), check=check)
+def fwsvd(W: torch.Tensor, o: FWSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+          stats: LayerStats | None = None) -> LowRank:
+    check(*W.shape, o)
     fisher = require(stats, "fisher", "fwsvd").to(W.device)
     W = W.to(compute_dtype(W))
-    w = importance(fisher, side, power, eps).to(W.dtype)
-    if side == "output":
-        U, S, Vh, solver = truncated_svd(W * w[:, None], rank, driver)
+    w = importance(fisher, o.side, o.power, o.eps).to(W.dtype)
+    if o.side == "output":
+        U, S, Vh, solver = truncated_svd(W * w[:, None], rank, o.driver)
         L, R = balanced(U / w[:, None], S, Vh)
     else:
-        U, S, Vh, solver = truncated_svd(W * w, rank, driver)
+        U, S, Vh, solver = truncated_svd(W * w, rank, o.driver)
         L, R = balanced(U, S, Vh / w)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=solver, side=side)
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, side=o.side)

@@ -16,11 +16,13 @@ to zero, as in the reference implementation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank, index_tensor
-from lrsweep.methods import register, require
+from lrsweep.methods import LayerStats, QuantizerOptions, register, require
 from lrsweep.methods.svdllm import cholesky_shifted
 from lrsweep.quant import FLOAT_BITS, SCHEMES, QTensor, _codes_dtype, quantize, tensor_bits
 
@@ -39,16 +41,22 @@ def q_bits(n: int, d: int, bits: int, scheme: str, group_size: int, act_order: b
     return tensor_bits((n, d), bits, scheme, group_size) + (d * perm_bits(d) if stores_perm else 0)
 
 
-def gptq_bits(n: int, d: int, rank: int, bits: int, scheme: str = "group", group_size: int = 128,
-              act_order: bool = True, **_) -> int:
-    return q_bits(n, d, bits, scheme, group_size, act_order)
+@dataclass
+class GPTQOptions(QuantizerOptions):
+    scheme: str = "group"  # uniform (per-tensor min/max) | channel | group (absmax per group of a row)
+    damp: float = 0.01  # H + damp * mean(diag H) * I
+    act_order: bool = True  # columns in descending diag(H)
 
 
-def check(n: int, d: int, scheme: str = "group", damp: float = 0.01, **_) -> None:
-    if scheme not in SCHEMES:
-        raise ConfigError("method.scheme", f"{scheme!r} is unknown", list(SCHEMES))
-    if not isinstance(damp, int | float) or isinstance(damp, bool) or damp < 0:
-        raise ConfigError("method.damp", f"{damp!r} must be a number >= 0 (a fraction of mean(diag(H)))")
+def gptq_bits(n: int, d: int, rank: int, bits: int, o: GPTQOptions) -> int:
+    return q_bits(n, d, bits, o.scheme, o.group_size, o.act_order)
+
+
+def check(n: int, d: int, o: GPTQOptions) -> None:
+    if o.scheme not in SCHEMES:
+        raise ConfigError("method.scheme", f"{o.scheme!r} is unknown", list(SCHEMES))
+    if not isinstance(o.damp, int | float) or isinstance(o.damp, bool) or o.damp < 0:
+        raise ConfigError("method.damp", f"{o.damp!r} must be a number >= 0 (a fraction of mean(diag(H)))")
 
 
 def output_error(D: torch.Tensor, H: torch.Tensor) -> float:
@@ -149,10 +157,10 @@ def quantized_part(Q: QTensor, perm: torch.Tensor | None) -> dict[str, QTensor]:
     return {"Q": Q} if perm is None else {"Q": Q, "perm": index_tensor(perm, perm_bits(perm.numel()))}
 
 
-@register("gptq", needs=("xtx",), storage_bits=gptq_bits, has_rank=False, check=check, params=None)
-def gptq(W: torch.Tensor, *, rank: int | None = None, bits: int = 4, seed: int = 0, stats=None,
-         scheme: str = "group", group_size: int = 128, damp: float = 0.01, act_order: bool = True) -> QuantLowRank:
+@register("gptq", GPTQOptions, needs=("xtx",), storage_bits=gptq_bits, has_rank=False, check=check, params=None)
+def gptq(W: torch.Tensor, o: GPTQOptions, *, rank: int | None = None, bits: int = 4, seed: int = 0,
+         stats: LayerStats | None = None) -> QuantLowRank:
     xtx = require(stats, "xtx", "gptq")
-    Q, perm, info = gptq_quantize(W, xtx, bits, scheme, group_size, damp, act_order)
-    return QuantLowRank.of(quantized_part(Q, perm), scheme=scheme, **info)
+    Q, perm, info = gptq_quantize(W, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order)
+    return QuantLowRank.of(quantized_part(Q, perm), scheme=o.scheme, **info)
 

@@ -9,14 +9,19 @@ sqrt(n d) (fewest stored entries), keeping A's aspect ratio near W's.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import Kronecker
-from lrsweep.methods import register
-from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import quantize, tensor_bits
+from lrsweep.methods import LayerStats, register
+from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
+
+
+@dataclass
+class KroneckerOptions(SVDOptions):
+    a_shape: list[int] | None = None  # [n1, d1] dividing each layer's (n, d); None: chosen per layer (n1 d1 ~ sqrt(n d))
 
 
 def divisors(m: int) -> list[int]:
@@ -43,25 +48,27 @@ def a_shape_of(n: int, d: int, a_shape=None) -> tuple[int, int]:
     return n1, d1
 
 
-def kron_max_rank(n: int, d: int, a_shape=None, **_) -> int:
-    n1, d1 = a_shape_of(n, d, a_shape)
+def terms_limit(n: int, d: int, n1: int, d1: int) -> int:
+    """The most Kronecker terms of an n x d matrix with A_k of shape (n1, d1): the rank of R(W)."""
     return min(n1 * d1, (n // n1) * (d // d1))
 
 
-def kron_bits(n: int, d: int, rank: int, bits: int, a_shape=None, scheme: str = "uniform", group_size: int = 128,
-              **_) -> int:
-    n1, d1 = a_shape_of(n, d, a_shape)
-    return (tensor_bits((rank, n1 * d1), bits, scheme, group_size)
-            + tensor_bits((rank, (n // n1) * (d // d1)), bits, scheme, group_size))
+def kron_max_rank(n: int, d: int, o: KroneckerOptions) -> int:
+    return terms_limit(n, d, *a_shape_of(n, d, o.a_shape))
 
 
-def kron_params(n: int, d: int, rank: int, a_shape=None, **_) -> int:
-    n1, d1 = a_shape_of(n, d, a_shape)
+def kron_bits(n: int, d: int, rank: int, bits: int, o: KroneckerOptions) -> int:
+    n1, d1 = a_shape_of(n, d, o.a_shape)
+    return o.tensor_bits((rank, n1 * d1), bits) + o.tensor_bits((rank, (n // n1) * (d // d1)), bits)
+
+
+def kron_params(n: int, d: int, rank: int, o: KroneckerOptions) -> int:
+    n1, d1 = a_shape_of(n, d, o.a_shape)
     return rank * (n1 * d1 + (n // n1) * (d // d1))
 
 
-def check(n: int, d: int, a_shape=None, **_) -> None:
-    a_shape_of(n, d, a_shape)
+def check(n: int, d: int, o: KroneckerOptions) -> None:
+    a_shape_of(n, d, o.a_shape)
 
 
 def rearrange(W: torch.Tensor, n1: int, d1: int) -> torch.Tensor:
@@ -71,15 +78,16 @@ def rearrange(W: torch.Tensor, n1: int, d1: int) -> torch.Tensor:
     return W.reshape(n1, n2, d1, d2).permute(0, 2, 1, 3).reshape(n1 * d1, n2 * d2)
 
 
-@register("kronecker", storage_bits=kron_bits, max_rank=kron_max_rank, check=check, params=kron_params)
-def kronecker(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, a_shape=None,
-              scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> Kronecker:
+@register("kronecker", KroneckerOptions, storage_bits=kron_bits, max_rank=kron_max_rank, check=check,
+          params=kron_params)
+def kronecker(W: torch.Tensor, o: KroneckerOptions, *, rank: int, bits: int = 16, seed: int = 0,
+              stats: LayerStats | None = None) -> Kronecker:
     n, d = W.shape
-    n1, d1 = a_shape_of(n, d, a_shape)
-    limit = kron_max_rank(n, d, (n1, d1))
+    n1, d1 = a_shape_of(n, d, o.a_shape)
+    limit = terms_limit(n, d, n1, d1)
     if not 1 <= rank <= limit:
         raise ConfigError("rank", f"{rank} Kronecker terms exceed the largest {limit} for a_shape {[n1, d1]}")
-    U, S, Vh, solver = truncated_svd(rearrange(W.float(), n1, d1), rank, driver)
+    U, S, Vh, solver = truncated_svd(rearrange(W.float(), n1, d1), rank, o.driver)
     A, B = balanced(U, S, Vh)
-    stored = {"A": quantize(A.T.contiguous(), bits, scheme, group_size), "B": quantize(B, bits, scheme, group_size)}
+    stored = {"A": o.quantize(A.T.contiguous(), bits), "B": o.quantize(B, bits)}
     return Kronecker(shape=(n, d), rank=rank, stored=stored, info={"a_shape": [n1, d1], "solver": solver})

@@ -7,13 +7,21 @@ form: values at ``sparse_bits`` (default: ``bits``), column indices and row poin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRankSparse, index_tensor
-from lrsweep.methods import lowrank_bits, register
-from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize, tensor_bits
+from lrsweep.methods import LayerStats, lowrank_bits, register
+from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
+from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize
+
+
+@dataclass
+class LoSparseOptions(SVDOptions):
+    density: float = 0.01  # fraction of entries kept in the sparse residual S
+    sparse_bits: int | None = None  # bits of S's values (None: bits)
 
 
 def sparse_count(n: int, d: int, density: float) -> int:
@@ -25,41 +33,41 @@ def index_bits(n: int, d: int, nnz: int) -> tuple[int, int]:
     return max(1, (d - 1).bit_length()), max(1, nnz.bit_length())
 
 
-def losparse_bits(n: int, d: int, rank: int, bits: int, density: float = 0.01, sparse_bits: int | None = None,
-                  scheme: str = "uniform", group_size: int = 128, **_) -> int:
-    nnz = sparse_count(n, d, density)
+def losparse_bits(n: int, d: int, rank: int, bits: int, o: LoSparseOptions) -> int:
+    nnz = sparse_count(n, d, o.density)
     col_bits, ptr_bits = index_bits(n, d, nnz)
-    values = tensor_bits((1, nnz), sparse_bits or bits, scheme, group_size)
-    return lowrank_bits(n, d, rank, bits, scheme, group_size) + values + nnz * col_bits + (n + 1) * ptr_bits
+    values = o.tensor_bits((1, nnz), o.sparse_bits or bits)
+    return lowrank_bits(n, d, rank, bits, o) + values + nnz * col_bits + (n + 1) * ptr_bits
 
 
-def losparse_params(n: int, d: int, rank: int, density: float = 0.01, **_) -> int:
+def losparse_params(n: int, d: int, rank: int, o: LoSparseOptions) -> int:
     """L, R and the sparse values (their CSR indices are not weights)."""
-    return rank * (n + d) + sparse_count(n, d, density)
+    return rank * (n + d) + sparse_count(n, d, o.density)
 
 
-def check(n: int, d: int, density: float = 0.01, sparse_bits: int | None = None, **_) -> None:
-    if not isinstance(density, int | float) or not 0 < density < 1:
-        raise ConfigError("method.density", f"{density!r} must be a fraction of entries in (0, 1)")
-    if sparse_bits is not None and sparse_bits not in SUPPORTED_BITS:
-        raise ConfigError("method.sparse_bits", f"{sparse_bits!r} is not supported", ["null", "2..15", 16, 32])
+def check(n: int, d: int, o: LoSparseOptions) -> None:
+    if not isinstance(o.density, int | float) or not 0 < o.density < 1:
+        raise ConfigError("method.density", f"{o.density!r} must be a fraction of entries in (0, 1)")
+    if o.sparse_bits is not None and o.sparse_bits not in SUPPORTED_BITS:
+        raise ConfigError("method.sparse_bits", f"{o.sparse_bits!r} is not supported", ["null", "2..15", 16, 32])
 
 
-@register("losparse", storage_bits=losparse_bits, check=check, params=losparse_params)
-def losparse(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, density: float = 0.01,
-             sparse_bits: int | None = None, scheme: str = "uniform", group_size: int = 128,
-             driver: str = "auto") -> LowRankSparse:
-    check(*W.shape, density=density, sparse_bits=sparse_bits)
+@register("losparse", LoSparseOptions, storage_bits=losparse_bits, check=check, params=losparse_params)
+def losparse(W: torch.Tensor, o: LoSparseOptions, *, rank: int, bits: int = 16, seed: int = 0,
+             stats: LayerStats | None = None) -> LowRankSparse:
+    check(*W.shape, o)
     n, d = W.shape
     W = W.float()
-    U, S, Vh, solver = truncated_svd(W, rank, driver)
+    U, S, Vh, solver = truncated_svd(W, rank, o.driver)
     L, R = balanced(U, S, Vh)
-    Lq, Rq = quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size)
+    Lq, Rq = o.quantize(L, bits), o.quantize(R, bits)
     resid = W - Lq.value @ Rq.value
-    nnz = sparse_count(n, d, density)
+    nnz = sparse_count(n, d, o.density)
     idx = largest_entries(resid, nnz)
-    stored = {"L": Lq, "R": Rq, **csr_stored(idx, resid.reshape(-1)[idx], (n, d), sparse_bits or bits, scheme, group_size)}
-    return LowRankSparse(shape=(n, d), rank=rank, stored=stored, info={"solver": solver, "density": density, "nnz": nnz})
+    values = resid.reshape(-1)[idx]
+    stored = {"L": Lq, "R": Rq, **csr_stored(idx, values, (n, d), o.sparse_bits or bits, o.scheme, o.group_size)}
+    return LowRankSparse(shape=(n, d), rank=rank, stored=stored,
+                         info={"solver": solver, "density": o.density, "nnz": nnz})
 
 
 def largest_entries(M: torch.Tensor, count: int) -> torch.Tensor:

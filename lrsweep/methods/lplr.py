@@ -12,17 +12,26 @@ b1/b2 bits stores ``cr`` times the bits of naive ``b_nq``-bit quantization of W;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register
-from lrsweep.quant import SUPPORTED_BITS, quantize, tensor_bits
+from lrsweep.methods import LayerStats, QuantizerOptions, register
+from lrsweep.quant import SUPPORTED_BITS
 
 
-def lplr_bits(n: int, d: int, rank: int, bits: int, b1: int | None = None, b2: int | None = None,
-              scheme: str = "uniform", group_size: int = 128, **_) -> int:
-    return tensor_bits((n, rank), b1 or bits, scheme, group_size) + tensor_bits((rank, d), b2 or bits, scheme, group_size)
+@dataclass
+class LPLROptions(QuantizerOptions):
+    b1: int | None = None  # bits of L (None: bits)
+    b2: int | None = None  # bits of R (None: bits)
+    cr: float | None = None  # paper's rank rule: bits = cr x naive b_nq-bit quantization; overrides rank
+    b_nq: int | None = None  # bits of the naive quantization cr compares with (None: bits)
+
+
+def lplr_bits(n: int, d: int, rank: int, bits: int, o: LPLROptions) -> int:
+    return o.tensor_bits((n, rank), o.b1 or bits) + o.tensor_bits((rank, d), o.b2 or bits)
 
 
 def tall_qr(L: torch.Tensor, max_cond: float = 1e3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,30 +64,27 @@ def cr_rank(n: int, d: int, cr: float, b1: int, b2: int, b_nq: int) -> int:
     return int(cr * n * d * b_nq // (n * b1 + d * b2))
 
 
-def rank_rule(n: int, d: int, bits: int, cr: float | None = None, b1: int | None = None, b2: int | None = None,
-              b_nq: int | None = None, **_) -> int | None:
-    return None if cr is None else cr_rank(n, d, cr, b1 or bits, b2 or bits, b_nq or bits)
+def rank_rule(n: int, d: int, bits: int, o: LPLROptions) -> int | None:
+    return None if o.cr is None else cr_rank(n, d, o.cr, o.b1 or bits, o.b2 or bits, o.b_nq or bits)
 
 
-def check(n: int, d: int, cr: float | None = None, b1: int | None = None, b2: int | None = None,
-          b_nq: int | None = None, **_) -> None:
-    for key, b in (("b1", b1), ("b2", b2), ("b_nq", b_nq)):
+def check(n: int, d: int, o: LPLROptions) -> None:
+    for key, b in (("b1", o.b1), ("b2", o.b2), ("b_nq", o.b_nq)):
         if b is not None and b not in SUPPORTED_BITS:
             raise ConfigError(f"method.{key}", f"{b!r} is not supported", ["null", "2..15", 16, 32])
-    if cr is not None and (not isinstance(cr, int | float) or cr <= 0):
-        raise ConfigError("method.cr", f"{cr!r} must be a positive ratio or null")
+    if o.cr is not None and (not isinstance(o.cr, int | float) or o.cr <= 0):
+        raise ConfigError("method.cr", f"{o.cr!r} must be a positive ratio or null")
 
 
-@register("lplr", storage_bits=lplr_bits, rank_rule=rank_rule, check=check)
-def lplr(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, b1: int | None = None,
-         b2: int | None = None, cr: float | None = None, b_nq: int | None = None, scheme: str = "uniform",
-         group_size: int = 128) -> LowRank:
+@register("lplr", LPLROptions, storage_bits=lplr_bits, rank_rule=rank_rule, check=check)
+def lplr(W: torch.Tensor, o: LPLROptions, *, rank: int, bits: int = 16, seed: int = 0,
+         stats: LayerStats | None = None) -> LowRank:
     n, d = W.shape
-    rank = rank_rule(n, d, bits, cr, b1, b2, b_nq) or rank
-    b1, b2 = b1 or bits, b2 or bits
+    rank = rank_rule(n, d, bits, o) or rank
+    b1, b2 = o.b1 or bits, o.b2 or bits
     W = W.float()
     gen = torch.Generator(device=W.device).manual_seed(seed)
     S = torch.randn(d, rank, generator=gen, device=W.device) / rank**0.5
-    L = quantize(W @ S, b1, scheme, group_size)
-    R = quantize(least_squares(L.value, W), b2, scheme, group_size)
+    L = o.quantize(W @ S, b1)
+    R = o.quantize(least_squares(L.value, W), b2)
     return LowRank.of(L, R, b1=b1, b2=b2, sketch="gaussian")

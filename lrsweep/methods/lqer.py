@@ -11,13 +11,15 @@ L and R are stored at ``lr_bits`` with the same ``scheme`` / ``group_size`` as Q
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
-from lrsweep.methods import lowrank_bits, register, require
+from lrsweep.methods import LayerStats, lowrank_bits, register, require
 from lrsweep.methods.asvd import asvd
-from lrsweep.methods.gptq import gptq_quantize, q_bits, quantized_part
+from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, q_bits, quantized_part
 from lrsweep.methods.gptq import check as check_quantizer
 from lrsweep.methods.svdllm import svdllm
 from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize
@@ -26,25 +28,32 @@ QUANTIZERS = ("rtn", "gptq")
 METRICS = ("qera", "lqer")
 
 
-def qlr_bits(n: int, d: int, rank: int, bits: int, lr_bits: int = 16, scheme: str = "group", group_size: int = 128,
-             act_order: bool = True, quantizer: str = "rtn", **_) -> int:
-    """Stored bits of Q + L R: Q's codes and scales (and permutation), L and R at ``lr_bits``."""
-    return q_bits(n, d, bits, scheme, group_size, act_order, quantizer) + \
-        lowrank_bits(n, d, rank, lr_bits, scheme, group_size)
+@dataclass
+class LQEROptions(GPTQOptions):  # scheme and group_size: of Q, L and R; damp and act_order: gptq quantizer only
+    quantizer: str = "rtn"  # rtn (round to nearest) | gptq
+    metric: str = "qera"  # qera (exact X^T X whitening, the output-error optimum) | lqer (columns scaled by mean|x|)
+    lr_bits: int = 16  # bits of L and R: 2..15, 16 (fp16), 32
+    shift: float = 1e-6  # qera: X^T X + shift * mean(diag) when not positive definite (x10 per retry)
 
 
-def check_lr_bits(n: int, d: int, lr_bits: int = 16, **opts) -> None:
-    if lr_bits not in SUPPORTED_BITS:
-        raise ConfigError("method.lr_bits", f"{lr_bits!r} is not supported", ["2..15", 16, 32])
-    check_quantizer(n, d, **opts)
+def qlr_bits(n: int, d: int, rank: int, bits: int, o: LQEROptions) -> int:
+    """Stored bits of Q + L R: Q's codes and scales (and permutation), L and R at ``lr_bits`` (also
+    caldera's, whose options say ``quantizer`` gptq)."""
+    return q_bits(n, d, bits, o.scheme, o.group_size, o.act_order, o.quantizer) + lowrank_bits(n, d, rank, o.lr_bits, o)
 
 
-def check(n: int, d: int, quantizer: str = "rtn", metric: str = "qera", **opts) -> None:
-    if quantizer not in QUANTIZERS:
-        raise ConfigError("method.quantizer", f"{quantizer!r} is unknown", list(QUANTIZERS))
-    if metric not in METRICS:
-        raise ConfigError("method.metric", f"{metric!r} is unknown", list(METRICS))
-    check_lr_bits(n, d, **opts)
+def check_lr_bits(n: int, d: int, o: LQEROptions) -> None:
+    if o.lr_bits not in SUPPORTED_BITS:
+        raise ConfigError("method.lr_bits", f"{o.lr_bits!r} is not supported", ["2..15", 16, 32])
+    check_quantizer(n, d, o)
+
+
+def check(n: int, d: int, o: LQEROptions) -> None:
+    if o.quantizer not in QUANTIZERS:
+        raise ConfigError("method.quantizer", f"{o.quantizer!r} is unknown", list(QUANTIZERS))
+    if o.metric not in METRICS:
+        raise ConfigError("method.metric", f"{o.metric!r} is unknown", list(METRICS))
+    check_lr_bits(n, d, o)
 
 
 def quantize_q(W: torch.Tensor, xtx: torch.Tensor | None, bits: int, quantizer: str, scheme: str, group_size: int,
@@ -59,17 +68,17 @@ def in_w_order(Q: QTensor, perm: torch.Tensor | None) -> torch.Tensor:
     return Q.value if perm is None else Q.value[:, torch.argsort(perm)]
 
 
-@register("lqer", needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, params=None)
-def lqer(W: torch.Tensor, *, rank: int, bits: int = 4, seed: int = 0, stats=None, lr_bits: int = 16,
-         quantizer: str = "rtn", metric: str = "qera", scheme: str = "group", group_size: int = 128,
-         damp: float = 0.01, act_order: bool = True, shift: float = 1e-6) -> QuantLowRank:
-    xtx = require(stats, "xtx", "lqer") if quantizer == "gptq" or metric == "qera" else None
-    Q, perm, info = quantize_q(W, xtx, bits, quantizer, scheme, group_size, damp, act_order)
+@register("lqer", LQEROptions, needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, params=None)
+def lqer(W: torch.Tensor, o: LQEROptions, *, rank: int, bits: int = 4, seed: int = 0,
+         stats: LayerStats | None = None) -> QuantLowRank:
+    xtx = require(stats, "xtx", "lqer") if o.quantizer == "gptq" or o.metric == "qera" else None
+    Q, perm, info = quantize_q(W, xtx, bits, o.quantizer, o.scheme, o.group_size, o.damp, o.act_order)
     E = W.float() - in_w_order(Q, perm).to(W.device)
-    if metric == "qera":
-        fit = svdllm(E, rank=rank, bits=lr_bits, stats=stats, shift=shift, scheme=scheme, group_size=group_size)
+    quantizer = {"scheme": o.scheme, "group_size": o.group_size}
+    if o.metric == "qera":
+        fit = svdllm(E, rank=rank, bits=o.lr_bits, stats=stats, shift=o.shift, **quantizer)
     else:
         require(stats, "absmean", "lqer")
-        fit = asvd(E, rank=rank, bits=lr_bits, stats=stats, alpha=1.0, scheme=scheme, group_size=group_size)
-    return QuantLowRank.of({**quantized_part(Q, perm), **fit.stored}, quantizer=quantizer, metric=metric,
-                           lr_bits=lr_bits, **info, **fit.info)
+        fit = asvd(E, rank=rank, bits=o.lr_bits, stats=stats, alpha=1.0, **quantizer)
+    return QuantLowRank.of({**quantized_part(Q, perm), **fit.stored}, quantizer=o.quantizer, metric=o.metric,
+                           lr_bits=o.lr_bits, **info, **fit.info)

@@ -6,19 +6,25 @@ absorbs part of L's quantization error (so LSVD is never worse than DSVD before 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register
+from lrsweep.methods import LayerStats, register
 from lrsweep.methods.lplr import least_squares
-from lrsweep.methods.svd import truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods.svd import SVDOptions, truncated_svd
 
 
-@register("lsvd")
-def lsvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None,
-         scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
-    U, _, _, solver = truncated_svd(W, rank, driver)
-    L = quantize(U.float(), bits, scheme, group_size)
-    R = quantize(least_squares(L.value, W.float()), bits, scheme, group_size)
+@dataclass
+class LSVDOptions(SVDOptions):
+    pass
+
+
+@register("lsvd", LSVDOptions)
+def lsvd(W: torch.Tensor, o: LSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+         stats: LayerStats | None = None) -> LowRank:
+    U, _, _, solver = truncated_svd(W, rank, o.driver)
+    L = o.quantize(U.float(), bits)
+    R = o.quantize(least_squares(L.value, W.float()), bits)
     return LowRank.of(L, R, solver=solver)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import Dense
-from lrsweep.methods import register
-from lrsweep.quant import quantize, tensor_bits
+from lrsweep.methods import LayerStats, QuantizerOptions, register
 
 
-def quant_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128, **_) -> int:
-    return tensor_bits((n, d), bits, scheme, group_size)
+@dataclass
+class QuantOptions(QuantizerOptions):
+    pass
 
 
-@register("quant", storage_bits=quant_bits, has_rank=False)
-def quant(W: torch.Tensor, *, rank: int | None = None, bits: int = 8, seed: int = 0, stats=None,
-          scheme: str = "uniform", group_size: int = 128) -> Dense:
-    return Dense.of(quantize(W.float(), bits, scheme, group_size), scheme=scheme)
+def quant_bits(n: int, d: int, rank: int, bits: int, o: QuantizerOptions) -> int:
+    return o.tensor_bits((n, d), bits)
+
+
+@register("quant", QuantOptions, storage_bits=quant_bits, has_rank=False)
+def quant(W: torch.Tensor, o: QuantOptions, *, rank: int | None = None, bits: int = 8, seed: int = 0,
+          stats: LayerStats | None = None) -> Dense:
+    return Dense.of(o.quantize(W.float(), bits), scheme=o.scheme)

@@ -6,13 +6,14 @@ Q = qr(Y);  B = Q^T W;  (thin QRs by CholeskyQR2 when well conditioned, else Hou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register
+from lrsweep.methods import LayerStats, QuantizerOptions, register
 from lrsweep.methods.lplr import tall_qr
 from lrsweep.methods.svd import balanced, compute_dtype
-from lrsweep.quant import quantize
 
 
 def randomized_svd(W: torch.Tensor, rank: int, oversample: int | None = None, niter: int = 2,
@@ -36,11 +37,16 @@ def randomized_svd(W: torch.Tensor, rank: int, oversample: int | None = None, ni
     return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
 
 
-@register("rsvd")
-def rsvd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, oversample: int | None = None,
-         niter: int = 2, scheme: str = "uniform", group_size: int = 128) -> LowRank:
-    oversample = max(10, rank // 2) if oversample is None else oversample
-    U, S, Vh = randomized_svd(W, rank, oversample, niter, seed)
+@dataclass
+class RSVDOptions(QuantizerOptions):
+    oversample: int | None = None  # extra sketch columns p (sketch width r + p); None: max(10, r/2)
+    niter: int = 2  # power iterations q (re-orthonormalized)
+
+
+@register("rsvd", RSVDOptions)
+def rsvd(W: torch.Tensor, o: RSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+         stats: LayerStats | None = None) -> LowRank:
+    oversample = max(10, rank // 2) if o.oversample is None else o.oversample
+    U, S, Vh = randomized_svd(W, rank, oversample, o.niter, seed)
     L, R = balanced(U, S, Vh)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=f"hmt(oversample={oversample},niter={niter})")
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=f"hmt(oversample={oversample},niter={o.niter})")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, QuantizerOptions, register
 
 DRIVERS = ("auto", "default", "gesvd", "gesvdj", "gesvda")
 
@@ -101,9 +101,14 @@ def split_svd(W: torch.Tensor, rank: int, driver: str = "auto") -> tuple[torch.T
     return balanced(U, S, Vh)
 
 
-@register("svd")
-def svd(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None,
-        scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
-    U, S, Vh, solver = truncated_svd(W, rank, driver)
+@dataclass
+class SVDOptions(QuantizerOptions):
+    driver: str = "auto"  # auto (gesvda on CUDA, default on CPU) | default | gesvd | gesvdj | gesvda
+
+
+@register("svd", SVDOptions)
+def svd(W: torch.Tensor, o: SVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
+        stats: LayerStats | None = None) -> LowRank:
+    U, S, Vh, solver = truncated_svd(W, rank, o.driver)
     L, R = balanced(U, S, Vh)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size), solver=solver)
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver)

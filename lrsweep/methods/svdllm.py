@@ -7,12 +7,13 @@ semi-definite: a shift lambda * mean(diag) is added (lambda = shift, x10 per ret
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import register, require
-from lrsweep.methods.svd import balanced, truncated_svd
-from lrsweep.quant import quantize
+from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
 
 
 def cholesky_shifted(xtx: torch.Tensor, shift: float, tries: int = 12) -> tuple[torch.Tensor, float]:
@@ -29,13 +30,17 @@ def cholesky_shifted(xtx: torch.Tensor, shift: float, tries: int = 12) -> tuple[
     raise ValueError(f"svdllm: X^T X is not positive definite even after a shift of {added:.3g}")
 
 
-@register("svdllm", needs=("xtx",))
-def svdllm(W: torch.Tensor, *, rank: int, bits: int = 16, seed: int = 0, stats=None, shift: float = 1e-6,
-           scheme: str = "uniform", group_size: int = 128, driver: str = "auto") -> LowRank:
+@dataclass
+class SVDLLMOptions(SVDOptions):
+    shift: float = 1e-6  # on non-PD X^T X add shift * mean(diag) (x10 per retry); recorded in the row
+
+
+@register("svdllm", SVDLLMOptions, needs=("xtx",))
+def svdllm(W: torch.Tensor, o: SVDLLMOptions, *, rank: int, bits: int = 16, seed: int = 0,
+           stats: LayerStats | None = None) -> LowRank:
     xtx = require(stats, "xtx", "svdllm").to(W.device)
-    C, added = cholesky_shifted(xtx, shift)
-    U, S, Vh, solver = truncated_svd(W.double() @ C, rank, driver)
+    C, added = cholesky_shifted(xtx, o.shift)
+    U, S, Vh, solver = truncated_svd(W.double() @ C, rank, o.driver)
     Vh = torch.linalg.solve_triangular(C, Vh.double(), upper=False, left=False)
     L, R = balanced(U, S, Vh)
-    return LowRank.of(quantize(L, bits, scheme, group_size), quantize(R, bits, scheme, group_size),
-                      solver=solver, cholesky_shift=added)
+    return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, cholesky_shift=added)

@@ -1,0 +1,197 @@
+"""Typed method options (one dataclass per method, the one place of each default) and the model-level
+API ``lrsweep.compress_`` that needs no Hydra config."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import CONF, REPO
+from lrsweep import compress_, compress_matrix
+from lrsweep.compress import compress_model
+from lrsweep.errors import ConfigError
+from lrsweep.methods import REGISTRY, LayerStats, QuantizerOptions, register
+from lrsweep.methods.gptq import GPTQOptions
+from lrsweep.methods.kronecker import KroneckerOptions
+from lrsweep.methods.svd import SVDOptions
+from lrsweep.methods.svdllm import SVDLLMOptions
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if p.stem != "custom")
+
+# cfg.method as composed before options were typed (the yamls then listed every default): run ids hash it
+BEFORE = {
+    "svd": {"name": "svd", "_target_": "lrsweep.methods.svd.svd", "scheme": "uniform", "group_size": 128,
+            "driver": "auto"},
+    "lplr": {"name": "lplr", "_target_": "lrsweep.methods.lplr.lplr", "b1": None, "b2": None, "cr": None,
+             "b_nq": None, "scheme": "uniform", "group_size": 128},
+    "kronecker": {"name": "kronecker", "_target_": "lrsweep.methods.kronecker.kronecker", "a_shape": None,
+                  "scheme": "uniform", "group_size": 128, "driver": "auto"},
+    "asvd": {"name": "asvd", "_target_": "lrsweep.methods.asvd.asvd", "alpha": 0.5, "eps": 1e-06, "solver": "exact",
+             "scheme": "uniform", "group_size": 128, "driver": "auto"},
+    "lqer": {"name": "lqer", "_target_": "lrsweep.methods.lqer.lqer", "quantizer": "rtn", "metric": "qera",
+             "lr_bits": 16, "scheme": "group", "group_size": 128, "damp": 0.01, "act_order": True, "shift": 1e-06},
+    "caldera": {"name": "caldera", "_target_": "lrsweep.methods.caldera.caldera", "lr_bits": 4, "iters": 15,
+                "lr_iters": 5, "scheme": "group", "group_size": 128, "damp": 0.01, "act_order": True, "shift": 1e-06},
+}
+
+
+@pytest.mark.parametrize("method", sorted(BEFORE))
+def test_composed_method_config_is_what_it_was(compose, method):
+    assert OmegaConf.to_container(compose([f"method={method}"]).method) == BEFORE[method]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_default_lives_in_the_dataclass(compose, method):
+    """The yaml names its base config (and calibration) only; the composed config is the dataclass's."""
+    yaml = OmegaConf.load(CONF / "method" / f"{method}.yaml")
+    assert set(yaml) == {"defaults"} and f"base/{method}@_here_" in yaml.defaults
+    spec = REGISTRY[method]
+    composed = OmegaConf.to_container(compose([f"method={method}"]).method)
+    assert composed == {"name": method, "_target_": spec.target, **dataclasses.asdict(spec.option_type())}
+    assert spec.options() == set(composed) - {"name", "_target_"}
+    assert issubclass(spec.option_type, QuantizerOptions)
+
+
+def test_quantizer_defaults_in_one_place():
+    gptq_family = {m for m, s in REGISTRY.items() if issubclass(s.option_type, GPTQOptions)}
+    assert gptq_family == {"gptq", "lqer", "caldera"}
+    for name, spec in REGISTRY.items():
+        o = spec.option_type()
+        assert (o.scheme, o.group_size) == (("group" if name in gptq_family else "uniform"), 128), name
+
+
+def test_parse_checks_keys_and_types():
+    spec = REGISTRY["kronecker"]
+    assert spec.parse({"a_shape": [8, 4], "scheme": "group"}) == KroneckerOptions(a_shape=[8, 4], scheme="group")
+    with pytest.raises(ConfigError, match=r"^method.alpha: is not an option of method kronecker "
+                                          r"\(valid: a_shape, driver, group_size, scheme\)$"):
+        spec.parse({"alpha": 0.5})
+    with pytest.raises(ConfigError, match=r"^method.a_shape: \[8, 'x'\] is not a list of integers or null$"):
+        spec.parse({"a_shape": [8, "x"]})
+    with pytest.raises(ConfigError, match="method.group_size: True is not an integer"):
+        spec.parse({"group_size": True})
+    assert REGISTRY["svdllm"].parse({"shift": 1}) == SVDLLMOptions(shift=1)  # an integer is a number
+    with pytest.raises(ConfigError, match="method.act_order: 'yes' is not true/false"):
+        REGISTRY["gptq"].parse({"act_order": "yes"})
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["method=svd", "method.group_size=abc"], "method.group_size"),
+    (["method=lplr", "method.cr=high"], "method.cr"),
+    (["method=svd", "+method.alpha=0.5"], "method.alpha"),
+])
+def test_bad_option_types_fail_validation(compose, tmp_path, overrides, key):
+    from lrsweep.validate import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose([*overrides, f"results_dir={tmp_path}", "logger=none"]), check_device=False)
+    assert e.value.key == key, str(e.value)
+
+
+def test_options_dataclass_and_keywords_are_one_method():
+    W = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    a = compress_matrix(W, SVDOptions(scheme="group", group_size=16), rank=4, bits=4)
+    b = compress_matrix(W, "svd", rank=4, bits=4, scheme="group", group_size=16)
+    c = compress_matrix(W, SVDOptions(scheme="channel"), rank=4, bits=4, scheme="group", group_size=16)  # keywords win
+    assert torch.equal(a.reconstruct(), b.reconstruct()) and torch.equal(a.reconstruct(), c.reconstruct())
+    assert a.stored["L"].scheme == "group"
+    with pytest.raises(ConfigError, match="method: QuantizerOptions is not the options dataclass"):
+        compress_matrix(W, QuantizerOptions(), rank=4)
+
+
+def test_a_method_registered_without_a_dataclass(monkeypatch):
+    """A plain function registered by name keeps the keyword contract; its options come from its signature."""
+    monkeypatch.setattr("lrsweep.methods.REGISTRY", dict(REGISTRY))
+    from lrsweep.factorization import LowRank
+    from lrsweep.quant import quantize
+
+    @register("plain_test")
+    def plain(W, *, rank, bits=16, seed=0, stats=None, shrink: float = 1.0):
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        return LowRank.of(quantize(U[:, :rank] * S[:rank] * shrink, bits), quantize(Vh[:rank], bits))
+
+    from lrsweep import methods
+
+    spec = methods.REGISTRY["plain_test"]
+    assert spec.option_type is None and spec.options() == {"shrink"}
+    W = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    f = compress_matrix(W, "plain_test", rank=24, bits=32, shrink=1.0)
+    assert f.rel_error(W) < 1e-5 and f.storage_bits == spec.storage_bits(40, 24, 24, 32) == 32 * 24 * 64
+    with pytest.raises(ConfigError, match=r"method.alpha: is not an option of method plain_test \(valid: shrink\)"):
+        compress_matrix(W, "plain_test", rank=4, alpha=1.0)
+
+
+# ---- compress_: a model's layers in place, no Hydra ---------------------------------------------------
+
+
+def tiny(dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 8)).to(dtype)
+
+
+def test_compress_replaces_linears_in_place():
+    model, x = tiny(), torch.randn(5, 32)
+    dense = copy.deepcopy(model)
+    results = compress_(model, SVDOptions(), rank=8, bits=32)
+    assert [r.name for r in results] == ["0", "2", "4"] and [r.rank for r in results] == [8, 8, 8]
+    assert [r.rank for r in compress_(tiny(), "svd", ranks={"0": 12, "2": 6, "4": 3})] == [12, 6, 3]
+    assert type(model[0]).__name__ == "LowRankLinear" and results[0].factorization is None
+    with torch.no_grad():
+        assert torch.allclose(model[4](torch.eye(16)), dense[4](torch.eye(16)), atol=1e-5)  # 8 = full rank
+        assert model(x).shape == (5, 8)
+    exact = compress_(tiny(), "svd", ["2"], rank=16, bits=32, keep=True)  # names; rank 16 = full: exact
+    assert len(exact) == 1 and exact[0].rel_err < 1e-5 and exact[0].factorization.rank == 16
+
+
+def test_compress_targets_budget_and_stats():
+    model = tiny()
+    X = torch.randn(256, 32, generator=torch.Generator().manual_seed(2))
+    stats = {"0": LayerStats.from_inputs(X)}
+    results = compress_(model, SVDLLMOptions(shift=1e-5), r"0", rank=4, bits=8, stats=stats)
+    assert [r.name for r in results] == ["0"] and type(model[2]) is nn.Linear
+    with pytest.raises(ValueError, match="needs the calibration statistic 'xtx'"):
+        compress_(tiny(), "svdllm", "2", rank=4)
+    budgeted = compress_(tiny(), "svd", budget=4.0, bits=8, scheme="channel")
+    assert all(r.storage_bits <= 4.0 * r.shape[0] * r.shape[1] for r in budgeted)
+    with pytest.raises(ConfigError, match="method.alpha"):
+        compress_(tiny(), "svd", rank=4, alpha=1.0)
+
+
+def test_compress_model_is_compress_with_the_config():
+    cfg = OmegaConf.create({"method": {"name": "lplr", "_target_": "lrsweep.methods.lplr.lplr", "b1": 8, "b2": None,
+                                       "cr": None, "b_nq": None, "scheme": "uniform", "group_size": 128},
+                            "rank": 4, "bits": 4, "budget": None, "seed": 3})
+    a, b = tiny(), tiny()
+    ra = compress_model(a, {n: m for n, m in a.named_modules() if isinstance(m, nn.Linear)}, cfg, progress=False)
+    rb = compress_(b, "lplr", rank=4, bits=4, seed=3, b1=8)
+    assert [(r.name, r.rank, r.storage_bits, r.rel_err) for r in ra] == [(r.name, r.rank, r.storage_bits, r.rel_err)
+                                                                         for r in rb]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["svd", "lplr", "quant", "kronecker", "losparse"])
+def test_half_precision_model_keeps_its_dtype(method, dtype):
+    model = tiny(dtype)
+    results = compress_(model, method, rank=4, bits=8, keep=True)
+    f = results[0].factorization
+    assert f.dtype == dtype and f.reconstruct().dtype == dtype
+    x = torch.randn(3, 32, dtype=dtype)
+    with torch.no_grad():
+        y = model(x)
+        y_own = f.as_module()(x)  # no dtype given: the module takes W's dtype, so a bf16 input works
+    assert y.dtype == dtype and torch.isfinite(y).all() and y_own.dtype == dtype
+
+
+def test_import_is_light():
+    code = "import sys, lrsweep; assert not {'torch', 'hydra', 'omegaconf'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
