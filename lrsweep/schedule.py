@@ -44,20 +44,19 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
     calibration, per-block figures when streamed, ``allocation`` when one ran)."""
     cfg = ctx.cfg
     needs = method_spec(cfg.method).needs
-    stream = bool(cfg.get("stream", False))
-    if needs and not stream and cfg.calib.get("sequential", False):  # no allocation here (validate)
+    alloc: dict[str, Any] = {}
+    if cfg.get("stream", False):
+        model.to("cpu")  # one block at a time goes to the device
+        ranks, alloc = allocate(model, layers, ctx, None)  # only for methods without statistics (validate)
+        results, info = streamed(model, layers, ctx, needs, ranks)
+    elif needs and cfg.calib.get("sequential", False):  # no allocation (validate)
         results, info = sequential(model, layers, ctx, needs)
     else:
-        if stream:
-            model.to("cpu")  # one block at a time goes to the device
-        stats, info = calib.layer_stats(model, layers, ctx, needs) if needs and not stream else (None, {})
-        ranks, alloc = allocate(model, layers, ctx, stats)  # streamed: only for methods without statistics (validate)
-        if stream:
-            results, info = streamed(model, layers, ctx, needs, ranks)
-        else:
-            results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
-        if alloc:
-            info = {**info, "allocation": alloc}
+        stats, info = calib.layer_stats(model, layers, ctx, needs) if needs else (None, {})
+        ranks, alloc = allocate(model, layers, ctx, stats)
+        results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
+    if alloc:
+        info = {**info, "allocation": alloc}
     model.to(ctx.device)  # streamed: the model waited on CPU
     return results, info
 
