@@ -32,8 +32,8 @@ def measure(model_name: str, overrides: list[str]) -> dict:
     model, tok = models.load(cfg.model, "cpu", cfg.cache_dir)
     layers = calib.linears(models.target_modules(model, cfg.model.targets))
     source = calib.SOURCES[cfg.model.kind]
-    batches = source.batches(cfg, tok)
-    loss_fn = source.loss(model, cfg, batches, "cpu")
+    batches = source.batches(cfg.calib, tok)
+    loss_fn = source.loss(model, batches, "cpu")
     out: dict = {"model": model_name, "layers": len(layers), "samples": int(cfg.calib.n_samples),
                  "seq_len": int(cfg.calib.seq_len), "batch": int(cfg.calib.batch_size)}
     fishers = {}

@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import methods
+from lrsweep.context import Context
 from lrsweep.errors import ConfigError
 from lrsweep.methods import LayerStats, MethodSpec
 from lrsweep.methods import svd as _svd
@@ -300,16 +301,16 @@ def mean_loss(model: nn.Module, batches: list[dict], loss_fn) -> float:
 
 def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int, device: str) -> list[dict]:
     """``samples`` calibration windows/texts drawn with ``seed`` (one batch)."""
-    from lrsweep.calib import SOURCES, _to
+    from lrsweep.calib import SOURCES, to_device
 
-    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    c.calib.seed, c.calib.n_samples, c.calib.batch_size = int(seed), int(samples), int(samples)
-    return [_to(b, device) for b in SOURCES[cfg.model.kind].batches(c, tokenizer)]
+    c = OmegaConf.create(OmegaConf.to_container(cfg.calib, resolve=True))
+    c.seed, c.n_samples, c.batch_size = int(seed), int(samples), int(samples)
+    return [to_device(b, device) for b in SOURCES[cfg.model.kind].batches(c, tokenizer)]
 
 
 def units(names: list[str]) -> dict[str, list[str]]:
     """What one sensitivity pass truncates together: a block (``GRANULARITY="block"``) or one layer."""
-    from lrsweep.calib import blocks
+    from lrsweep.schedule import blocks
 
     if GRANULARITY == "layer":
         return {n: [n] for n in names}
@@ -397,7 +398,7 @@ def scope(cfg: DictConfig) -> contextlib.AbstractContextManager:
     return _svd.reuse() if cfg.get("allocation", "uniform") != "uniform" else contextlib.nullcontext()
 
 
-def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Any, stats: dict[str, LayerStats] | None,
+def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, stats: dict[str, LayerStats] | None,
              spectra: dict[str, Spectrum] | None = None) -> tuple[dict[str, int] | None, dict[str, Any]]:
     """(ranks per leader layer, info for the row) for ``cfg.allocation``; ranks None for uniform.
 
@@ -451,7 +452,7 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
     if strategy == "sensitivity":
         chosen = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed),
                                      SENSITIVITY_SAMPLES[cfg.model.kind], device)
-        loss_fn = source.loss(model, cfg, chosen, device)
+        loss_fn = source.loss(model, chosen, device)
         ref = {n: max(1, methods.rank_for_param_ratio(spec, *shapes[n], REFERENCE_RATIO, **opts))
                if spec.params is not None else uniform[n] for n in leaders}
         delta, info["sensitivity"] = sensitivity(model, layers, spectra, ref, ctx, loss_fn, chosen)
@@ -460,7 +461,7 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
     ranks, info["knapsack"] = choose(spec, shapes, uniform, gains(strategy, spectra, delta, ref), cfg, opts)
     seconds["knapsack"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loss_fn = source.loss(model, cfg, check_batches, device)
+    loss_fn = source.loss(model, check_batches, device)
     final, losses = against_uniform(model, layers, spectra, uniform, ranks, check_batches, loss_fn)
     seconds["check"] = time.perf_counter() - t0
     shipped = strategy if final is ranks else "uniform"

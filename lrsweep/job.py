@@ -30,8 +30,9 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import allocate, calib, checkpoint, evaluate, heal, identity, models, slurm
+from lrsweep import allocate, checkpoint, evaluate, heal, identity, models, schedule, slurm
 from lrsweep.compress import LayerResult
+from lrsweep.context import Context
 from lrsweep.row import ResultRow, now, row_status, write_row
 from lrsweep.validate import resolve_device, validate
 
@@ -185,7 +186,7 @@ def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
         if not torch.isfinite(p).all():
             raise ValueError(f"the loaded weights contain NaN/Inf ({name})")
     mkey = model_key(cfg)
-    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, mkey)
+    ctx = Context(cfg, tokenizer, device, cache_dir, mkey)
     state = evaluate.task_for(cfg).prepare(model, ctx)
     with timing_lock(cfg, device) as lock:
         speed = evaluate.speed(model, ctx)
@@ -255,7 +256,7 @@ def _size_fields(row: ResultRow, results: list[LayerResult]) -> None:
     row.exceeds_break_even = any(r.exceeds_break_even for r in results)
 
 
-def _heal(model, originals, results, ctx, task, state, row: ResultRow) -> None:
+def _heal(model, originals, results, ctx: Context, task: evaluate.Task, state, row: ResultRow) -> None:
     """Measure the compressed model, heal it, and keep the first measurements as ``*_pre_heal``."""
     _size_fields(row, results)
     row.recon_rel_err_pre_heal, row.bits_per_weight_pre_heal = row.recon_rel_err, row.bits_per_weight
@@ -281,24 +282,21 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     checkpoint.stage("load")
     d = dense(cfg, device, cache_dir)
     model, tokenizer, state, dense_speed = d.model, d.tokenizer, d.state, d.speed
-    ctx = evaluate.Context(cfg, tokenizer, device, cache_dir, d.model_key)
+    ctx = Context(cfg, tokenizer, device, cache_dir, d.model_key)
     task = evaluate.task_for(cfg)
     row.params_dense = d.params
     if PACK:
         row.extra["packed"] = {"job_points": PACK["size"], "point": d.points, "dense_reused": d.points > 1}
-    if cfg.get("stream", False):  # compressed block by block on the device while the model waits on CPU
-        model.to("cpu")
 
     layers = models.target_modules(model, cfg.model.targets)
     before = heal.snapshot(model) if cfg.get("heal") else {}
     checkpoint.stage("compress", layers=len(layers))
     t0 = time.perf_counter()
-    results, calib_info = calib.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
+    results, schedule_info = schedule.compress(model, layers, ctx, progress=bool(cfg.get("progress", True)))
     row.compress_seconds = time.perf_counter() - t0
-    allocate.record(row, cfg, results, calib_info.pop("allocation", None))
-    if calib_info:
-        row.extra["stream" if calib_info.get("stream") else "calib"] = calib_info
-    model.to(device)
+    allocate.record(row, cfg, results, schedule_info.pop("allocation", None))
+    if schedule_info:
+        row.extra["stream" if schedule_info.get("stream") else "calib"] = schedule_info
     if cfg.get("heal"):
         checkpoint.stage("heal")
         _heal(model, heal.replaced(before, model), results, ctx, task, state, row)

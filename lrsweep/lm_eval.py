@@ -30,7 +30,7 @@ from lrsweep.errors import ConfigError, did_you_mean
 if TYPE_CHECKING:
     from torch import nn
 
-    from lrsweep.evaluate import Context
+    from lrsweep.context import Context
 
 LOCAL_PREFIX = "lrsweep_"
 

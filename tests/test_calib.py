@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import FAST
-from lrsweep import calib, evaluate, job, models
+from lrsweep import calib, evaluate, job, models, schedule
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.quant import quantize
@@ -70,9 +70,9 @@ def test_layers_reading_one_input_share_statistics(minilm):
     assert stats[names[1]].xtx is stats[names[0]].xtx and stats[names[2]].absmean is stats[names[0]].absmean
     torch.testing.assert_close(stats[names[1]].xtx, alone.xtx)
     assert stats[names[2]].n_tokens == alone.n_tokens
-    tensors, info = calib._flatten(stats)
+    tensors, info = calib.stats._flatten(stats)
     assert len(tensors) == 2 and len(info["alias"]) == 4
-    back = calib._unflatten(tensors, info)
+    back = calib.stats._unflatten(tensors, info)
     assert all(torch.equal(back[n].xtx, alone.xtx) for n in names)
 
 
@@ -174,7 +174,7 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
         cfg.calib.sequential = sequential
         m, _ = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
         layers = models.target_modules(m, cfg.model.targets)
-        out, info = calib.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
+        out, info = schedule.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
         results[sequential] = {r.name: r.rel_err for r in out}
         assert info.get("sequential", False) == sequential
     block0 = [n for n in results[True] if n.startswith("encoder.layer.0.")]
@@ -182,14 +182,14 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     assert len(block0) == len(block1) == 6
     assert all(results[True][n] == pytest.approx(results[False][n], rel=1e-6) for n in block0)
     assert any(abs(results[True][n] - results[False][n]) > 1e-4 for n in block1)
-    assert list(calib.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
+    assert list(schedule.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
 
 
 def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):
     cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'", *extra,
                    *model_cfg_overrides])
     m, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
-    out, info = calib.compress(m, models.target_modules(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
+    out, info = schedule.compress(m, models.target_modules(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
     return {r.name: r.rel_err for r in out}, info
 
 

@@ -209,7 +209,7 @@ def test_lm_loss_is_each_windows_mean_nll():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=4)).eval()
     ids = torch.randint(0, 64, (3, 10), generator=gen(0))
-    loss = calib._lm_loss(model, None, [], "cpu")
+    loss = calib.sources._lm_loss(model, [], "cpu")
     per = loss(model, {"input_ids": ids})
     assert per.shape == (3,)
     with torch.no_grad():

@@ -105,7 +105,7 @@ def _calib(**kw):
 def test_offsets_sampler_draws_svdllm_pieces():
     """SVD-LLM's get_calib_train_data with seed 3: the same character offsets, each piece tokenized alone."""
     tok = CharTokenizer(add_bos=True)
-    got = calib._offset_windows(TEXT, tok, _calib(), None)
+    got = calib.sources._offset_windows(TEXT, tok, _calib(), None)
     random.seed(3)
     expected = []
     for _ in range(6):
@@ -117,11 +117,11 @@ def test_offsets_sampler_draws_svdllm_pieces():
 
 def test_bos_is_put_first_when_the_tokenizer_adds_none():
     tok = CharTokenizer(add_bos=False)
-    offsets = calib._offset_windows(TEXT, tok, _calib(), 1)
-    stream = calib._stream_windows(TEXT, tok, _calib(), 1)
+    offsets = calib.sources._offset_windows(TEXT, tok, _calib(), 1)
+    stream = calib.sources._stream_windows(TEXT, tok, _calib(), 1)
     for windows in (offsets, stream):
         assert windows.shape == (6, 32) and (windows[:, 0] == 1).all() and (windows[:, 1:] > 1).all()
-    assert not (calib._offset_windows(TEXT, tok, _calib(), None)[:, 0] == 1).any()
+    assert not (calib.sources._offset_windows(TEXT, tok, _calib(), None)[:, 0] == 1).any()
 
 
 def test_stream_sampler_default_is_todays_windows():
@@ -130,7 +130,7 @@ def test_stream_sampler_default_is_todays_windows():
     ids = tok(TEXT).input_ids[0]
     starts = torch.randint(0, ids.numel() - 32, (6,), generator=torch.Generator().manual_seed(3))
     expected = torch.stack([ids[s:s + 32] for s in starts.tolist()])
-    assert torch.equal(calib._stream_windows(TEXT, tok, _calib(), None), expected)
+    assert torch.equal(calib.sources._stream_windows(TEXT, tok, _calib(), None), expected)
 
 
 def test_new_keys_at_their_defaults_keep_run_ids(compose):

@@ -5,9 +5,10 @@ It says which tensors train and how they will be stored (``prepare``: :class:`Tr
 what becomes of them afterwards (``finish``):
   distill  the tensors the factorizations store (L, R, ...) train and are re-quantized;
   dsee     the compressed model is frozen; each Linear learns dW = U V + S, stored afterwards.
-The loop is shared (:func:`apply`): batches of ``heal.data`` (the calibration sources of
-:mod:`lrsweep.calib`), the teacher is the same model with its original modules swapped back in
-(no second copy of the model), and the loss depends on the model kind (``LOSSES``).
+The loop is shared (:func:`apply`): batches of ``heal.data`` (a calibration config, read by the
+source of the model kind: :mod:`lrsweep.calib.sources`), the teacher is the same model with its
+original modules swapped back in (no second copy of the model), and the loss depends on the model
+kind (``LOSSES``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from lrsweep.calib.sources import SOURCES
 from lrsweep.compress import LayerResult
+from lrsweep.context import Context
 from lrsweep.errors import ConfigError
 
 
@@ -111,10 +114,7 @@ FORWARD_KWARGS: dict[str, dict[str, Any]] = {"causal_lm": {"use_cache": False}, 
 # ---------------------------------------------------------------- the shared loop
 def batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """The training batches: ``heal.data`` read by the calibration source of the model kind."""
-    from lrsweep.calib import SOURCES
-
-    sub = OmegaConf.create({"calib": OmegaConf.to_container(cfg.heal.data, resolve=True)})
-    out = SOURCES[cfg.model.kind].batches(sub, tokenizer)
+    out = SOURCES[cfg.model.kind].batches(cfg.heal.data, tokenizer)
     return [{k: v for k, v in b.items() if k != "labels"} for b in out]
 
 
@@ -139,7 +139,8 @@ class _Masters:
             t.param.grad = None
 
 
-def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult], ctx: Any) -> dict[str, Any]:
+def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult],
+          ctx: Context) -> dict[str, Any]:
     """Heal the compressed ``model`` by distillation from its ``originals``; returns the row's info.
 
     AdamW updates fp32 masters (:class:`_Masters`); at the end the model's parameters take their
@@ -195,8 +196,6 @@ def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[Layer
 
 def check(cfg: DictConfig) -> None:
     """ConfigError (before launch) for heal settings that cannot work."""
-    from lrsweep.calib import SOURCES
-
     hcfg = cfg.get("heal")
     if not hcfg:
         return

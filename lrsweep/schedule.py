@@ -1,0 +1,187 @@
+"""The compression schedule: which target layers are compressed when, with which statistics, where.
+
+  whole       every target layer at once: with the statistics of the dense model (computed once,
+              cached: :mod:`lrsweep.calib`) for a method that ``needs`` some, with no calibration
+              at all for one that needs none;
+  sequential  (``calib.sequential=true``, methods with statistics) block by block (:func:`blocks`),
+              each block's statistics taken from the model whose earlier blocks are already
+              compressed (as SVD-LLM / GPTQ do); those depend on the method, so they are not cached;
+  streamed    (``stream=true``) the model waits on CPU and one block at a time is on ``ctx.device``;
+              the statistics come from the block's inputs, propagated from block to block on the
+              device (GPTQ-style), through the dense block or, sequential, the compressed one.
+A rank allocation (:mod:`lrsweep.allocate`) runs before a whole or streamed compression; the
+compressed model is on ``ctx.device`` afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsweep import calib
+from lrsweep.allocate import allocate
+from lrsweep.allocate import scope as allocation_scope
+from lrsweep.compress import LayerResult, compress_model, method_spec
+from lrsweep.context import Context
+
+
+def blocks(layers: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
+    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``); a
+    layer without one (an embedding, ``lm_head``) is its own block."""
+    out: dict[str, dict[str, nn.Module]] = {}
+    for name, lin in layers.items():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        out.setdefault(m.group(1) if m else name, {})[name] = lin
+    return out
+
+
+def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
+             progress: bool = True) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Compress ``layers`` on the schedule ``ctx.cfg`` asks for; (layer results, info for the row:
+    calibration, per-block figures when streamed, ``allocation`` when one ran)."""
+    cfg = ctx.cfg
+    needs = method_spec(cfg.method).needs
+    alloc: dict[str, Any] = {}
+    if cfg.get("stream", False):
+        model.to("cpu")  # one block at a time goes to the device
+        ranks, alloc = allocate(model, layers, ctx, None)  # only for methods without statistics (validate)
+        results, info = streamed(model, layers, ctx, needs, ranks)
+    elif needs and cfg.calib.get("sequential", False):  # no allocation (validate)
+        results, info = sequential(model, layers, ctx, needs)
+    else:
+        stats, info = calib.layer_stats(model, layers, ctx, needs) if needs else (None, {})
+        with allocation_scope(cfg):  # the allocation's SVDs are the ones the compression truncates
+            ranks, alloc = allocate(model, layers, ctx, stats)
+            results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
+    if alloc:
+        info = {**info, "allocation": alloc}
+    model.to(ctx.device)  # streamed: the model waited on CPU
+    return results, info
+
+
+def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
+               needs: tuple[str, ...]) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Block by block, each block's statistics from the model with the earlier blocks compressed."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    batches, loss_fn = calib.calibration(model, ctx, needs)
+    results, calib_seconds = [], 0.0
+    for block in blocks(layers).values():
+        t1 = time.perf_counter()
+        stats = calib.collect(model, block, batches, needs, ctx.device, loss_fn, calib.fisher_estimator(cfg))
+        calib_seconds += time.perf_counter() - t1
+        results += compress_model(model, block, cfg, stats=stats, progress=False)
+    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
+                     **calib.estimator_info(cfg, needs),
+                     "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ---------------------------------------------------------------- streamed: one block at a time on the device
+class _Caught(Exception):
+    pass
+
+
+def _move(obj: Any, device: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block receives for each batch: the model runs (where it is) up to it."""
+    caught = []
+
+    def hook(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False  # no KV cache shared across batches
+    try:
+        for batch in batches:
+            try:
+                with torch.no_grad():
+                    model(**{k: v for k, v in batch.items() if k != "labels"})
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+        model.config.use_cache = use_cache
+    return caught
+
+
+def _run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs: tuple[str, ...],
+             ranks: dict[str, int] | None = None) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Compress block by block with only the current block on ``ctx.device`` (the model waits on CPU).
+
+    Statistics (xtx, absmean) come from the block's inputs, propagated from block to block on the
+    device (GPTQ-style): through the dense block, or the compressed one with ``calib.sequential``.
+    Returns the layer results and, per block, seconds and peak device memory.
+    """
+    cfg, device = ctx.cfg, ctx.device
+    groups = blocks(layers)
+    if "fisher" in needs:
+        raise ValueError("stream=true propagates activations block by block; fisher needs a backward pass "
+                         "through the whole model (use stream=false)")
+    inputs, masks = [], []
+    if needs:
+        batches, _ = calib.calibration(model, ctx, needs)
+        first = model.get_submodule(next(iter(groups)))
+        inputs = [_move(x, device) for x in _first_block_inputs(model, first, batches)]
+        masks = [b.get("attention_mask") for b in batches]
+    sequential = bool(cfg.calib.get("sequential", False)) if needs else False
+    cuda = device.startswith("cuda")
+    results, per_block = [], {}
+    for name, block_layers in groups.items():
+        block = model.get_submodule(name)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        block.to(device)
+        stats, outputs = None, []
+        if needs:
+            acc = calib.stats.Accumulator(block_layers, needs)
+            try:
+                for (args, kwargs), mask in zip(inputs, masks):
+                    acc.mask = mask.reshape(-1).bool().to(device) if mask is not None else None
+                    outputs.append(_run_block(block, args, kwargs))
+            finally:
+                acc.remove()
+            stats = acc.result()
+        results += compress_model(model, block_layers, cfg, stats=stats, progress=False, ranks=ranks)
+        if sequential:  # the next block sees this block compressed
+            outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
+        inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
+        block.to("cpu")
+        if cuda:
+            torch.cuda.synchronize(device)
+        per_block[name] = {"seconds": round(time.perf_counter() - t0, 3), "layers": len(block_layers)}
+        if cuda:
+            per_block[name]["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    info: dict[str, Any] = {"stream": True, "device": device, "blocks": per_block}
+    if cuda:
+        info["peak_mem_mb"] = max(b["peak_mem_mb"] for b in per_block.values())
+    if needs:
+        info.update(stats=sorted(needs), sequential=sequential, cache_hit=False)
+    return results, info
