@@ -52,7 +52,7 @@ from lrsweep.methods import svd as _svd
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "spectrum", "sensitivity")
+STRATEGIES = ("uniform", "spectrum", "sensitivity", "fisher")
 LOW, HIGH = 0.5, 2.0  # each layer's rank stays within [LOW, HIGH] x its uniform rank
 REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
 GRANULARITY = "block"  # sensitivity unit: "block" (one pass per block) or "layer" (one per layer, 7x on LLaMA)
@@ -203,6 +203,8 @@ class Spectrum:
     S: torch.Tensor  # fp64, descending
     approx: Callable[[int], torch.Tensor]  # rank -> the layer's (reconstructed) weight at that rank
     source: str  # "method": the method's own SVD (and output); "metric": computed here (no reusable SVD)
+    U: torch.Tensor | None = None  # left singular vectors (columns) of the truncated matrix
+    Vh: torch.Tensor | None = None  # right singular vectors (rows)
 
     def tail(self) -> np.ndarray:
         """e[r] = Σ_{i>r} σ_i² for r = 0..len(S)."""
@@ -221,12 +223,12 @@ def method_spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None,
     spec.fn(W, rank=1, bits=bits, seed=seed, stats=stats, **opts)
     if scope["last"] is None:
         return None
-    S = scope["svds"][scope["last"]][1]
+    U, S, Vh, _ = scope["svds"][scope["last"]]
 
     def approx(r: int) -> torch.Tensor:
         return spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **opts).reconstruct()
 
-    return Spectrum(S.detach().double().cpu(), approx, "method")
+    return Spectrum(S.detach().double().cpu(), approx, "method", U, Vh)
 
 
 def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: dict[str, Any],
@@ -272,7 +274,7 @@ def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: 
                 torch.linalg.solve_triangular(right, A.double(), upper=False, left=False).to(A.dtype)
         return A / left[:, None] if left is not None else A
 
-    return Spectrum(S.double(), approx, "metric")
+    return Spectrum(S.double(), approx, "metric", U, Vh)
 
 
 # ---------------------------------------------------------------- losses with truncated layers
@@ -299,12 +301,13 @@ def mean_loss(model: nn.Module, batches: list[dict], loss_fn) -> float:
     return float(np.mean([float(loss_fn(model, b).float().mean()) for b in batches]))
 
 
-def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int, device: str) -> list[dict]:
-    """``samples`` calibration windows/texts drawn with ``seed`` (one batch)."""
+def calibration_batches(cfg: DictConfig, tokenizer: Any, seed: int, samples: int, device: str,
+                        batch_size: int | None = None) -> list[dict]:
+    """``samples`` calibration windows/texts drawn with ``seed`` (in one batch unless ``batch_size``)."""
     from lrsweep.calib import SOURCES, to_device
 
     c = OmegaConf.create(OmegaConf.to_container(cfg.calib, resolve=True))
-    c.seed, c.n_samples, c.batch_size = int(seed), int(samples), int(samples)
+    c.seed, c.n_samples, c.batch_size = int(seed), int(samples), int(batch_size or samples)
     return [to_device(b, device) for b in SOURCES[cfg.model.kind].batches(c, tokenizer)]
 
 
@@ -343,6 +346,86 @@ def sensitivity(model, layers, spectra, ref_ranks, ctx, loss_fn, batches) -> tup
     delta = dict(zip(groups, tensors["delta"].tolist()))
     return delta, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "passes": len(groups),
                    "granularity": GRANULARITY, "base_loss": info["base"], "delta": delta}
+
+
+@torch.enable_grad()
+def output_fisher(model, layers, names, ctx, loss_fn, batches) -> tuple[dict[str, torch.Tensor],
+                                                                        dict[str, torch.Tensor], dict]:
+    """Per layer, G_k = Σ_t (∂L/∂y_tk)² over the calibration tokens t (the diagonal of K-FAC's output
+    factor: the gradient of the summed per-sample losses w.r.t. the layer's output y) and m_j = Σ_t x_tj²
+    (its input's second moments), from one forward and backward pass per batch; cached on disk
+    under the calibration key."""
+    from lrsweep import cache
+    from lrsweep.calib import stats_key
+
+    key = {"version": VERSION, "calib": stats_key(ctx.cfg, ctx.model_key, ()), "layers": list(names),
+           "samples": [list(b["input_ids"].shape) for b in batches]}
+
+    def compute():
+        if bad := [n for n in names if not isinstance(layers[n], nn.Linear)]:
+            raise ValueError(f"allocation=fisher weighs output channels of Linear layers; {bad[0]} is "
+                             f"{type(layers[bad[0]]).__name__} (leave it out of model.targets)")
+        G = {n: torch.zeros(layers[n].weight.shape[0], dtype=torch.float64) for n in names}
+        m = {n: torch.zeros(layers[n].weight.shape[1], dtype=torch.float64) for n in names}
+
+        def hook(name):
+            def fn(module, args, output):
+                x = args[0]
+                if x.is_floating_point():
+                    m[name] += x.detach().double().reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
+                if output.requires_grad:
+                    output.register_hook(lambda g: add(name, g))
+            return fn
+
+        def add(name, g) -> None:  # a tensor hook returning None leaves the gradient as it is
+            G[name] += g.detach().double().reshape(-1, g.shape[-1]).pow(2).sum(0).cpu()
+
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        handles = [layers[n].register_forward_hook(hook(n)) for n in names]
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for n in names:
+                layers[n].weight.requires_grad_(True)
+            for b in batches:
+                loss_fn(model, b).sum().backward()
+                for n in names:
+                    layers[n].weight.grad = None
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+        tensors = {f"G.{n}": G[n] for n in names} | {f"m.{n}": m[n] for n in names}
+        return tensors, {"tokens": sum(int(b["input_ids"].shape[0] * b["input_ids"].shape[1]) for b in batches)}
+
+    t0 = time.perf_counter()
+    tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "output_fisher", key, compute)
+    return ({n: tensors[f"G.{n}"] for n in names}, {n: tensors[f"m.{n}"] for n in names},
+            {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "tokens": info["tokens"],
+             "samples": sum(int(b["input_ids"].shape[0]) for b in batches)})
+
+
+def fisher_gains(spectra: dict[str, Spectrum], G: dict[str, torch.Tensor], m: dict[str, torch.Tensor],
+                 whitened: bool) -> dict[str, np.ndarray]:
+    """Each singular component's estimated loss increase when dropped, in one scale for all layers:
+    ½ E[(g·Δy)²] with Δy = u_i σ_i (v_iᵀ x), under K-FAC's independence of g and x and the diagonals
+    of both factors: σ_i² · (Σ_k G_k u_ik²) · (Σ_j m_j v_ij²) / tokens². For methods whitening the
+    inputs (svdllm, drone: X^T X = C C^T, v_i in the whitened space) the input factor Σ_t (v_iᵀ C⁻¹ x_t)²
+    is exactly 1 for every component. For metrics scaling W (asvd, fwsvd) the vectors are those of
+    the scaled matrix: an approximation."""
+    out = {}
+    for n, sp in spectra.items():
+        if sp.U is None or sp.U.shape[0] != G[n].shape[0]:
+            raise ValueError(f"allocation=fisher needs {n}'s spectrum in its output space; the method's "
+                             f"decomposition has {None if sp.U is None else sp.U.shape[0]} rows, the layer "
+                             f"{G[n].shape[0]} outputs")
+        k = len(sp.S)
+        out_w = (sp.U[:, :k].double().cpu() ** 2 * G[n][:, None]).sum(0)
+        in_w = torch.ones(k, dtype=torch.float64) if whitened or sp.Vh.shape[1] != m[n].shape[0] \
+            else (sp.Vh[:k].double().cpu() ** 2 * m[n][None, :]).sum(1)
+        out[n] = ((sp.S.cpu() ** 2) * out_w * in_w).numpy()
+    return out
 
 
 # ---------------------------------------------------------------- the strategy
@@ -457,8 +540,16 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
                if spec.params is not None else uniform[n] for n in leaders}
         delta, info["sensitivity"] = sensitivity(model, layers, spectra, ref, ctx, loss_fn, chosen)
         seconds["sensitivity"] = info["sensitivity"]["seconds"]
+    if strategy == "fisher":
+        chosen = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed), int(cfg.calib.n_samples), device,
+                                     int(cfg.calib.batch_size))
+        G, m, info["fisher"] = output_fisher(model, layers, leaders, ctx, source.loss(model, chosen, device), chosen)
+        seconds["fisher"] = info["fisher"]["seconds"]
+        value = fisher_gains(spectra, G, m, whitened="xtx" in spec.needs)
+    else:
+        value = gains(strategy, spectra, delta, ref)
     t0 = time.perf_counter()
-    ranks, info["knapsack"] = choose(spec, shapes, uniform, gains(strategy, spectra, delta, ref), cfg, opts)
+    ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
     seconds["knapsack"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     loss_fn = source.loss(model, check_batches, device)
