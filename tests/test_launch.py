@@ -180,8 +180,10 @@ def test_dry_run_lists_every_point_and_submits_nothing(launch, tmp_path, capsys)
     assert len(list(read_rows(tmp_path))) == 1 and sweep.report() == 0
 
 
-def test_slurm_without_sbatch_on_path_is_one_clear_error(monkeypatch):
+def test_slurm_without_sbatch_on_path_is_one_clear_error_before_submitting(launch, tmp_path, monkeypatch):
+    monkeypatch.setattr(FakeLauncher, "_EXECUTOR", "slurm")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConfigError, match="sbatch/sinfo are not on PATH") as e:
-        sweep.preflight({}, [])
+        launch({"rank": [8]})
     assert e.value.key == "hydra/launcher" and "hydra/launcher=local" in str(e.value)
+    assert not (tmp_path / "rows").exists()

@@ -253,15 +253,6 @@ def test_detached_sweep_status_and_resubmit(cluster, tmp_path, plugin):
     assert "ok 2, failed 0, missing 0" in st.stdout, st.stdout
 
 
-def test_no_sbatch_on_path_is_one_clear_error(tmp_path):
-    results = tmp_path / "res"
-    proc = run_cli("-m", *SLURM, "rank=8", *SMALL, f"results_dir={results}", cwd=tmp_path,
-                   env={"PATH": str(Path(sys.executable).parent)})
-    assert proc.returncode == 2, _out(proc)
-    assert "sbatch/sinfo are not on PATH" in proc.stderr and "hydra/launcher=local" in proc.stderr
-    assert not list(read_rows(results))
-
-
 @pytest.mark.slurm
 @pytest.mark.parametrize("override, message", [
     ("hydra.launcher.partition=gpu_big", "'gpu_big' is not a partition of this cluster"),
