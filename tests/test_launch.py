@@ -119,7 +119,7 @@ def test_every_point_runs_then_a_rerun_skips_every_ok_point(launch, tmp_path, ca
     assert {p: os.stat(p).st_mtime_ns for p in (tmp_path / "rows").glob("*.json")} == before
 
 
-def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_row(launch, tmp_path, capsys):
+def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_row(launch, tmp_path, capsys, caplog):
     """Four points, two per job; the second job dies after its first point's row: that row stays ok,
     the other point gets the launcher's failed row with submitit's message, and the rerun runs only it."""
     launcher, rets = launch({"rank": [4, 8, 16, 32]}, points_per_job=2, die_at={32}, rows_before_death=1)
@@ -136,7 +136,9 @@ def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_ro
     out = capsys.readouterr().out
     assert "3 ok, 1 failed, 0 skipped" in out and f"[lrsweep] failed {dead.run_id}" in out
 
+    caplog.set_level(logging.INFO, "lrsweep.sweep")
     launcher, rets = launch({"rank": [4, 8, 16, 32]}, points_per_job=2)  # the fault is gone
+    assert "4 grid points: 1 to run, 3 already ok" in caplog.text
     assert [[p.cfg.rank for p in j.points] for j in launcher._fake.jobs] == [[32]]
     assert sweep.report() == 0 and "1 ok, 0 failed, 3 skipped" in capsys.readouterr().out
 
