@@ -189,3 +189,50 @@ def test_slurm_without_sbatch_on_path_is_one_clear_error_before_submitting(launc
         launch({"rank": [8]})
     assert e.value.key == "hydra/launcher" and "hydra/launcher=local" in str(e.value)
     assert not (tmp_path / "rows").exists()
+
+
+# ---------------------------------------------------------------- SLURM preflight against a fake sinfo
+SINFO = """#!/bin/sh
+# a fake sinfo -h -o %P|%G: a default CPU partition and a GPU one
+[ -n "$SINFO_FAIL" ] && { echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1; }
+printf 'debug*|(null)\\ngpu|gpu:2\\n'
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sinfo", SINFO), ("sbatch", "#!/bin/sh\nexit 1\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(FakeLauncher, "_EXECUTOR", "slurm")
+
+
+@pytest.mark.parametrize("params, overrides, key, message", [
+    ({"partition": "gpu_big"}, [], "hydra.launcher.partition",
+     "'gpu_big' is not a partition of this cluster; did you mean 'gpu'? (valid: debug, gpu)"),
+    ({"gpus_per_node": 1}, [], "hydra.launcher.gpus_per_node",
+     "1 GPU(s) per node requested but partition 'debug' has no GPUs"),
+    ({}, ["device=cuda"], "device", "'cuda' but the jobs ask for no GPU (hydra.launcher.gpus_per_node=0)"),
+])
+def test_bad_cluster_input_is_one_clear_error_before_submitting(fake_slurm, launch, tmp_path, params, overrides,
+                                                                key, message):
+    """The real-cluster version of one case is in test_slurm.py (it also checks sacct: nothing submitted)."""
+    with pytest.raises(ConfigError) as e:
+        launch({"rank": [8]}, *overrides, **params)
+    assert e.value.key == key and message in str(e.value), str(e.value)
+    assert not (tmp_path / "rows").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_gpu_partition_passes_preflight(fake_slurm):
+    sweep.preflight({"partition": "gpu", "gpus_per_node": 1}, [])
+    sweep.preflight({"partition": "debug,gpu"}, [])
+
+
+def test_unreachable_controller_is_one_clear_error(fake_slurm, monkeypatch):
+    monkeypatch.setenv("SINFO_FAIL", "1")
+    with pytest.raises(ConfigError, match="sinfo failed, the SLURM controller is not reachable: "
+                                          "slurm_load_partitions: Unable to contact"):
+        sweep.preflight({}, [])
