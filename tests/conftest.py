@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -72,6 +73,22 @@ def config_error(compose):
         return None
 
     return _error
+
+
+@pytest.fixture(scope="session")
+def _minilm_loaded(_session_cache):
+    from omegaconf import OmegaConf
+
+    from lrsweep import models
+
+    return models.load(OmegaConf.load(CONF / "model" / "minilm.yaml"), "cpu", os.environ["LRSWEEP_CACHE"])
+
+
+@pytest.fixture(scope="module")
+def minilm(_minilm_loaded):
+    """(MiniLM on CPU, its tokenizer), loaded once per session; each test module gets its own copy."""
+    model, tok = _minilm_loaded
+    return copy.deepcopy(model), tok
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -33,14 +33,6 @@ whitened_svd.needs = ("xtx",)
 TARGET = ["method._target_=test_calib.whitened_svd", "method.name=whitened"]
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
-
-
 def _ctx(cfg, tokenizer, cache_dir):
     return evaluate.Context(cfg, tokenizer, "cpu", str(cache_dir), job.model_key(cfg))
 

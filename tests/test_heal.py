@@ -26,14 +26,6 @@ DATA = ["heal.data.n_samples=16", "heal.data.batch_size=8", "heal.data.seq_len=6
 TEXTS = ["a film to remember", "nothing works in this one, sadly", "the cast is great but the plot drags"]
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
-
-
 def compressed(minilm, compose, overrides):
     """(cfg, compressed copy of minilm, dense copy, layer results, originals) for a heal config."""
     base, tok = minilm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -199,14 +198,6 @@ def test_budget_below_q_bits_names_it_and_budget_picks_the_rank():
 
 
 # ---- save / load, sweeps ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
 
 
 @pytest.mark.parametrize("overrides", [
