@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -49,6 +50,47 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def config_error(compose):
+    """config_error(*overrides) -> the one line ``python -m lrsweep <overrides>`` prints on stderr for
+    a refused single run (None: the config is valid), found in-process: Hydra composes the config and
+    lrsweep.validate.validate runs the checks lrsweep.validate.ValidateCallback runs before launch.
+    A few tests spawn the CLI itself to hold the contract around it (exit code 2, stderr is that line)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lrsweep.cli import _one_line
+    from lrsweep.errors import ConfigError
+    from lrsweep.validate import validate
+
+    def _error(*overrides: str) -> str | None:
+        try:
+            validate(compose(list(overrides), hydra_cfg=True))
+        except ConfigError as e:
+            return f"lrsweep: config error: {e}"
+        except (HydraException, OmegaConfBaseException) as e:
+            return f"lrsweep: config error: {_one_line(e)}"
+        return None
+
+    return _error
+
+
+@pytest.fixture(scope="session")
+def _minilm_loaded(_session_cache):
+    from omegaconf import OmegaConf
+
+    from lrsweep import models
+
+    return models.load(OmegaConf.load(CONF / "model" / "minilm.yaml"), "cpu", os.environ["LRSWEEP_CACHE"])
+
+
+@pytest.fixture(scope="module")
+def minilm(_minilm_loaded):
+    """(MiniLM on CPU, its tokenizer), loaded once per session; each test module gets its own copy."""
+    model, tok = _minilm_loaded
+    return copy.deepcopy(model), tok
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

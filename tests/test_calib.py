@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -31,14 +32,6 @@ def whitened_svd(W, *, rank, bits=16, seed=0, stats=None, **_):
 
 whitened_svd.needs = ("xtx",)
 TARGET = ["method._target_=test_calib.whitened_svd", "method.name=whitened"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
 
 
 def _ctx(cfg, tokenizer, cache_dir):
@@ -158,7 +151,7 @@ def test_data_aware_method_without_calib_is_a_config_error(compose, tmp_path):
 def test_sweep_points_share_the_statistics(compose, tmp_path):
     """Two grid points of one model: the first computes the statistics, the second reads them."""
     rows = [job.run(compose([*FAST, *QUICK, *TARGET, *CALIB, f"rank={r}", f"results_dir={tmp_path}",
-                             r"model.targets='encoder\.layer\.[01]\..*'", f"cache_dir={tmp_path}/cache"]))
+                             r"model.targets='encoder\.layer\.0\..*'", f"cache_dir={tmp_path}/cache"]))
             for r in (8, 32)]
     assert [r.status for r in rows] == ["ok", "ok"], rows[0].error
     assert [r.extra["calib"]["cache_hit"] for r in rows] == [False, True]
@@ -172,7 +165,7 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     results = {}
     for sequential in (False, True):
         cfg.calib.sequential = sequential
-        m, _ = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
+        m = copy.deepcopy(model)  # the model cfg.model loads, compressed in place
         layers = models.target_modules(m, cfg.model.targets)
         out, info = schedule.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
         results[sequential] = {r.name: r.rel_err for r in out}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -27,14 +26,6 @@ def tiny_lm():
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
 
 
 def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:

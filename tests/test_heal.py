@@ -26,14 +26,6 @@ DATA = ["heal.data.n_samples=16", "heal.data.batch_size=8", "heal.data.seq_len=6
 TEXTS = ["a film to remember", "nothing works in this one, sadly", "the cast is great but the plot drags"]
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
-
-
 def compressed(minilm, compose, overrides):
     """(cfg, compressed copy of minilm, dense copy, layer results, originals) for a heal config."""
     base, tok = minilm
@@ -147,7 +139,7 @@ def test_heal_config_identity_and_errors(compose):
         assert e.value.key == key
 
 
-def test_heal_distill_row_end_to_end(tmp_path):
+def test_heal_distill_row_end_to_end(config_error, tmp_path):
     """The CLI: one row with the metrics before and after healing; the healed embeddings are closer to dense."""
     proc = run_cli(*FAST, BLOCKS, "heal.data.seq_len=64", "method=svd", "rank=16", "bits=8", "heal=distill", "heal.steps=40",
                    "heal.lr=1e-3", "logger=wandb", f"results_dir={tmp_path}")
@@ -162,8 +154,9 @@ def test_heal_distill_row_end_to_end(tmp_path):
     offline = read_offline_run(run_dir)
     assert [[h["_step"], h["heal/loss"]] for h in offline["history"]] == row["extra"]["heal"]["loss_curve"]
     assert offline["summary"]["cosine_similarity_pre_heal"] == row["cosine_similarity_pre_heal"]
-    bad = run_cli(*FAST, "heal=dsee", "heal.density=2", f"results_dir={tmp_path / 'bad'}")
-    assert bad.returncode == 2 and "heal.density" in bad.stderr and not (tmp_path / "bad" / "rows").exists()
+    bad = config_error(*FAST, "heal=dsee", "heal.density=2", f"results_dir={tmp_path / 'bad'}")
+    assert bad.startswith("lrsweep: config error: heal.density"), bad
+    assert not (tmp_path / "bad" / "rows").exists()
     swept = run_cli("-m", *FAST, "heal=distill,dsee", "heal.steps=5", f"results_dir={tmp_path / 'bad'}")
     assert swept.returncode == 2 and "++heal.steps=5" in swept.stderr  # how to set a swept group's keys
 

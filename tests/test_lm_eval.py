@@ -17,7 +17,7 @@ import yaml
 
 import analysis
 from analysis.plot import better
-from conftest import FAST, run_cli
+from conftest import FAST
 from lrsweep import evaluate, job, lm_eval, models
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
@@ -126,10 +126,8 @@ def test_unknown_task_is_a_config_error_naming_close_ones(compose, tmp_path):
     validate(compose([*LM_EVAL, *TINY, "eval.lm_eval.tasks=[arc_easy,piqa]", f"results_dir={tmp_path}"]))
 
 
-def test_cli_unknown_task_exits_2_before_launch(tmp_path):
-    r = run_cli(*TINY, "eval=lm_eval", "eval.lm_eval.tasks=[hellaswagg]", f"results_dir={tmp_path}",
-                "logger=none")
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "eval.lm_eval.tasks: 'hellaswagg' is not an lm-eval task" in lines[0], r.stderr
+def test_unknown_task_is_a_config_error_before_launch(config_error, tmp_path):
+    line = config_error(*TINY, "eval=lm_eval", "eval.lm_eval.tasks=[hellaswagg]", f"results_dir={tmp_path}",
+                        "logger=none")
+    assert line.startswith("lrsweep: config error: eval.lm_eval.tasks: 'hellaswagg' is not an lm-eval task"), line
     assert not (tmp_path / "rows").exists()

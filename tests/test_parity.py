@@ -3,13 +3,12 @@ solver, and the per-sample Fisher estimator against per-sample backward passes."
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from conftest import FAST
-from lrsweep import calib, compress_matrix, models
+from lrsweep import calib, compress_matrix
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
 
@@ -145,14 +144,6 @@ def test_bad_method_options_fail_before_launch(compose, tmp_path):
 
 
 # ---------------------------------------------------------------- the per-sample Fisher
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
-
-
 def _masked_mean_sq(m, b):
     """Each text's own loss: the mean over its real tokens of its squared hidden states."""
     h = m(**{k: v for k, v in b.items() if k != "labels"}).last_hidden_state

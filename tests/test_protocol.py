@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import FAST, run_cli
+from conftest import FAST
 from test_eval import _token_nll, tiny_lm  # noqa: F401  (tiny_lm: the fixture, a random-weight Llama)
 from lrsweep import calib, data, evaluate, identity, job
 from lrsweep.errors import ConfigError
@@ -184,12 +184,10 @@ def test_unreachable_hub_is_the_points_failed_row(compose, monkeypatch, tmp_path
     assert "needs network" in row.error["message"]
 
 
-def test_cli_offline_wikitext2_exits_2_with_one_line(tmp_path):
-    out = run_cli("model=smollm2", "eval=wikitext2", "logger=none", f"results_dir={tmp_path}",
-                  env={"HF_DATASETS_OFFLINE": "1"})
-    assert out.returncode == 2, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert "eval.text" in last and "needs network" in last
+def test_offline_wikitext2_is_a_config_error_before_launch(config_error, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    last = config_error("model=smollm2", "eval=wikitext2", "logger=none", f"results_dir={tmp_path}")
+    assert last.startswith("lrsweep: config error: eval.text") and "needs network" in last, last
     assert not (tmp_path / "rows").exists()
 
 

@@ -18,14 +18,6 @@ from lrsweep.save import save_compressed
 BLOCKS = r"model.targets='encoder\.layer\.[01]\..*'"
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    from omegaconf import OmegaConf
-
-    mcfg = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "conf", "model", "minilm.yaml"))
-    return models.load(mcfg, "cpu", os.environ["LRSWEEP_CACHE"])
-
-
 @pytest.mark.parametrize("overrides", [
     ["method=svd", "bits=4"],                                       # uniform integer codes
     ["method=svd", "bits=3", "method.scheme=group", "method.group_size=48"],  # absmax groups

@@ -39,12 +39,11 @@ def remote_code_model(folder: Path) -> Path:
     return marker
 
 
-def test_remote_code_is_refused_unless_configured(tmp_path):
+def test_remote_code_is_refused_unless_configured(config_error, tmp_path):
     marker = remote_code_model(tmp_path / "evil")
-    res = lrsweep(f"results_dir={tmp_path / 'out'}", *TINY, "model=hf", f"model.path={tmp_path / 'evil'}",
-                  "model.kind=encoder")
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.startswith("lrsweep: config error: model.path") and "contains custom code" in res.stderr
+    line = config_error(f"results_dir={tmp_path / 'out'}", *TINY, "model=hf", f"model.path={tmp_path / 'evil'}",
+                        "model.kind=encoder")
+    assert line.startswith("lrsweep: config error: model.path") and "contains custom code" in line, line
     assert not marker.exists()
 
 
@@ -122,11 +121,10 @@ def test_wandb_key_never_written(tmp_path):
 
 # ---------------------------------------------------------------- path traversal
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x"])
-def test_user_given_sweep_name_cannot_escape(tmp_path, name):
+def test_user_given_sweep_name_cannot_escape(config_error, tmp_path, name):
     out = tmp_path / "results"
-    res = lrsweep(f"results_dir={out}", *TINY, f"sweep_name='{name}'")
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert res.stderr.startswith("lrsweep: config error: sweep_name:") and "not a plain name" in res.stderr
+    line = config_error(f"results_dir={out}", *TINY, f"sweep_name='{name}'")
+    assert line.startswith("lrsweep: config error: sweep_name:") and "not a plain name" in line, line
     assert not (out / "rows").exists()
 
 

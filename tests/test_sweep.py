@@ -80,7 +80,7 @@ def test_rerun_skips_every_ok_point(sweep):
     assert after == before
 
 
-def test_packed_job_isolates_a_raising_point_and_rerun_runs_only_it(tmp_path):
+def test_packed_job_isolates_a_raising_point(tmp_path):
     """Three points in one job, the middle one raises: its failed row, then the third point runs."""
     args = ["-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=4,16,8", *FAST, BLOCK0,
             "hydra.launcher.points_per_job=3", f"results_dir={tmp_path}"]
@@ -95,14 +95,15 @@ def test_packed_job_isolates_a_raising_point_and_rerun_runs_only_it(tmp_path):
     assert rows[4].latency_ms_dense == rows[8].latency_ms_dense  # the dense model measured once
     assert "2 ok, 1 failed, 0 skipped" in proc.stdout
     assert f"[lrsweep] failed {rows[16].run_id}" in proc.stdout
-    rerun = run_cli(*args)  # the rerun runs the failed point only
-    assert "1 to run, 2 already ok" in rerun.stdout + rerun.stderr and rerun.returncode == 1
+    # that a rerun runs the failed points only: test_launch.py (fake jobs), test_rerun_skips_every_ok_point
 
 
 def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
     """The dense model restored between the points of a packed job: same metrics as one job per point."""
     points = ["method=svd rank=4", "method=lplr rank=4 bits=8", "method=svd rank=8 heal=distill ++heal.steps=2"]
-    cfgs = {name: [compose([*FAST, BLOCK0, *p.split(), f"results_dir={tmp_path / name}"]) for p in points]
+    small = ["eval.probe_train=32", "eval.probe_test=32", "eval.latency.batch_size=2", "eval.latency.seq_len=16",
+             "eval.latency.shapes=[]"]  # the comparison needs the metrics, not good ones
+    cfgs = {name: [compose([*FAST, *small, BLOCK0, *p.split(), f"results_dir={tmp_path / name}"]) for p in points]
             for name in ("alone", "packed")}
     alone = [job.run(c) for c in cfgs["alone"]]
     with job.packed(len(points)):
@@ -133,8 +134,8 @@ def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
     assert "4 ok, 2 missing" in proc.stdout and "nothing was launched" in proc.stdout
 
 
+# the CLI's exit 2 for a launcher-side error; test_launch.py checks more values in-process
 @pytest.mark.parametrize("args, key", [(["hydra.launcher.points_per_job=0"], "hydra.launcher.points_per_job"),
-                                       (["hydra.launcher.points_per_job=many"], "hydra.launcher.points_per_job"),
                                        (["dry_run=true", "rank=-3"], "rank")])
 def test_bad_points_per_job_or_dry_run_config_error_exit_2(tmp_path, args, key):
     proc = run_cli("-m", "rank=4,8", *FAST, f"results_dir={tmp_path}", *args)

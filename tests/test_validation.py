@@ -1,5 +1,9 @@
 """Bad input is refused before launch: exit code 2, one line naming the key and what is valid,
-no traceback, nothing launched, no row. Every case goes through the real CLI."""
+no traceback, nothing launched, no row.
+
+A few cases spawn the real CLI and hold that whole contract (exit code, stderr is one line, no
+traceback, nothing written); the others find the same line in-process through the ``config_error``
+fixture (Hydra's compose, then the checks the CLI runs before launch), which is what the CLI prints."""
 
 from __future__ import annotations
 
@@ -19,23 +23,52 @@ def nothing_launched(results_dir: Path) -> None:
     assert not list(results_dir.rglob("*.json")) if results_dir.exists() else True
 
 
+def check_line(line: str | None, key: str, *fragments: str) -> str:
+    assert line is not None, "the config was accepted"
+    assert "\n" not in line and "Traceback" not in line, line
+    assert line.startswith(f"lrsweep: config error: {key}"), line
+    for f in fragments:
+        assert f in line, line
+    return line
+
+
 def refused(res, results_dir: Path, key: str, *fragments: str) -> str:
-    """The one-line error of a refused launch (asserts exit code 2 and nothing launched)."""
+    """The one-line error of a refused launch of the real CLI (asserts exit code 2 and nothing launched)."""
     assert res.returncode == 2, res.stdout + res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr + res.stdout
-    line = lines[0]
-    assert line.startswith(f"lrsweep: config error: {key}"), line
-    for f in fragments:
-        assert f in line, line
+    line = check_line(lines[0], key, *fragments)
     nothing_launched(results_dir)
     return line
+
+
+@pytest.fixture
+def refuse(tmp_path, config_error):
+    """refuse(key, overrides, *fragments): the single run's one-line error, in-process; nothing written."""
+
+    def _refuse(key: str, overrides: list[str], *fragments: str) -> str:
+        out = tmp_path / "results"
+        line = check_line(config_error(f"results_dir={out}", *TINY, *overrides), key, *fragments)
+        nothing_launched(out)
+        return line
+
+    return _refuse
 
 
 def run(tmp_path: Path, *args: str, multirun: bool = False):
     out = tmp_path / "results"
     return lrsweep(*(["-m"] if multirun else []), f"results_dir={out}", *TINY, *args), out
+
+
+def test_cli_unknown_group_option_exits_2_with_one_line(tmp_path):
+    res, out = run(tmp_path, "model=minilmm")
+    refused(res, out, "model", "'minilmm' is unknown", "did you mean 'minilm'", "(valid: hf, ", " minilm, ")
+
+
+def test_cli_malformed_override_exits_2_with_one_line(tmp_path):
+    res, out = run(tmp_path, "rank=[8,16")
+    refused(res, out, "", "no viable alternative")
 
 
 @pytest.mark.parametrize("override, key, fragments", [
@@ -44,95 +77,92 @@ def run(tmp_path: Path, *args: str, multirun: bool = False):
     ("eval=defualt", "eval", ["'defualt' is unknown", "did you mean 'default'", "valid: default"]),
     ("hydra/launcher=locall", "hydra/launcher", ["'locall' is unknown", "did you mean 'local'", "valid:"]),
 ])
-def test_unknown_group_option_did_you_mean(tmp_path, override, key, fragments):
-    res, out = run(tmp_path, override)
-    refused(res, out, key, *fragments)
+def test_unknown_group_option_did_you_mean(refuse, override, key, fragments):
+    refuse(key, [override], *fragments)
 
 
-def test_unknown_eval_task(tmp_path):
-    res, out = run(tmp_path, "eval.task=prob")
-    refused(res, out, "eval.task", "'prob' is unknown", "valid: auto", "probe")
+def test_unknown_eval_task(refuse):
+    refuse("eval.task", ["eval.task=prob"], "'prob' is unknown", "valid: auto", "probe")
 
 
-def test_model_path_missing(tmp_path):
-    res, out = run(tmp_path, "model=hf", f"model.path={tmp_path / 'no-such-model'}", "model.kind=encoder")
-    refused(res, out, "model.path", "no-such-model does not exist")
+def test_model_path_missing(refuse, tmp_path):
+    refuse("model.path", ["model=hf", f"model.path={tmp_path / 'no-such-model'}", "model.kind=encoder"],
+           "no-such-model does not exist")
 
 
-def test_model_path_not_a_model(tmp_path):
+def test_model_path_not_a_model(refuse, tmp_path):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     (folder / "README.md").write_text("just text\n")
-    res, out = run(tmp_path, "model=hf", f"model.path={folder}", "model.kind=encoder")
-    refused(res, out, "model.path", "is not a loadable model")
+    refuse("model.path", ["model=hf", f"model.path={folder}", "model.kind=encoder"], "is not a loadable model")
 
 
 @pytest.mark.parametrize("rank", ["0"])
-def test_rank_not_positive(tmp_path, rank):
-    res, out = run(tmp_path, f"rank={rank}")
-    refused(res, out, "rank", f"{rank} must be a positive integer")
+def test_rank_not_positive(refuse, rank):
+    refuse("rank", [f"rank={rank}"], f"{rank} must be a positive integer")
 
 
 @pytest.mark.parametrize("rank", ["abc", "1.5"])
-def test_rank_not_an_integer(tmp_path, rank):
-    res, out = run(tmp_path, f"rank={rank}")
-    refused(res, out, "rank", "must be a positive integer")
+def test_rank_not_an_integer(refuse, rank):
+    refuse("rank", [f"rank={rank}"], "must be a positive integer")
 
 
-def test_rank_above_min_dim(tmp_path):
-    res, out = run(tmp_path, "rank=385")
-    refused(res, out, "rank", "385 exceeds", "384x384 layer", "(layer encoder.layer.0.attention.self.query)")
+def test_rank_above_min_dim(refuse):
+    refuse("rank", ["rank=385"], "385 exceeds", "384x384 layer", "(layer encoder.layer.0.attention.self.query)")
 
 
 @pytest.mark.parametrize("bits", ["1", "17"])
-def test_bits_outside_supported_set(tmp_path, bits):
+def test_bits_outside_supported_set(refuse, bits):
     from lrsweep.quant import SUPPORTED_BITS
 
     assert int(bits) not in SUPPORTED_BITS
-    res, out = run(tmp_path, f"bits={bits}")
-    refused(res, out, "bits", f"{bits} is not supported", "(valid: 2..", "16", "32")
+    refuse("bits", [f"bits={bits}"], f"{bits} is not supported", "(valid: 2..", "16", "32")
 
 
-def test_budget_infeasible(tmp_path):
-    res, out = run(tmp_path, "budget=0.01")
-    refused(res, out, "budget", "0.01 bits/weight is infeasible for a 384x384 layer", "rank 1 needs")
+def test_budget_infeasible(refuse):
+    refuse("budget", ["budget=0.01"], "0.01 bits/weight is infeasible for a 384x384 layer", "rank 1 needs")
 
 
-def test_targets_match_no_module(tmp_path):
-    res, out = run(tmp_path, r"model.targets=decoder\.nothing\..*")
-    refused(res, out, "model.targets", "matches no Linear or Embedding module of minilm",
-            "valid: embeddings.word_embeddings, embeddings.position_embeddings")
+def test_targets_match_no_module(refuse):
+    refuse("model.targets", [r"model.targets=decoder\.nothing\..*"], "matches no Linear or Embedding module of minilm",
+           "valid: embeddings.word_embeddings, embeddings.position_embeddings")
 
 
-def test_targets_not_a_regex(tmp_path):
-    res, out = run(tmp_path, "model.targets='encoder.(layer'")
-    refused(res, out, "model.targets", "is not a valid regex")
+def test_targets_not_a_regex(refuse):
+    refuse("model.targets", ["model.targets='encoder.(layer'"], "is not a valid regex")
 
 
-def test_calibration_method_without_calibration_data(tmp_path):
-    res, out = run(tmp_path, "method._target_=faultlib.faults.needs_xtx", "~method.scheme", "~method.group_size")
-    refused(res, out, "calib", "needs calibration statistics ['xtx']", "no calibration data")
+def test_calibration_method_without_calibration_data(refuse):
+    refuse("calib", ["method._target_=faultlib.faults.needs_xtx", "~method.scheme", "~method.group_size"],
+           "needs calibration statistics ['xtx']", "no calibration data")
 
 
-def test_kronecker_shape_not_dividing_the_layer(tmp_path):
-    res, out = run(tmp_path, "method=kronecker", "method.a_shape=[5,7]", "rank=2")
-    refused(res, out, "method.a_shape", "[5, 7] does not divide the 384x384 layer",
-            "(layer encoder.layer.0.attention.self.query)")
+def test_kronecker_shape_not_dividing_the_layer(refuse):
+    refuse("method.a_shape", ["method=kronecker", "method.a_shape=[5,7]", "rank=2"],
+           "[5, 7] does not divide the 384x384 layer", "(layer encoder.layer.0.attention.self.query)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")
 @pytest.mark.parametrize("device", ["cuda:0"])
-def test_cuda_requested_without_gpu(tmp_path, device):
-    res, out = run(tmp_path, f"device={device}")
-    refused(res, out, "device", f"'{device}' requested but no CUDA device is available", "valid: auto, cpu")
+def test_cuda_requested_without_gpu(refuse, device):
+    refuse("device", [f"device={device}"], f"'{device}' requested but no CUDA device is available", "valid: auto, cpu")
 
 
-@pytest.mark.parametrize("multirun", [False, True])
-def test_results_dir_not_writable(tmp_path, multirun):
+def test_results_dir_not_writable(config_error, tmp_path):
     blocker = tmp_path / "a-file"  # we run as root: chmod would not stop us, a file in the path does
     blocker.write_text("")
     bad = blocker / "sub"
-    res = lrsweep(*(["-m"] if multirun else []), f"results_dir={bad}", *TINY)
+    check_line(config_error(f"results_dir={bad}", *TINY), "results_dir", f"'{bad}' is not writable")
+    nothing_launched(tmp_path)
+    assert blocker.read_text() == ""
+
+
+def test_cli_sweep_results_dir_not_writable(tmp_path):
+    """A sweep checks its results_dir before Hydra makes the sweep dir (ValidateCallback.on_multirun_start)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = blocker / "sub"
+    res = lrsweep("-m", f"results_dir={bad}", *TINY)
     refused(res, tmp_path, "results_dir", f"'{bad}' is not writable")
     assert blocker.read_text() == ""
 
@@ -142,9 +172,8 @@ def test_results_dir_not_writable(tmp_path, multirun):
     ("no_such_key=1", "Could not override 'no_such_key'"),
     ("model.nope=1", "Could not override 'model.nope'"),
 ])
-def test_malformed_override(tmp_path, override, fragment):
-    res, out = run(tmp_path, override)
-    refused(res, out, "", fragment)
+def test_malformed_override(refuse, override, fragment):
+    refuse("", [override], fragment)
 
 
 def test_sweep_with_one_bad_point_launches_nothing(tmp_path):

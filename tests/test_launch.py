@@ -1,0 +1,238 @@
+"""lrsweep.sweep.launch with a fake launcher and executor: planning, skipping, packing, dead-job
+rows, dry runs and the summary, in-process and in milliseconds per job.
+
+The fake executor's jobs write the rows a real job would write (or die without one); the
+launcher's side (lrsweep.sweep) is the real code. test_sweep.py and test_faults.py launch real
+local jobs through the CLI for what only a real process shows (submitit, Hydra's job dirs,
+signals, the exit code)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from conftest import FAST
+from lrsweep import sweep
+from lrsweep.errors import ConfigError
+from lrsweep.row import ResultRow, read_rows, write_row
+
+BLOCK0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
+
+
+@dataclass
+class FakeJob:
+    """A finished job: its points' rows were written, or it died (``dies``) after writing ``rows_before_death``."""
+
+    job_id: str
+    points: list[sweep.Point]
+    since: str
+    dies: bool = False
+    rows_before_death: int = 0
+    state: str = "FAILED"
+    paths: Any = field(default_factory=lambda: SimpleNamespace(stdout="/dev/null"))
+
+    def __post_init__(self):
+        for p in self.points[:self.rows_before_death if self.dies else None]:
+            write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", rank=p.cfg.rank, method=str(p.cfg.method.name),
+                                               model=str(p.cfg.model.name), finished_at=sweep._now(), wall_seconds=1.0,
+                                               bits_per_weight=4.0, accuracy=0.5))
+
+    def done(self) -> bool:
+        return True
+
+    def results(self):
+        if self.dies:
+            raise RuntimeError(f"Job {self.job_id} has not produced any output (state: {self.state})")
+        return [[sweep._returned(p, sweep._row(p.results_dir, p.run_id)) for p in self.points]]
+
+    def stderr(self) -> str:
+        return "killed\n"
+
+
+class FakeExecutor:
+    def __init__(self, die_at: set[int], rows_before_death: int):
+        self.die_at, self.rows_before_death, self.jobs = die_at, rows_before_death, []
+
+    def submit(self, launcher, points, singleton_state, since) -> FakeJob:
+        dies = any(p.cfg.rank in self.die_at for p in points)
+        job = FakeJob(str(len(self.jobs)), points, since, dies, self.rows_before_death)
+        self.jobs.append(job)
+        return job
+
+
+class FakeLauncher:
+    """What lrsweep.sweep.launch uses of the Hydra launcher (hydra_plugins/lrsweep_launcher)."""
+
+    _EXECUTOR = "local"
+
+    def __init__(self, compose, base: list[str], die_at=(), rows_before_death=0, **params):
+        self.config = compose(base, hydra_cfg=True)
+        self.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
+            load_sweep_config=lambda config, ov: compose([*base, *ov], hydra_cfg=True)))
+        self.params = {"parallelism": 2, "points_per_job": 1, "cpus_per_task": 1, "wait": True,
+                       "submitit_folder": str(Path(str(self.config.results_dir)) / ".submitit" / "%j"), **params}
+        self._fake = FakeExecutor(set(die_at), rows_before_death)
+        self.executors = 0
+
+    def executor(self, job_overrides, per_job_points: int = 1) -> FakeExecutor:
+        self.executors += 1
+        return self._fake
+
+
+@pytest.fixture
+def launch(compose, tmp_path, monkeypatch):
+    """launch(grid, *overrides, **launcher params) -> (launcher, JobReturns): grid is e.g. {"rank": [4, 8]}."""
+    base = [*FAST, BLOCK0, f"results_dir={tmp_path}"]
+    monkeypatch.setenv("LRSWEEP_THREADS", "")  # launch() sets it for its jobs: restored after the test
+
+    def _launch(grid: dict[str, list], *overrides: str, die_at=(), rows_before_death=0, **params):
+        launcher = FakeLauncher(compose, [*base, *overrides], die_at, rows_before_death, **params)
+        points = [[]]
+        for key, values in grid.items():
+            points = [[*p, f"{key}={v}"] for p in points for v in values]
+        return launcher, sweep.launch(launcher, points, 0)
+
+    yield _launch
+    sweep.LAST = None
+
+
+def test_every_point_runs_then_a_rerun_skips_every_ok_point(launch, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, "lrsweep.sweep")
+    launcher, rets = launch({"rank": [4, 8, 16]})
+    assert [r.status.name for r in rets] == ["COMPLETED"] * 3 and len(launcher._fake.jobs) == 3
+    assert sweep.report() == 0
+    assert "3 ok, 0 failed, 0 skipped" in capsys.readouterr().out
+    rows = {r.rank: r for r in read_rows(tmp_path)}
+    assert sorted(rows) == [4, 8, 16] and all(r.status == "ok" for r in rows.values())
+    before = {p: os.stat(p).st_mtime_ns for p in (tmp_path / "rows").glob("*.json")}
+
+    launcher, rets = launch({"rank": [4, 8, 16]})
+    assert rets == [] and launcher.executors == 0  # nothing submitted
+    assert "3 grid points: 0 to run, 3 already ok" in caplog.text
+    assert sweep.report() == 0 and "0 ok, 0 failed, 3 skipped" in capsys.readouterr().out
+    assert {p: os.stat(p).st_mtime_ns for p in (tmp_path / "rows").glob("*.json")} == before
+
+
+def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_row(launch, tmp_path, capsys, caplog):
+    """Four points, two per job; the second job dies after its first point's row: that row stays ok,
+    the other point gets the launcher's failed row with submitit's message, and the rerun runs only it."""
+    launcher, rets = launch({"rank": [4, 8, 16, 32]}, points_per_job=2, die_at={32}, rows_before_death=1)
+    assert [[p.cfg.rank for p in j.points] for j in launcher._fake.jobs] == [[4, 8], [16, 32]]  # grid order
+    assert [r.status.name for r in rets] == ["COMPLETED", "COMPLETED", "COMPLETED", "FAILED"]
+    rows = {r.rank: r for r in read_rows(tmp_path)}
+    assert [rows[k].status for k in (4, 8, 16)] == ["ok"] * 3
+    dead = rows[32]
+    assert dead.status == "failed" and dead.extra["job_state"] == "FAILED" and dead.error["type"] == "RuntimeError"
+    assert dead.error["message"].startswith("job 1 ended without a row (state FAILED; killed, out of memory or crashed)")
+    assert "has not produced any output" in dead.error["message"] and "killed" in dead.error["traceback"]
+    assert dead.log_path == "/dev/null" and dead.slurm_job_id is None and dead.method == "svd"
+    assert sweep.report() == 1
+    out = capsys.readouterr().out
+    assert "3 ok, 1 failed, 0 skipped" in out and f"[lrsweep] failed {dead.run_id}" in out
+
+    caplog.set_level(logging.INFO, "lrsweep.sweep")
+    launcher, rets = launch({"rank": [4, 8, 16, 32]}, points_per_job=2)  # the fault is gone
+    assert "4 grid points: 1 to run, 3 already ok" in caplog.text
+    assert [[p.cfg.rank for p in j.points] for j in launcher._fake.jobs] == [[32]]
+    assert sweep.report() == 0 and "1 ok, 0 failed, 3 skipped" in capsys.readouterr().out
+
+
+def test_auto_packs_points_that_share_the_dense_model_into_parallelism_jobs(launch):
+    launcher, _ = launch({"seed": [0, 1], "rank": [4, 8, 16]}, points_per_job="auto", parallelism=2)
+    jobs = [[(p.cfg.seed, p.cfg.rank) for p in j.points] for j in launcher._fake.jobs]
+    assert jobs == [[(0, 4), (0, 8)], [(0, 16)], [(1, 4), (1, 8)], [(1, 16)]]  # seeds never share a job
+
+
+def test_same_experiment_twice_in_a_grid_runs_once(launch):
+    launcher, rets = launch({"rank": [4, 4]})
+    assert len(launcher._fake.jobs) == 1 and len(rets) == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", True, 1.5])
+def test_bad_points_per_job_is_a_config_error_before_anything(launch, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"hydra.launcher.points_per_job: .* is not a positive integer or auto"):
+        launch({"rank": [4, 8]}, points_per_job=value)
+    assert not (tmp_path / "rows").exists()
+
+
+def test_one_bad_point_launches_nothing_even_in_a_dry_run(launch, tmp_path, capsys):
+    for dry in ("false", "true"):
+        with pytest.raises(ConfigError) as e:
+            launch({"rank": [4, -3, 8]}, f"dry_run={dry}")
+        assert str(e.value).startswith("sweep: 1 of 3 grid points are invalid, nothing was launched:")
+        assert "point #1 (rank=-3): rank: -3 must be a positive integer" in str(e.value)
+        assert "dry run" not in capsys.readouterr().out and not (tmp_path / "rows").exists()
+
+
+def test_dry_run_lists_every_point_and_submits_nothing(launch, tmp_path, capsys):
+    launch({"rank": [4]})
+    capsys.readouterr()
+    launcher, rets = launch({"rank": [4, 8]}, "dry_run=true")
+    assert rets == [] and launcher.executors == 0
+    out = capsys.readouterr().out
+    lines = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert [(ln[2], ln[3], ln[4]) for ln in lines] == [("ok", "1.0", "rank=4"), ("missing", "1.0", "rank=8")]
+    assert "1 ok, 1 missing; to run: about 1 s of job time; nothing was launched" in out
+    assert len(list(read_rows(tmp_path))) == 1 and sweep.report() == 0
+
+
+def test_slurm_without_sbatch_on_path_is_one_clear_error_before_submitting(launch, tmp_path, monkeypatch):
+    monkeypatch.setattr(FakeLauncher, "_EXECUTOR", "slurm")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(ConfigError, match="sbatch/sinfo are not on PATH") as e:
+        launch({"rank": [8]})
+    assert e.value.key == "hydra/launcher" and "hydra/launcher=local" in str(e.value)
+    assert not (tmp_path / "rows").exists()
+
+
+# ---------------------------------------------------------------- SLURM preflight against a fake sinfo
+SINFO = """#!/bin/sh
+# a fake sinfo -h -o %P|%G: a default CPU partition and a GPU one
+[ -n "$SINFO_FAIL" ] && { echo "slurm_load_partitions: Unable to contact slurm controller" >&2; exit 1; }
+printf 'debug*|(null)\\ngpu|gpu:2\\n'
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sinfo", SINFO), ("sbatch", "#!/bin/sh\nexit 1\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(FakeLauncher, "_EXECUTOR", "slurm")
+
+
+@pytest.mark.parametrize("params, overrides, key, message", [
+    ({"partition": "gpu_big"}, [], "hydra.launcher.partition",
+     "'gpu_big' is not a partition of this cluster; did you mean 'gpu'? (valid: debug, gpu)"),
+    ({"gpus_per_node": 1}, [], "hydra.launcher.gpus_per_node",
+     "1 GPU(s) per node requested but partition 'debug' has no GPUs"),
+    ({}, ["device=cuda"], "device", "'cuda' but the jobs ask for no GPU (hydra.launcher.gpus_per_node=0)"),
+])
+def test_bad_cluster_input_is_one_clear_error_before_submitting(fake_slurm, launch, tmp_path, params, overrides,
+                                                                key, message):
+    """The real-cluster version of one case is in test_slurm.py (it also checks sacct: nothing submitted)."""
+    with pytest.raises(ConfigError) as e:
+        launch({"rank": [8]}, *overrides, **params)
+    assert e.value.key == key and message in str(e.value), str(e.value)
+    assert not (tmp_path / "rows").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_gpu_partition_passes_preflight(fake_slurm):
+    sweep.preflight({"partition": "gpu", "gpus_per_node": 1}, [])
+    sweep.preflight({"partition": "debug,gpu"}, [])
+
+
+def test_unreachable_controller_is_one_clear_error(fake_slurm, monkeypatch):
+    monkeypatch.setenv("SINFO_FAIL", "1")
+    with pytest.raises(ConfigError, match="sinfo failed, the SLURM controller is not reachable: "
+                                          "slurm_load_partitions: Unable to contact"):
+        sweep.preflight({}, [])
