@@ -20,7 +20,7 @@ import pytest
 from conftest import FAST
 from lrsweep import sweep
 from lrsweep.errors import ConfigError
-from lrsweep.row import ResultRow, read_rows, write_row
+from lrsweep.row import ResultRow, now, read_rows, write_row
 
 BLOCK0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
 
@@ -40,7 +40,7 @@ class FakeJob:
     def __post_init__(self):
         for p in self.points[:self.rows_before_death if self.dies else None]:
             write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", rank=p.cfg.rank, method=str(p.cfg.method.name),
-                                               model=str(p.cfg.model.name), finished_at=sweep._now(), wall_seconds=1.0,
+                                               model=str(p.cfg.model.name), finished_at=now(), wall_seconds=1.0,
                                                bits_per_weight=4.0, accuracy=0.5))
 
     def done(self) -> bool:
