@@ -32,7 +32,7 @@ from tabulate import tabulate
 
 import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers the launcher configs compose reads)
 from lrsweep import allocate, calib, evaluate, models, schedule, tying
-from lrsweep.compress import method_options, method_spec, resolve_rank
+from lrsweep.compress import layer_seed, method_options, method_spec, resolve_rank
 from lrsweep.job import model_key
 from lrsweep.methods import svd
 
@@ -77,7 +77,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for i, n in enumerate(leaders):
             W, st = layers[n].weight.detach(), (stats or {}).get(n)
-            spectra[n] = allocate.method_spectrum(W, spec, st, opts, int(cfg.bits), i) \
+            spectra[n] = allocate.method_spectrum(W, spec, st, opts, int(cfg.bits), layer_seed(cfg.seed, i)) \
                 or allocate.spectrum(W, spec, st, opts)
         spectra_s = time.perf_counter() - t0
         for ratio in [float(r) for r in args.ratios.split(",")]:

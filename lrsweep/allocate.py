@@ -357,6 +357,7 @@ def output_fisher(model, layers, names, ctx, loss_fn, batches) -> tuple[dict[str
     under the calibration key."""
     from lrsweep import cache
     from lrsweep.calib import stats_key
+    from lrsweep.calib.stats import grads_only
 
     key = {"version": VERSION, "calib": stats_key(ctx.cfg, ctx.model_key, ()), "layers": list(names),
            "samples": [list(b["input_ids"].shape) for b in batches]}
@@ -380,22 +381,16 @@ def output_fisher(model, layers, names, ctx, loss_fn, batches) -> tuple[dict[str
         def add(name, g) -> None:  # a tensor hook returning None leaves the gradient as it is
             G[name] += g.detach().double().reshape(-1, g.shape[-1]).pow(2).sum(0).cpu()
 
-        saved = {n: p.requires_grad for n, p in model.named_parameters()}
         handles = [layers[n].register_forward_hook(hook(n)) for n in names]
         try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for n in names:
-                layers[n].weight.requires_grad_(True)
-            for b in batches:
-                loss_fn(model, b).sum().backward()
-                for n in names:
-                    layers[n].weight.grad = None
+            with grads_only(model, [layers[n].weight for n in names]):
+                for b in batches:
+                    loss_fn(model, b).sum().backward()
+                    for n in names:
+                        layers[n].weight.grad = None
         finally:
             for h in handles:
                 h.remove()
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved[n])
         tensors = {f"G.{n}": G[n] for n in names} | {f"m.{n}": m[n] for n in names}
         return tensors, {"tokens": sum(int(b["input_ids"].shape[0] * b["input_ids"].shape[1]) for b in batches)}
 
@@ -410,7 +405,8 @@ def fisher_gains(spectra: dict[str, Spectrum], G: dict[str, torch.Tensor], m: di
                  whitened: bool) -> dict[str, np.ndarray]:
     """Each singular component's estimated loss increase when dropped, in one scale for all layers:
     ½ E[(g·Δy)²] with Δy = u_i σ_i (v_iᵀ x), under K-FAC's independence of g and x and the diagonals
-    of both factors: σ_i² · (Σ_k G_k u_ik²) · (Σ_j m_j v_ij²) / tokens². For methods whitening the
+    of both factors: σ_i² · (Σ_k G_k u_ik²) · (Σ_j m_j v_ij²), up to one factor common to all layers
+    (1/(2·tokens)), which the knapsack ignores. For methods whitening the
     inputs (svdllm, drone: X^T X = C C^T, v_i in the whitened space) the input factor Σ_t (v_iᵀ C⁻¹ x_t)²
     is exactly 1 for every component. For metrics scaling W (asvd, fwsvd) the vectors are those of
     the scaled matrix: an approximation."""
@@ -488,7 +484,7 @@ def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, stats
     ``spectra``: a dict filled on the first call and reused by later ones (benchmarks sweeping budgets).
     """
     from lrsweep import tying
-    from lrsweep.compress import method_options, method_spec, resolve_rank
+    from lrsweep.compress import layer_seed, method_options, method_spec, resolve_rank
 
     cfg = ctx.cfg
     strategy = cfg.get("allocation", "uniform")
@@ -511,7 +507,7 @@ def allocate(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, stats
         for n in leaders:
             if n not in spectra:
                 W, st = layers[n].weight.detach(), (stats or {}).get(n)
-                spectra[n] = method_spectrum(W, spec, st, opts, int(cfg.bits), int(cfg.seed) * 100_003 + order[n]) \
+                spectra[n] = method_spectrum(W, spec, st, opts, int(cfg.bits), layer_seed(cfg.seed, order[n])) \
                     or spectrum(W, spec, st, opts, factors)
         seconds["spectra"] = time.perf_counter() - t0
         info, final = _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform, spectra, seconds)

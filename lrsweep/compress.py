@@ -161,6 +161,11 @@ def target_layers(model: nn.Module, targets: str | Iterable[str] | Mapping[str, 
     return {name: model.get_submodule(name) for name in targets}
 
 
+def layer_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th target layer (model order) of a run seeded ``seed``."""
+    return int(seed) * 100_003 + int(index)
+
+
 def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapping[str, nn.Module] | None = None, *,
               rank: int | None = None, bits: int = 16, budget: float | None = None, param_ratio: float | None = None,
               seed: int = 0, stats: Mapping[str, LayerStats] | None = None, ranks: Mapping[str, int] | None = None,
@@ -193,7 +198,7 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
         n, d = W.shape
         t0 = time.perf_counter()
         r = ranks[name] if ranks else resolve_rank(spec, n, d, rank, bits, budget, opts, param_ratio)
-        f = factorize(spec, W, opts, r, bits, int(seed) * 100_003 + order[name], (stats or {}).get(name))
+        f = factorize(spec, W, opts, r, bits, layer_seed(seed, order[name]), (stats or {}).get(name))
         seconds = time.perf_counter() - t0
         tying.install(model, [name, *tied], f, dtype=W.dtype)
         dense_bits = n * d * torch.finfo(W.dtype).bits

@@ -26,6 +26,8 @@ Statistics taken block by block from a partly compressed model (``calib.sequenti
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -148,6 +150,22 @@ class _SampleFisher:
             h.remove()
 
 
+@contextmanager
+def grads_only(model: nn.Module, weights: list[torch.Tensor] | None) -> Iterator[None]:
+    """Within: only ``weights`` require grad (None: leave the flags as they are); every flag restored after."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        if weights is not None:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
 def collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch],
             needs: tuple[str, ...], device: str, loss_fn: LossFn | None = None,
             fisher: str = "sample") -> dict[str, LayerStats]:
@@ -161,38 +179,31 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch]
     if want_grad and fisher not in FISHER:
         raise ValueError(f"calib.fisher={fisher!r} is unknown; valid: {', '.join(FISHER)}")
     per_sample = _SampleFisher(layers) if want_grad and fisher == "sample" else None
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
-        if want_grad:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for lin in layers.values():
-                lin.weight.requires_grad_(True)
-        for batch in batches:
-            batch = to_device(batch, device)
-            mask = batch.get("attention_mask")
-            acc.mask = mask.reshape(-1).bool() if mask is not None else None
-            if not want_grad:
-                with torch.no_grad():
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
-                continue
-            if per_sample is not None:
-                per_sample.calls.clear()
-            losses = loss_fn(model, batch)
-            if per_sample is not None:
-                losses.sum().backward()
-            else:
-                losses.mean().backward()
-                for name, lin in layers.items():
-                    acc.fisher[name] = acc.fisher.get(name, 0) + lin.weight.grad.double() ** 2
-            for lin in layers.values():
-                lin.weight.grad = None
+        with grads_only(model, [lin.weight for lin in layers.values()] if want_grad else None):
+            for batch in batches:
+                batch = to_device(batch, device)
+                mask = batch.get("attention_mask")
+                acc.mask = mask.reshape(-1).bool() if mask is not None else None
+                if not want_grad:
+                    with torch.no_grad():
+                        model(**{k: v for k, v in batch.items() if k != "labels"})
+                    continue
+                if per_sample is not None:
+                    per_sample.calls.clear()
+                losses = loss_fn(model, batch)
+                if per_sample is not None:
+                    losses.sum().backward()
+                else:
+                    losses.mean().backward()
+                    for name, lin in layers.items():
+                        acc.fisher[name] = acc.fisher.get(name, 0) + lin.weight.grad.double() ** 2
+                for lin in layers.values():
+                    lin.weight.grad = None
     finally:
         acc.remove()
         if per_sample is not None:
             per_sample.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
     if per_sample is not None:
         acc.fisher = per_sample.fisher
     return acc.result()
