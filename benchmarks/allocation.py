@@ -11,7 +11,8 @@ computed once per method. Each (ratio, strategy) is scored with every layer set 
 in the method's metric: for svd and svdllm exactly the method's rank-r result, without the
 rounding of the factors to fp16 (bits=16), which moves perplexity by far less than the differences
 shown. ``ships`` is what the held-out check chose (the candidate, or uniform when the candidate's
-held-out calibration loss is not lower); the metric is given for the candidate itself.
+held-out calibration loss is not lower by more than one standard error of the paired per-sample
+differences); the metric is given for the candidate itself.
 ``compress s`` is the method's own time on the first block's layers, scaled to all layers.
 ``alloc s`` is the allocation's time including reading every layer's spectrum through the method
 (its SVD, kept by ``svd.reuse`` so the compression that follows truncates it instead of
@@ -103,7 +104,7 @@ def main() -> None:
                     out = task.evaluate(model, ctx, state)
                 rows.append([method, ratio, strategy, info["shipped"], out[metric], f"{kept / kept_u:.4f}",
                              round(spectra_s + seconds, 1), round(seconds, 1), round(compress_s, 1),
-                             f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f}"])
+                             f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f} (se {info['loss_difference_se']:.4f})"])
                 print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
             ctx.cfg = cfg
         scope.__exit__(None, None, None)

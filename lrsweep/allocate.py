@@ -1,4 +1,4 @@
-"""Rank allocation under one global budget: ``allocation=uniform|spectrum|sensitivity``.
+"""Rank allocation under one global budget: ``allocation=uniform|spectrum|sensitivity|fisher``.
 
 ``uniform`` gives every layer the rank its own share of ``budget`` / ``param_ratio`` allows (the
 rule of :func:`lrsweep.compress.resolve_rank`). The other strategies treat the budget as one
@@ -25,7 +25,11 @@ plugins). Adding rank i to a layer gains
 gain per unit cost otherwise). A candidate is checked before use: the calibration loss of the
 model with every layer truncated in its metric, on ``CHECK_SAMPLES`` windows drawn with
 ``calib.seed + 1`` (not the ones that chose it), for the candidate ranks and for the uniform ones;
-the uniform allocation ships whenever the candidate is not better, and the row records both.
+the uniform allocation ships unless the candidate's mean per-sample loss is lower by more than
+one standard error of the paired differences, and the row records both. For encoders the check's
+probe is fitted on dense embeddings of other held-out texts than those it scores, as the
+evaluation's probe is (in-sample, a lower probe loss once shipped a candidate with 4.6 points
+less test accuracy).
 """
 
 from __future__ import annotations
@@ -57,9 +61,10 @@ LOW, HIGH = 0.5, 2.0  # each layer's rank stays within [LOW, HIGH] x its uniform
 REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
 GRANULARITY = "block"  # sensitivity unit: "block" (one pass per block) or "layer" (one per layer, 7x on LLaMA)
 # calibration windows (causal LMs, calib.seq_len tokens) or labelled texts (encoders: the probe needs both
-# classes) of a sensitivity pass, and of the held-out check (drawn with seed calib.seed + 1) against uniform
+# classes) of a sensitivity pass, and of the held-out check (drawn with seed calib.seed + 1) against uniform;
+# encoders draw twice as many for the check: the probe is fitted on the first half, scored on the second
 SENSITIVITY_SAMPLES = {"causal_lm": 2, "encoder": 64}
-CHECK_SAMPLES = {"causal_lm": 4, "encoder": 128}
+CHECK_SAMPLES = {"causal_lm": 4, "encoder": 256}
 EXACT_CELLS = 20_000_000  # knapsack: exact DP up to this many (rank option x budget unit) cells
 VERSION = 1
 
@@ -205,6 +210,7 @@ class Spectrum:
     source: str  # "method": the method's own SVD (and output); "metric": computed here (no reusable SVD)
     U: torch.Tensor | None = None  # left singular vectors (columns) of the truncated matrix
     Vh: torch.Tensor | None = None  # right singular vectors (rows)
+    forget: Callable[[int], None] = lambda r: None  # drop the method's result at rank r kept by approx(r)
 
     def tail(self) -> np.ndarray:
         """e[r] = Σ_{i>r} σ_i² for r = 0..len(S)."""
@@ -216,8 +222,11 @@ def method_spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None,
                     bits: int, seed: int) -> Spectrum | None:
     """The spectrum the method itself truncates, read by running it once at rank 1 inside an active
     :func:`lrsweep.methods.svd.reuse` scope (which keeps its full SVD for the real compression);
-    ``approx(r)`` is the method's own result at rank r (quantization included), reusing that SVD.
+    ``approx(r)`` is the method's own result at rank r (quantization included), reusing that SVD; the
+    result is kept in the scope, so the compression at the rank that ships does not run the method again.
     None when the method decomposes no matrix through ``truncated_svd`` (randomized or iterative ones)."""
+    from lrsweep.compress import factorization_key, factorize
+
     scope = _svd.active()
     scope["last"] = None
     spec.fn(W, rank=1, bits=bits, seed=seed, stats=stats, **opts)
@@ -226,9 +235,12 @@ def method_spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None,
     U, S, Vh, _ = scope["svds"][scope["last"]]
 
     def approx(r: int) -> torch.Tensor:
-        return spec.fn(W, rank=r, bits=bits, seed=seed, stats=stats, **opts).reconstruct()
+        return factorize(spec, W, opts, r, bits, seed, stats, share=True).reconstruct()
 
-    return Spectrum(S.detach().double().cpu(), approx, "method", U, Vh)
+    def forget(r: int) -> None:
+        _svd.forget("factorizations", factorization_key(spec, W, opts, r, bits, seed, stats))
+
+    return Spectrum(S.detach().double().cpu(), approx, "method", U, Vh, forget)
 
 
 def spectrum(W: torch.Tensor, spec: MethodSpec, stats: LayerStats | None, opts: dict[str, Any],
@@ -460,15 +472,41 @@ def choose(spec: MethodSpec, shapes: dict[str, tuple[int, int]], uniform: dict[s
     return dict(zip(shapes, ranks)), {"solver": solver, "cap": cap}
 
 
+@dataclass
+class Check:
+    """The held-out check of a candidate allocation against uniform, per held-out sample."""
+
+    loss_uniform: float
+    loss_candidate: float
+    se: float  # standard error of the mean paired difference (candidate - uniform); 0 with one sample
+    samples: int
+
+    @property
+    def better(self) -> bool:
+        """Lower by more than one standard error of the paired difference: a candidate whose gain
+        is within the noise of the held-out samples does not ship."""
+        return self.loss_candidate - self.loss_uniform + self.se < 0
+
+
+@torch.no_grad()
+def sample_losses(model: nn.Module, batches: list[dict], loss_fn) -> np.ndarray:
+    """Each held-out sample's loss (a loss_fn returning one value per batch counts as one sample)."""
+    return np.concatenate([np.atleast_1d(loss_fn(model, b).float().cpu().numpy()) for b in batches])
+
+
 def against_uniform(model: nn.Module, layers: dict[str, nn.Module], spectra: dict[str, Spectrum],
                     uniform: dict[str, int], ranks: dict[str, int], batches: list[dict], loss_fn
-                    ) -> tuple[dict[str, int], tuple[float, float]]:
-    """(the ranks that ship, (uniform's loss, the candidate's)): the candidate only when strictly better."""
+                    ) -> tuple[dict[str, int], Check]:
+    """(the ranks that ship, the check): the candidate only when its held-out loss is lower than
+    uniform's by more than one standard error of the paired per-sample difference."""
     losses = []
     for rs in (uniform, ranks):
         with Swap(layers, {n: spectra[n].approx(r) for n, r in rs.items()}):
-            losses.append(mean_loss(model, batches, loss_fn))
-    return (ranks if losses[1] < losses[0] else uniform), (losses[0], losses[1])
+            losses.append(sample_losses(model, batches, loss_fn))
+    d = losses[1] - losses[0]
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    check = Check(float(losses[0].mean()), float(losses[1].mean()), se, len(d))
+    return (ranks if check.better else uniform), check
 
 
 def scope(cfg: DictConfig) -> contextlib.AbstractContextManager:
@@ -524,8 +562,13 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
     leaders = list(shapes)
     source = SOURCES[cfg.model.kind]
     device = str(next(model.parameters()).device)
-    check_batches = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed) + 1,
-                                        CHECK_SAMPLES[cfg.model.kind], device)
+    n_check = CHECK_SAMPLES[cfg.model.kind]
+    if source.fitted:  # the probe is fitted on dense embeddings of other texts than those it scores
+        fit_batches, check_batches = ([b] for b in calibration_batches(
+            cfg, ctx.tokenizer, int(cfg.calib.seed) + 1, 2 * n_check, device, n_check))
+    else:
+        check_batches = fit_batches = calibration_batches(cfg, ctx.tokenizer, int(cfg.calib.seed) + 1, n_check,
+                                                          device)
     info: dict[str, Any] = {"strategy": strategy}
     delta = ref = None
     if strategy == "sensitivity":
@@ -548,15 +591,20 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
     ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
     seconds["knapsack"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loss_fn = source.loss(model, check_batches, device)
-    final, losses = against_uniform(model, layers, spectra, uniform, ranks, check_batches, loss_fn)
+    loss_fn = source.loss(model, fit_batches, device)
+    final, check = against_uniform(model, layers, spectra, uniform, ranks, check_batches, loss_fn)
+    for n in leaders:  # the method's results kept for the ranks that do not ship
+        for r in {uniform[n], ranks[n]} - {final[n]}:
+            spectra[n].forget(r)
     seconds["check"] = time.perf_counter() - t0
     shipped = strategy if final is ranks else "uniform"
     if shipped == "uniform":
-        log.warning("allocation=%s: held-out calibration loss %.4f is not below uniform's %.4f; "
-                    "the uniform ranks ship", strategy, losses[1], losses[0])
-    info.update(shipped=shipped, loss_uniform=losses[0], loss_candidate=losses[1],
-                check_samples=CHECK_SAMPLES[cfg.model.kind], check_seed=int(cfg.calib.seed) + 1, bounds=[LOW, HIGH],
+        log.warning("allocation=%s: held-out calibration loss %.4f is not below uniform's %.4f by more than "
+                    "its standard error %.4f; the uniform ranks ship", strategy, check.loss_candidate,
+                    check.loss_uniform, check.se)
+    info.update(shipped=shipped, loss_uniform=check.loss_uniform, loss_candidate=check.loss_candidate,
+                loss_difference_se=check.se, check_samples=check.samples, check_seed=int(cfg.calib.seed) + 1,
+                check_fit_samples=n_check if source.fitted else 0, bounds=[LOW, HIGH],
                 candidate_ranks=ranks, uniform_ranks=uniform,
                 spectra={src: sum(sp.source == src for sp in spectra.values()) for src in ("method", "metric")})
     return info, final

@@ -21,6 +21,7 @@ from lrsweep import methods
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import Factorization
 from lrsweep.methods import LayerStats, MethodSpec
+from lrsweep.methods import svd as _svd
 
 # keys of a method config that are not keyword options of the method
 METHOD_META_KEYS = ("name", "_target_", "needs")
@@ -99,11 +100,25 @@ def resolve_rank(spec: MethodSpec, n: int, d: int, rank: int | None, bits: int, 
 
 
 def factorize(spec: MethodSpec, W: torch.Tensor, opts: dict[str, Any], rank: int, bits: int, seed: int,
-              stats: LayerStats | None) -> Factorization:
-    """The method's factorization of W at ``rank``, reconstructing (and building modules) in W's dtype."""
-    f = spec.fn(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)
+              stats: LayerStats | None, share: bool = False) -> Factorization:
+    """The method's factorization of W at ``rank``, reconstructing (and building modules) in W's dtype.
+    Inside :func:`lrsweep.methods.svd.reuse`, ``share=True`` keeps the result (a rank allocation's
+    check) and a later call with the same inputs takes it (the compression at the ranks it ships)."""
+
+    def compute():
+        return stats, spec.fn(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)  # stats kept: id unique
+
+    _, f = _svd.memo("factorizations", lambda: factorization_key(spec, W, opts, rank, bits, seed, stats), compute,
+                     take=not share)
     f.dtype = W.dtype
     return f
+
+
+def factorization_key(spec: MethodSpec, W: torch.Tensor, opts: dict[str, Any], rank: int, bits: int, seed: int,
+                      stats: LayerStats | None) -> tuple:
+    """What a method's result depends on: W's bytes, the method, its options, rank, bits, seed and the
+    statistics (by identity: a run's statistics do not change while kept)."""
+    return _svd.content_key(W), rank, spec.name, repr(sorted(opts.items())), bits, seed, id(stats)
 
 
 def compress_matrix(W: torch.Tensor, method: Any = "svd", rank: int | None = None, bits: int = 16,

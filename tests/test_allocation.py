@@ -150,13 +150,49 @@ def test_falls_back_to_uniform_when_the_candidate_is_worse():
     worse = {"a": 2, "b": 14}  # b has rank 2: rank moved there is wasted
     better = {"a": 14, "b": 2}
     before = {n: m.weight.detach().clone() for n, m in layers.items()}
-    ranks, (lu, lc) = allocate.against_uniform(model, layers, spectra, uniform, worse, batches, loss)
-    assert ranks is uniform and lc > lu
-    ranks, (lu, lc) = allocate.against_uniform(model, layers, spectra, uniform, better, batches, loss)
-    assert ranks is better and lc < lu
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, worse, batches, loss)
+    assert ranks is uniform and c.loss_candidate > c.loss_uniform and c.samples == 1 and c.se == 0
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, loss)
+    assert ranks is better and c.loss_candidate < c.loss_uniform
     ranks, _ = allocate.against_uniform(model, layers, spectra, uniform, dict(uniform), batches, loss)
     assert ranks is uniform  # a tie ships uniform
     assert all(torch.equal(before[n], m.weight) for n, m in layers.items())  # weights restored
+
+
+def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
+    """Per-sample losses: the candidate ships only when lower by more than one standard error of the
+    paired differences (mean d + se < 0), whatever the sign of the mean alone."""
+    model = _Toy()
+    layers = {"a": model.a, "b": model.b}
+    spectra = {n: allocate.spectrum(m.weight, methods.REGISTRY["svd"], None, {}) for n, m in layers.items()}
+    uniform, better = {"a": 8, "b": 8}, {"a": 14, "b": 2}
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    target = model(x).detach()
+    batches = [{"x": x}]
+    with allocate.Swap(layers, {n: spectra[n].approx(r) for n, r in uniform.items()}):
+        base = (model(x) - target).pow(2).mean(1)
+    with allocate.Swap(layers, {n: spectra[n].approx(r) for n, r in better.items()}):
+        gain = base - (model(x) - target).pow(2).mean(1)
+    assert (gain > 0).all()  # the candidate is better on every sample: it ships
+
+    def loss(m, batch):
+        return (m(batch["x"]) - target).pow(2).mean(1)
+
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, loss)
+    d = -gain.detach().double().numpy()
+    assert ranks is better and c.samples == 8
+    assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5) and c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
+
+    noise = torch.tensor([1.0, -1.0] * 4) * 50 * float(gain.abs().max())  # same mean gain, huge spread
+
+    cand_b = spectra["b"].approx(2)
+
+    def noisy(m, batch):  # the candidate's per-sample losses get zero-mean noise: same means, wide spread
+        return loss(m, batch) + noise * torch.equal(m.b.weight.detach(), cand_b.to(m.b.weight.dtype))
+
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, noisy)
+    assert c.loss_candidate < c.loss_uniform and c.se > c.loss_uniform - c.loss_candidate
+    assert ranks is uniform
 
 
 def test_uniform_is_unchanged(compose):

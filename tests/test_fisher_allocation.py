@@ -107,3 +107,8 @@ def test_a_run_with_fisher_allocation(compose, tmp_path):
     assert info["fisher"]["samples"] == 16 and info["fisher"]["seconds"] >= 0
     assert row.param_ratio_measured <= 0.5
     assert info["candidate_ranks"] != info["uniform_ranks"]
+    # the check's probe is fitted on other held-out texts than the ones it scores (as the evaluation's)
+    assert info["check_fit_samples"] == info["check_samples"] == allocate.CHECK_SAMPLES["encoder"]
+    assert info["loss_difference_se"] > 0
+    better = info["loss_candidate"] - info["loss_uniform"] + info["loss_difference_se"] < 0
+    assert info["shipped"] == ("fisher" if better else "uniform")

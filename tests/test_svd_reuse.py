@@ -68,13 +68,21 @@ def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, mon
     from conftest import FAST
     from lrsweep.job import run
 
-    calls = []
-    real = svd_mod._truncated_svd
+    from lrsweep.methods import svdllm as svdllm_mod
+
+    calls, runs = [], []
+    real, real_t = svd_mod._truncated_svd, svdllm_mod.truncated_svd
     monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))
+    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a: runs.append(1) or real_t(*a))  # one per svdllm run
     cfg = compose([*FAST, "param_ratio=0.5", "allocation=spectrum", "method=svdllm", "calib.n_samples=16",
                    "model.targets='encoder\\.layer\\.0\\..*'", f"results_dir={tmp_path}", "logger=none",
                    "eval.latency.repeats=1", "eval.latency.shapes=[]"])
     row = run(cfg)
     assert row.status == "ok", row.error
     assert len(calls) == row.layers_compressed == 6
-    assert row.extra["allocation"]["spectra"] == {"method": 6, "metric": 0}
+    info = row.extra["allocation"]
+    assert info["spectra"] == {"method": 6, "metric": 0}
+    # svdllm runs at rank 1 to expose each spectrum and once per (layer, rank) the check scores; the
+    # compression at the shipped ranks takes the check's results instead of running it again
+    checked = {(n, r) for ranks in (info["uniform_ranks"], info["candidate_ranks"]) for n, r in ranks.items()}
+    assert len(runs) == 6 + len(checked)

@@ -38,6 +38,7 @@ class Source:
     config_key: str  # the key of the calibration config the batches come from
     batches: Callable[[DictConfig, Any], list[Batch]]  # (calibration config, tokenizer) -> batches
     loss: Callable[[nn.Module, list[Batch], str], LossFn]  # (dense model, batches, device) -> loss_fn
+    fitted: bool = False  # the loss is fitted on its batches (the encoder's probe): score it on others
 
 
 def to_device(batch: Batch, device: str) -> Batch:
@@ -126,5 +127,5 @@ def _probe_loss(model: nn.Module, batches: list[Batch], device: str) -> LossFn:
 
 SOURCES: dict[str, Source] = {
     "causal_lm": Source("text", _lm_batches, _lm_loss),
-    "encoder": Source("labelled", _encoder_batches, _probe_loss),
+    "encoder": Source("labelled", _encoder_batches, _probe_loss, fitted=True),
 }

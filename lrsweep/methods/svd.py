@@ -8,10 +8,10 @@ used is recorded in the factorization's ``info`` (and so in the row).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ def compute_dtype(W: torch.Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
+T = TypeVar("T")
 _SCOPES: list[dict[str, Any]] = []  # active reuse() scopes, innermost last
 
 
@@ -35,13 +36,39 @@ def reuse() -> Iterator[dict[str, Any]]:
     (and shape, dtype, device, driver): the same matrix again is truncated from the kept SVD, not
     decomposed again. Rank allocation reads each layer's spectrum through the method itself, then
     the method compresses at the chosen rank from the same decomposition. The scope yields
-    ``{"svds": {key: (U, S, Vh, solver)}, "last": key of the latest call, "hits": reuses}``."""
+    ``{"svds": {key: (U, S, Vh, solver)}, "last": key of the latest call, "hits": reuses}``, and what
+    :func:`memo` keeps (``scope[kind]``, reuses in ``scope["memo_hits"][kind]``)."""
     scope: dict[str, Any] = {"svds": {}, "last": None, "hits": 0}
     _SCOPES.append(scope)
     try:
         yield scope
     finally:
         _SCOPES.remove(scope)
+
+
+def memo(kind: str, key: Callable[[], Hashable], compute: Callable[[], T], take: bool = False) -> T:
+    """``compute()`` kept per ``kind`` and ``key()`` in the innermost :func:`reuse` scope, for work that
+    does not depend on the rank (a Cholesky factor) or that a later call repeats (a method's result at
+    the rank an allocation ships); outside a scope ``compute()`` (``key`` is not called). ``take``:
+    hand over a kept result and forget it (or compute without keeping)."""
+    if not _SCOPES:
+        return compute()
+    scope = _SCOPES[-1]
+    store, k = scope.setdefault(kind, {}), key()
+    if k in store:
+        hits = scope.setdefault("memo_hits", {})
+        hits[kind] = hits.get(kind, 0) + 1
+        return store.pop(k) if take else store[k]
+    if take:
+        return compute()
+    store[k] = compute()
+    return store[k]
+
+
+def forget(kind: str, key: Hashable) -> None:
+    """Drop a result kept by :func:`memo` in the innermost scope (nothing outside one)."""
+    if _SCOPES:
+        _SCOPES[-1].get(kind, {}).pop(key, None)
 
 
 def active() -> dict[str, Any]:
@@ -51,9 +78,14 @@ def active() -> dict[str, Any]:
     return _SCOPES[-1]
 
 
-def _key(W: torch.Tensor, driver: str) -> str:
+def content_key(W: torch.Tensor) -> str:
+    """The matrix's shape, dtype, device and a hash of its bytes."""
     data = W.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return f"{tuple(W.shape)}:{W.dtype}:{W.device}:{driver}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+    return f"{tuple(W.shape)}:{W.dtype}:{W.device}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def _key(W: torch.Tensor, driver: str) -> str:
+    return f"{driver}:{content_key(W)}"
 
 
 def truncated_svd(W: torch.Tensor, rank: int, driver: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
