@@ -90,9 +90,23 @@ def experiment_config(cfg: DictConfig) -> dict[str, Any]:
     _drop_later_defaults(out)
     if device_type(cfg) != "cpu":  # cpu is the identity rows had before the device type was part of it
         out["device"] = device_type(cfg)
+    if isinstance(out.get("method"), dict):
+        _name_builtin_target(out["method"])
     if isinstance(out.get("calib"), dict) and "fisher" not in _needs(cfg):
         out["calib"].pop("fisher", None)  # the Fisher estimator identifies only runs that use a Fisher
     return out
+
+
+def _name_builtin_target(method: dict[str, Any]) -> None:
+    """Hash a built-in method config (``name`` and options, no ``_target_``) with the ``_target_`` it
+    carried until built-ins were known by name alone: the import path of the built-in's function,
+    so ids computed before stay valid (and a row written before, which records that ``_target_``,
+    keeps its id)."""
+    from lrsweep.methods import REGISTRY
+
+    spec = REGISTRY.get(str(method.get("name")))
+    if spec is not None and spec.builtin and "_target_" not in method:
+        method["_target_"] = spec.target
 
 
 def _needs(cfg: DictConfig) -> tuple[str, ...]:

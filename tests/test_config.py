@@ -89,6 +89,31 @@ def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides, mo
     assert run_id(compose([*overrides.split(), "device=cpu", "save_compressed=true"])) == EARLIER_RUN_IDS[overrides]
 
 
+# run_ids of main at 47fdb06, when a built-in's config still carried `_target_` (its own function): the
+# identity hashes a built-in known by name with that `_target_` (identity._name_builtin_target)
+TARGET_RUN_IDS = {"method=asvd": "e3c5cc707190", "method=caldera": "e637ee3b8883", "method=drone": "462a4d5939d9",
+                  "method=dsvd": "ebae4bff768c", "method=fwsvd": "bd43625e86da", "method=gptq": "662fe97c41ae",
+                  "method=kronecker": "e104e454f756", "method=losparse": "b6525a1d4a97", "method=lplr": "1c69a472e89b",
+                  "method=lqer": "2e8f17da351f", "method=lsvd": "887f002576e3", "method=quant": "04e8b6f615e9",
+                  "method=rsvd": "a8bc794538e9", "method=svd": "521f5d9592f6", "method=svdllm": "7ad16b06a136",
+                  "method=svd method.scheme=group": "a2c611a57898",
+                  "method=asvd method.solver=lowrank rank=8": "46c563cc15c7",
+                  "method=fwsvd method.side=input model=smollm2": "55cbee49ab71",
+                  "method=gptq bits=4": "4778695a9a32",
+                  "method=svd method._target_=lrsweep.methods.svd.svd": "521f5d9592f6",
+                  "method=svd method._target_=lrsweep_testplugins.fails_above": "7b911a2365cc",
+                  "method=custom method._target_=lrsweep.methods.svd.svd": "abff58fe697f"}
+
+
+def test_every_method_keeps_its_run_id_without_target(compose, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {f"method={m}" for m in METHODS} <= set(TARGET_RUN_IDS)
+    for overrides, expected in TARGET_RUN_IDS.items():
+        cfg = compose(overrides.split())
+        assert ("_target_" in cfg.method) == ("_target_" in overrides), overrides
+        assert run_id(cfg) == expected, overrides
+
+
 def test_run_id_has_the_device_type_but_not_the_gpu_index(compose, monkeypatch):
     from lrsweep import identity
 

@@ -25,7 +25,8 @@ from lrsweep.methods.svdllm import SVDLLMOptions
 
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if p.stem != "custom")
 
-# cfg.method as composed before options were typed (the yamls then listed every default): run ids hash it
+# cfg.method as composed before options were typed (the yamls then listed every default), with the
+# `_target_` built-ins carried until they were known by name alone: run ids hash it
 BEFORE = {
     "svd": {"name": "svd", "_target_": "lrsweep.methods.svd.svd", "scheme": "uniform", "group_size": 128,
             "driver": "auto"},
@@ -44,7 +45,41 @@ BEFORE = {
 
 @pytest.mark.parametrize("method", sorted(BEFORE))
 def test_composed_method_config_is_what_it_was(compose, method):
-    assert OmegaConf.to_container(compose([f"method={method}"]).method) == BEFORE[method]
+    from lrsweep.identity import experiment_config
+
+    cfg = compose([f"method={method}"])
+    assert OmegaConf.to_container(cfg.method) == {k: v for k, v in BEFORE[method].items() if k != "_target_"}
+    later = {"solver", "side", "power"}  # identity.LATER_KEYS: hashed only away from their default
+    assert experiment_config(cfg)["method"] == {k: v for k, v in BEFORE[method].items() if k not in later}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_built_in_is_hashed_as_it_was_with_its_target(compose, method):
+    """The run_id of a built-in known by name is that of its config with the `_target_` it had (a row
+    written before, whose config records it, is the same run)."""
+    from lrsweep.identity import run_id
+
+    for extra in ([], ["bits=4", "method.scheme=channel"]):
+        cfg = compose([f"method={method}", *extra])
+        before = OmegaConf.merge(cfg, {"method": {"_target_": f"lrsweep.methods.{method}.{method}"}})
+        assert "_target_" not in cfg.method and run_id(cfg) == run_id(before)
+
+
+def test_a_target_on_a_built_in_is_that_function_under_its_name(compose, monkeypatch, config_error, tmp_path):
+    """method._target_ (with or without +) on a built-in's config plugs in that function with the
+    built-in's name and options, as it did when built-ins carried a `_target_`; an option key the method
+    does not take is still refused before launch, naming it and the valid ones."""
+    from conftest import PLUGINS
+    from lrsweep.compress import method_spec
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    for override in ("method._target_", "+method._target_"):
+        cfg = compose(["method=svd", f"{override}=lrsweep_testplugins.fails_above"])
+        spec = method_spec(cfg.method)
+        assert spec.name == "svd" and spec.fn.__name__ == "fails_above" and spec.option_type is None
+    assert method_spec(compose(["method=svd", "method._target_=lrsweep.methods.svd.svd"]).method) is REGISTRY["svd"]
+    assert config_error("method=svd", "method.alpha=0.5", f"results_dir={tmp_path}", "logger=none") == \
+        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, group_size, scheme)"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -54,8 +89,8 @@ def test_every_default_lives_in_the_dataclass(compose, method):
     assert set(yaml) == {"defaults"} and f"base/{method}@_here_" in yaml.defaults
     spec = REGISTRY[method]
     composed = OmegaConf.to_container(compose([f"method={method}"]).method)
-    assert composed == {"name": method, "_target_": spec.target, **dataclasses.asdict(spec.option_type())}
-    assert spec.options() == set(composed) - {"name", "_target_"}
+    assert composed == {"name": method, **dataclasses.asdict(spec.option_type())}  # a built-in: no _target_
+    assert spec.options() == set(composed) - {"name"}
     assert issubclass(spec.option_type, QuantizerOptions)
 
 
@@ -128,6 +163,35 @@ def test_a_method_registered_without_a_dataclass(monkeypatch):
         compress_matrix(W, "plain_test", rank=4, alpha=1.0)
 
 
+def test_a_typed_method_registered_outside_the_package_keeps_its_target(monkeypatch, compose):
+    """Its config names its function (``_target_`` imports it where the config is read); the identity
+    hashes it as it is."""
+    from hydra.core.config_store import ConfigStore
+
+    from lrsweep import methods
+    from lrsweep.identity import experiment_config
+
+    monkeypatch.setattr(methods, "REGISTRY", dict(REGISTRY))
+    monkeypatch.setattr(methods, "BY_OPTIONS", dict(methods.BY_OPTIONS))
+    base = ConfigStore.instance().repo["method"]["base"]
+    monkeypatch.setitem(base, "typed_test.yaml", None)  # restored (removed) after the test
+
+    @dataclasses.dataclass
+    class TypedOptions(QuantizerOptions):
+        shrink: float = 1.0
+
+    @register("typed_test", TypedOptions)
+    def typed(W, o, *, rank, bits, seed, stats=None):
+        return REGISTRY["svd"].fn(W, rank=rank, bits=bits, seed=seed, scheme=o.scheme, group_size=o.group_size)
+
+    spec = methods.REGISTRY["typed_test"]
+    assert not spec.builtin and all(s.builtin for s in REGISTRY.values())
+    node = OmegaConf.to_container(ConfigStore.instance().load("method/base/typed_test.yaml").node)
+    assert node == {"name": "typed_test", "_target_": spec.target, "scheme": "uniform", "group_size": 128, "shrink": 1.0}
+    cfg = compose(["method=base/typed_test"])
+    assert experiment_config(cfg)["method"] == node
+
+
 # ---- compress_: a model's layers in place, no Hydra ---------------------------------------------------
 
 
@@ -165,17 +229,21 @@ def test_compress_targets_budget_and_stats():
 
 
 def test_compress_model_is_compress_with_the_config():
-    cfg = OmegaConf.create({"method": {"name": "lplr", "_target_": "lrsweep.methods.lplr.lplr", "b1": 8, "b2": None,
-                                       "cr": None, "b_nq": None, "scheme": "uniform", "group_size": 128},
+    cfg = OmegaConf.create({"method": {"name": "lplr", "b1": 8, "b2": None, "cr": None, "b_nq": None,
+                                       "scheme": "uniform", "group_size": 128},
                             "rank": 4, "bits": 4, "budget": None, "seed": 3})
-    a, b = tiny(), tiny()
+    # a config recorded before built-ins lost their _target_ (a row's) names the same method
+    old = OmegaConf.merge(cfg, {"method": {"_target_": "lrsweep.methods.lplr.lplr"}})
+    a, b, c = tiny(), tiny(), tiny()
     ra = compress_model(a, {n: m for n, m in a.named_modules() if isinstance(m, nn.Linear)}, cfg, progress=False)
     rb = compress_(b, "lplr", rank=4, bits=4, seed=3, b1=8)
-    assert [(r.name, r.rank, r.storage_bits, r.rel_err) for r in ra] == [(r.name, r.rank, r.storage_bits, r.rel_err)
-                                                                         for r in rb]
+    rc = compress_model(c, {n: m for n, m in c.named_modules() if isinstance(m, nn.Linear)}, old, progress=False)
+    key = [(r.name, r.rank, r.storage_bits, r.rel_err) for r in ra]
+    assert key == [(r.name, r.rank, r.storage_bits, r.rel_err) for r in rb]
+    assert key == [(r.name, r.rank, r.storage_bits, r.rel_err) for r in rc]
     x = torch.randn(3, 32)
     with torch.no_grad():
-        assert torch.equal(a(x), b(x))
+        assert torch.equal(a(x), b(x)) and torch.equal(a(x), c(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -4,8 +4,9 @@ A built-in method is a function ``fn(W, o, *, rank, bits, seed, stats=None) -> F
 options ``o`` are an instance of its options dataclass (quantizing methods extend
 :class:`QuantizerOptions`). ``@register(name, Options, ...)`` records both; the dataclass is the one
 place of every default: it gives the method config (stored in Hydra's ConfigStore as
-``method/base/<name>``, which conf/method/<name>.yaml extends), the valid option keys
-(:meth:`MethodSpec.options`) and the types checked before launch (:meth:`MethodSpec.parse`).
+``method/base/<name>``, which conf/method/<name>.yaml extends: ``name`` and the options; a built-in
+is known by its name), the valid option keys (:meth:`MethodSpec.options`) and the types checked
+before launch (:meth:`MethodSpec.parse`).
 The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``) take the same ``o``
 last; the spec calls every one of them with options as keywords (a config's dict), missing ones at
 their defaults.
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import Factorization
@@ -158,8 +160,13 @@ class MethodSpec:
 
     @property
     def target(self) -> str:
-        """The import path of the method's function (the ``_target_`` of its config)."""
+        """The import path of the method's function (the ``_target_`` of a config naming it)."""
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    @property
+    def builtin(self) -> bool:
+        """Whether this is a typed method of this package (its config names it by ``name`` alone)."""
+        return self.option_type is not None and self.fn.__module__.startswith(f"{__name__}.")
 
     @property
     def plain_params(self) -> bool:
@@ -203,14 +210,19 @@ CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that a
 BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
 
 
-def _config_node(spec: MethodSpec) -> dict[str, Any]:
-    """The method config of a built-in: what conf/method/<name>.yaml extends (``defaults: [base/<name>@_here_]``;
-    a subgroup, so that ``method=`` lists only the yamls).
+def _config_node(spec: MethodSpec) -> DictConfig:
+    """The method config of a typed method: what conf/method/<name>.yaml extends (``defaults:
+    [base/<name>@_here_]``; a subgroup, so that ``method=`` lists only the yamls).
 
-    ``_target_`` is kept in the config only so that run ids computed before options were typed stay
-    the same; lrsweep resolves a built-in by ``name`` and reads ``_target_`` only when it names
-    another function (a method outside the package)."""
-    return {"name": spec.name, "_target_": spec.target, **spec.defaults()}
+    A built-in is known by ``name``; a method registered outside the package also carries its
+    ``_target_``, which imports it where the config is read (a job on another node). The node is
+    open (not struct), so ``method._target_=mypkg.fn`` swaps in another function under the
+    method's name and options, as for ``method=custom``; an option the method does not take is
+    still refused before launch, by :meth:`MethodSpec.parse` (exit 2, naming it and the valid ones)."""
+    node = OmegaConf.create({"name": spec.name, **({} if spec.builtin else {"_target_": spec.target}),
+                             **spec.defaults()})
+    OmegaConf.set_struct(node, False)
+    return node
 
 
 def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
@@ -258,8 +270,9 @@ def spec_of(options: Any) -> MethodSpec:
 
 
 def resolve(name: str, target: str | None = None) -> MethodSpec:
-    """The spec for a method config: the built-in ``name`` (whose config's ``_target_`` names its own
-    function), or the callable at ``target`` (a built-in's function under another name included)."""
+    """The spec for a method config: the registered ``name``, or the callable at ``target`` (a
+    registered method's function under another name included; rows written before built-in configs
+    lost their ``_target_`` name the built-in's own function, which is that built-in)."""
     spec = REGISTRY.get(name)
     if target and (spec is None or target != spec.target):
         from hydra.utils import get_method

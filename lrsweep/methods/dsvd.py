@@ -9,6 +9,7 @@ import torch
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register
 from lrsweep.methods.svd import SVDOptions, truncated_svd
+from lrsweep.quant import QTensor
 
 
 @dataclass
@@ -16,10 +17,15 @@ class DSVDOptions(SVDOptions):
     pass
 
 
+def quantized_left(W: torch.Tensor, o: SVDOptions, rank: int, bits: int
+                   ) -> tuple[QTensor, torch.Tensor, torch.Tensor, str]:
+    """(L = Q(U_r), S_r, V_r^T, solver): DSVD's left factor, and the rest of the truncated SVD."""
+    U, S, Vh, solver = truncated_svd(W, rank, o.driver)
+    return o.quantize(U.float(), bits), S, Vh, solver
+
+
 @register("dsvd", DSVDOptions)
 def dsvd(W: torch.Tensor, o: DSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
-    U, S, Vh, solver = truncated_svd(W, rank, o.driver)
-    L = o.quantize(U.float(), bits)
-    R = o.quantize((S[:, None] * Vh).float(), bits)
-    return LowRank.of(L, R, solver=solver)
+    L, S, Vh, solver = quantized_left(W, o, rank, bits)
+    return LowRank.of(L, o.quantize((S[:, None] * Vh).float(), bits), solver=solver)

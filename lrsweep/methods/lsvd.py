@@ -12,8 +12,9 @@ import torch
 
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register
+from lrsweep.methods.dsvd import quantized_left
 from lrsweep.methods.lplr import least_squares
-from lrsweep.methods.svd import SVDOptions, truncated_svd
+from lrsweep.methods.svd import SVDOptions
 
 
 @dataclass
@@ -24,7 +25,5 @@ class LSVDOptions(SVDOptions):
 @register("lsvd", LSVDOptions)
 def lsvd(W: torch.Tensor, o: LSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
-    U, _, _, solver = truncated_svd(W, rank, o.driver)
-    L = o.quantize(U.float(), bits)
-    R = o.quantize(least_squares(L.value, W.float()), bits)
-    return LowRank.of(L, R, solver=solver)
+    L, _, _, solver = quantized_left(W, o, rank, bits)
+    return LowRank.of(L, o.quantize(least_squares(L.value, W.float()), bits), solver=solver)
