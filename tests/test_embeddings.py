@@ -217,8 +217,9 @@ def test_streamed_job_with_a_tied_embedding(compose, tmp_path):
 
 def test_minilm_run_with_the_word_embedding(compose, config_error, tmp_path):
     targets_ = r"model.targets=embeddings\.word_embeddings|encoder\.layer\.0\.attention\.self\.query"
-    assert job.run(compose([*FAST, targets_, "method=svd", "rank=32", f"results_dir={tmp_path}",
-                            "eval.latency.batch_size=2", "eval.latency.seq_len=16", "eval.latency.shapes=[]"])).status == "ok"
+    cfg = compose([*FAST, targets_, "method=svd", "rank=32", f"results_dir={tmp_path}", "eval.latency.batch_size=2",
+                   "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
+    assert job.run(cfg).status == "ok"
     (row,) = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
     assert row["status"] == "ok" and row["layers_compressed"] == 2
     assert 0 < row["layer_errors"]["embeddings.word_embeddings"] < 1
