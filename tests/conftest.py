@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
-# Small, fast grid points: a fraction of the probe data, few latency repeats, no W&B.
-FAST = ["logger=none", "eval.probe_train=128", "eval.probe_test=128", "eval.latency.repeats=2",
-        "eval.latency.warmup=1", "progress=false"]
+# Small, fast grid points: a fraction of the probe data, few latency repeats at one small shape, no W&B.
+FAST = ["logger=none", "eval.probe_train=64", "eval.probe_test=64", "eval.latency.repeats=2",
+        "eval.latency.warmup=1", "eval.latency.batch_size=2", "eval.latency.seq_len=16", "eval.latency.shapes=[]",
+        "progress=false"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

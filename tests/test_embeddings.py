@@ -1,6 +1,6 @@
 """Factorized (ALBERT-style) embeddings in ``model.targets``, tied input/output embeddings kept tied.
 
-Small shapes and a tiny random LLaMA with tied embeddings; one MiniLM CLI run end to end.
+Small shapes and a tiny random LLaMA with tied embeddings; one MiniLM grid point end to end.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import lrsweep
-from conftest import FAST, run_cli
+from conftest import FAST
 from lrsweep import compress_matrix, evaluate, job, methods, models
 from lrsweep.compress import compress_model
 from lrsweep.errors import ConfigError
@@ -215,11 +215,11 @@ def test_streamed_job_with_a_tied_embedding(compose, tmp_path):
     assert row.params_dense - row.params_compressed == saved
 
 
-def test_cli_minilm_with_the_word_embedding(config_error, tmp_path):
+def test_minilm_run_with_the_word_embedding(compose, config_error, tmp_path):
     targets_ = r"model.targets=embeddings\.word_embeddings|encoder\.layer\.0\.attention\.self\.query"
-    proc = run_cli(*FAST, targets_, "method=svd", "rank=32", f"results_dir={tmp_path}", "eval.latency.batch_size=2",
-                   "eval.latency.seq_len=16", "eval.latency.shapes=[]")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = compose([*FAST, targets_, "method=svd", "rank=32", f"results_dir={tmp_path}", "eval.latency.batch_size=2",
+                   "eval.latency.seq_len=16", "eval.latency.shapes=[]"])
+    assert job.run(cfg).status == "ok"
     (row,) = [json.loads(p.read_text()) for p in (tmp_path / "rows").glob("*.json")]
     assert row["status"] == "ok" and row["layers_compressed"] == 2
     assert 0 < row["layer_errors"]["embeddings.word_embeddings"] < 1

@@ -178,16 +178,38 @@ CALIB_RUN = ["method=svdllm", "rank=8", "calib.n_samples=8", "calib.seq_len=32",
 TIMING = re.compile(r"latency|seconds|_at$|time|memory|mem_|peak|host|results_dir|log_path")
 
 
+def _job(cfg, out: str) -> None:
+    """Child process: one grid point (lrsweep.job.run), its row's status written to ``out``."""
+    from lrsweep import job
+
+    torch.set_num_threads(1)  # a forked child: one thread, as the CLI's jobs here (OMP_NUM_THREADS=1)
+    Path(out).write_text(job.run(cfg).status)
+
+
 @pytest.fixture(scope="module")
 def twin_runs(tmp_path_factory):
-    """The same calibration-based grid point twice, at once, sharing one fresh cache dir."""
+    """The same calibration-based grid point twice, at once, in two processes sharing one fresh cache dir."""
+    import multiprocessing as mp
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import lrsweep.methods  # noqa: F401  (the built-in method configs)
+
     root = tmp_path_factory.mktemp("twins")
-    procs = [subprocess.Popen([sys.executable, "-m", "lrsweep", f"results_dir={root / name}", *TINY, *CALIB_RUN],
-                              env=env(LRSWEEP_CACHE=str(root / "cache")), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
-             for name in ("a", "b")]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base="1.3"):
+        cfgs = [compose("config", overrides=[f"results_dir={root / name}", f"cache_dir={root / 'cache'}", *TINY,
+                                             *CALIB_RUN]) for name in ("a", "b")]
+    GlobalHydra.instance().clear()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_job, args=(cfg, str(root / f"{name}.status"))) for cfg, name in zip(cfgs, "ab")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [(root / f"{name}.status").read_text() for name in "ab"] == ["ok", "ok"]
     rows = [list(read_rows(root / name)) for name in ("a", "b")]
     assert [len(r) for r in rows] == [1, 1]
     return root, rows[0][0], rows[1][0]

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import FAST, run_cli
-from lrsweep import compress_matrix
+from conftest import FAST
+from lrsweep import compress_matrix, job
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 
@@ -71,12 +71,12 @@ def test_plugin_through_compress_matrix(plugin_dir):
         compress_matrix(W, method="mine", target="my_lr_methods.nothing", rank=4)
 
 
-def test_plugin_through_a_real_run(plugin_dir, config_error, tmp_path):
+def test_plugin_through_a_real_run(plugin_dir, compose, config_error, tmp_path):
     overrides = ["method._target_=my_lr_methods.rangefinder", "method.name=mine"]
     results = tmp_path / "results"
-    proc = run_cli("method=custom", *overrides, "+method.passes=2", "rank=16", f"results_dir={results}", *FAST,
-                   "eval.probe_train=64", "eval.probe_test=64", env={"PYTHONPATH": f"{plugin_dir}"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cfg = compose(["method=custom", *overrides, "+method.passes=2", "rank=16", f"results_dir={results}", *FAST,
+                   "eval.probe_train=64", "eval.probe_test=64"])
+    assert job.run(cfg).status == "ok"
     rows = [json.loads(p.read_text()) for p in (results / "rows").glob("*.json")]
     assert len(rows) == 1
     row = rows[0]
