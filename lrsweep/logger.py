@@ -24,6 +24,20 @@ from lrsweep.row import ResultRow
 log = logging.getLogger(__name__)
 
 
+def prepare(cfg: DictConfig) -> None:
+    """Import wandb and start its service ahead of the first run (a job does it while it waits for
+    a sibling job's timing); a problem is left for :func:`log_row` to report."""
+    if cfg.logger.name == "none" or (os.environ.get("WANDB_MODE") or cfg.logger.mode) == "disabled":
+        return
+    try:
+        import wandb
+
+        _launch_inputs_when_staged()
+        wandb.setup()
+    except Exception as e:
+        log.debug(f"[lrsweep] W&B not prepared ahead: {type(e).__name__}: {e}")
+
+
 def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
     """Log ``row`` as one W&B run; returns the run's directory (None when logging is off)."""
     lcfg = cfg.logger

@@ -200,7 +200,8 @@ def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_i
     executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
     since = now()
-    args = [(job, Singleton.get_state(), since) for job in jobs]
+    state = Singleton.get_state()
+    args = [(job, state, since) for job in jobs]
     submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
     if slurm and launcher.params.get("wait", True):  # the jobs run on the cluster's nodes
         prefetch_report()

@@ -146,3 +146,55 @@ def test_prefetch_report_imports_the_summary_in_a_thread(monkeypatch):
     assert len(sweep.PREFETCH) == 1
     sweep.report_modules()
     assert not sweep.PREFETCH[0].is_alive() and "analysis.summary" in sys.modules
+
+
+def test_timing_lock_does_the_waiting_work_only_while_a_sibling_times(compose, tmp_path):
+    import fcntl
+    import socket
+
+    from lrsweep import job
+
+    cfg = compose([*FAST, f"cache_dir={tmp_path}"])
+    calls = []
+    with job.timing_lock(cfg, "cpu", while_waiting=lambda: calls.append("free")) as lock:
+        assert lock["waited_s"] >= 0
+    assert calls == []
+    with open(tmp_path / "locks" / f"timing-{socket.gethostname()}-cpu.lock", "a") as sibling:
+        fcntl.flock(sibling, fcntl.LOCK_EX)  # flock locks belong to the open file: this is another holder
+
+        def work_then_sibling_done() -> None:
+            calls.append("busy")
+            fcntl.flock(sibling, fcntl.LOCK_UN)
+
+        with job.timing_lock(cfg, "cpu", while_waiting=work_then_sibling_done):
+            calls.append("timing")
+    assert calls == ["busy", "timing"]
+
+
+@pytest.mark.parametrize("overrides, times", [([], False), (["inference.fallback=auto"], True),
+                                              (["eval.latency.per_layer=true"], True)])
+def test_layers_are_timed_only_when_asked(compose, overrides, times):
+    """Without per-layer timing a point takes the timing lock once (its model), not twice."""
+    assert evaluate.times_layers(compose([*FAST, *overrides])) is times
+
+
+def test_grid_sweeper_leaves_composing_the_points_to_lrsweep_launchers():
+    from types import SimpleNamespace
+
+    from hydra_plugins.lrsweep_launcher.launcher import GridSweeper, LocalLauncher
+
+    composed = []
+    sweeper = GridSweeper(max_batch_size=None)
+    sweeper.config = SimpleNamespace()
+    sweeper.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
+        load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides)))
+    sweeper.launcher = LocalLauncher.__new__(LocalLauncher)
+    sweeper.validate_batch_is_legal([["rank=4"], ["rank=8"]])
+    assert composed == []  # lrsweep.sweep.plan composes (and validates) each point once
+    sweeper.launcher = SimpleNamespace()  # any other launcher: Hydra's check
+    sweeper.validate_batch_is_legal([["rank=4"], ["rank=8"]])
+    assert composed == [["rank=4"], ["rank=8"]]
+
+
+def test_the_sweeper_is_lrsweeps_grid_sweeper(compose):
+    assert compose([], hydra_cfg=True).hydra.sweeper._target_.endswith("lrsweep_launcher.launcher.GridSweeper")
