@@ -15,6 +15,7 @@ only. ``dry_run=true`` lists the points with their status and estimated time, an
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import logging
 import os
@@ -298,13 +299,18 @@ def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultR
 def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
     """Run a job's points one after another, each through Hydra's run_job (its own output dir,
     row and W&B run), sharing the dense model (lrsweep.job.packed). An exception of one point is
-    that point's failed row; a requeued job skips the points already ok since the launch."""
+    that point's failed row; a requeued job skips the points already ok since the launch.
+
+    The objects of the modules imported by then (torch & co.) and, at the end, all objects are
+    frozen out of Python's garbage collection (gc.freeze): its full passes while transformers and
+    wandb load, and its last one at the job process's exit (~1-2 s), skip them."""
     import submitit
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict, read_write
 
     from lrsweep import job
 
+    gc.freeze()
     setup_globals()
     job_id = submitit.JobEnvironment().job_id
     out = []
@@ -327,6 +333,7 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
                 error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
                 row = job.write_failed(p.cfg, error)
             out.append(_returned(p, row))
+    gc.freeze()
     return out
 
 

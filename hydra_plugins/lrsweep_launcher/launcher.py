@@ -9,6 +9,7 @@ annotations up). The parameter mapping (launcher config -> submitit executor) is
 skipping, packing, dead-job rows and manifests are in :mod:`lrsweep.sweep`.
 """
 
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
@@ -66,6 +67,7 @@ class SweepLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from lrsweep import sweep
 
+        gc.freeze()  # the CLI's modules (torch & co.) are imported: Python's full collections skip their objects
         return sweep.launch(self, job_overrides, initial_job_idx)
 
     def executor(self, job_overrides: Sequence[Sequence[str]], per_job_points: int = 1) -> Any:
