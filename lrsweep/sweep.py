@@ -266,6 +266,8 @@ def _returned(p: Point, row: ResultRow | None, error: BaseException | None = Non
 def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobReturn]:
     """The job's JobReturns; a job that died gets failed rows for its points without a row."""
     try:
+        while not job.done():  # submitit's results() looks once a second; a result file is a cheap stat
+            time.sleep(0.2)
         return job.results()[0]
     except Exception as e:  # killed, timed out, out of memory, ...
         error = e
