@@ -353,7 +353,6 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
 
 def run(cfg: DictConfig) -> ResultRow:
     """Run one grid point unless its row already says ok; return its row."""
-
     results_dir = os.path.abspath(str(cfg.results_dir))
     rid = identity.run_id(cfg)
     if row_status(results_dir, rid) == "ok" and not cfg.get("force", False):
