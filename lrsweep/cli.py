@@ -5,6 +5,7 @@ Exit codes: 0 all ok, 1 a grid point failed, 2 a config error (nothing was launc
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -106,4 +107,6 @@ def main() -> None:
             raise
         print(f"lrsweep: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(sweep.report())
+    code = sweep.report()
+    gc.freeze()  # exiting: Python's last collection would walk every object of torch & co. (~1 s)
+    sys.exit(code)

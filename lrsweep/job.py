@@ -25,12 +25,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import allocate, checkpoint, evaluate, heal, identity, models, schedule, slurm
+from lrsweep import allocate, checkpoint, evaluate, heal, identity, logger, models, schedule, slurm
 from lrsweep.compress import LayerResult
 from lrsweep.context import Context
 from lrsweep.row import ResultRow, now, row_status, write_row
@@ -165,14 +165,21 @@ def packed(size: int) -> Iterator[None]:
 
 
 @contextmanager
-def timing_lock(cfg: DictConfig, device: str) -> Iterator[dict[str, float]]:
-    """Hold this host's and device's timing lock (``<cache_dir>/locks``): no sibling job times at once."""
+def timing_lock(cfg: DictConfig, device: str, while_waiting: Callable[[], None] | None = None
+                ) -> Iterator[dict[str, float]]:
+    """Hold this host's and device's timing lock (``<cache_dir>/locks``): no sibling job times at once.
+    When a sibling holds it, ``while_waiting`` (work this job does later anyway) runs before waiting."""
     d = Path(os.path.abspath(str(cfg.cache_dir))) / "locks"
     d.mkdir(parents=True, exist_ok=True)
     out = {"waited_s": 0.0}
     with open(d / f"timing-{socket.gethostname()}-{device.replace(':', '')}.lock", "a") as f:
         t0 = time.perf_counter()
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if while_waiting is not None:
+                while_waiting()
+            fcntl.flock(f, fcntl.LOCK_EX)
         out["waited_s"] = time.perf_counter() - t0
         try:
             yield out
@@ -188,7 +195,7 @@ def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
     mkey = model_key(cfg)
     ctx = Context(cfg, tokenizer, device, cache_dir, mkey)
     state = evaluate.task_for(cfg).prepare(model, ctx)
-    with timing_lock(cfg, device) as lock:
+    with timing_lock(cfg, device, while_waiting=lambda: logger.prepare(cfg)) as lock:
         speed = evaluate.speed(model, ctx)
     return Dense(dense_key(cfg), model, tokenizer, mkey, state, speed, sum(p.numel() for p in model.parameters()),
                  torch.get_rng_state(), lock["waited_s"])
@@ -310,9 +317,11 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
         row.extra["method_info"] = json.loads(json.dumps(info, default=str))
 
     checkpoint.stage("evaluate")
-    with timing_lock(cfg, device) as lock:
-        row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
-    waited = lock["waited_s"]
+    waited = 0.0
+    if evaluate.times_layers(cfg):  # layers are timed (and fall back) under the lock too
+        with timing_lock(cfg, device) as lock:
+            row.extra.update(evaluate.layer_fallback(model, [r.name for r in results], ctx))
+        waited = lock["waited_s"]
     for key, value in task.evaluate(model, ctx, state).items():
         if key == "extra":
             row.extra.update(value)
@@ -344,8 +353,6 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
 
 def run(cfg: DictConfig) -> ResultRow:
     """Run one grid point unless its row already says ok; return its row."""
-    from lrsweep.logger import log_row
-
     results_dir = os.path.abspath(str(cfg.results_dir))
     rid = identity.run_id(cfg)
     if row_status(results_dir, rid) == "ok" and not cfg.get("force", False):
@@ -368,5 +375,5 @@ def run(cfg: DictConfig) -> ResultRow:
     path = write_row(results_dir, row)
     checkpoint.clear(results_dir, rid)
     log.info(f"[lrsweep] row {path} ({row.status})")
-    log_row(cfg, row)
+    logger.log_row(cfg, row)
     return row

@@ -3,12 +3,18 @@
 The run's config is the resolved config, its summary the row's scalars (the same schema as
 the JSON row). ``WANDB_MODE`` in the environment wins over ``logger.mode``. The API key is
 never read, printed or stored here: wandb takes it from its own settings when online.
+
+Unless ``logger.system_info`` is true, a run records no requirements.txt, git state, machine info
+or system metrics (collecting them cost ~0.7 s per run, mostly listing every installed package;
+the row has ``versions``, ``git_sha`` and ``host``). W&B Launch inputs are looked up only when
+wandb's launch module, the only way to stage them, was imported (:func:`_launch_inputs_when_staged`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,6 +24,20 @@ from lrsweep.row import ResultRow
 log = logging.getLogger(__name__)
 
 
+def prepare(cfg: DictConfig) -> None:
+    """Import wandb and start its service ahead of the first run (a job does it while it waits for
+    a sibling job's timing); a problem is left for :func:`log_row` to report."""
+    if cfg.logger.name == "none" or (os.environ.get("WANDB_MODE") or cfg.logger.mode) == "disabled":
+        return
+    try:
+        import wandb
+
+        _launch_inputs_when_staged()
+        wandb.setup()
+    except Exception as e:
+        log.debug(f"[lrsweep] W&B not prepared ahead: {type(e).__name__}: {e}")
+
+
 def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
     """Log ``row`` as one W&B run; returns the run's directory (None when logging is off)."""
     lcfg = cfg.logger
@@ -25,14 +45,17 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
         return None
     import wandb
 
+    _launch_inputs_when_staged()
     mode = os.environ.get("WANDB_MODE") or lcfg.mode
+    quiet = {} if lcfg.get("system_info", False) else \
+        {"x_save_requirements": False, "disable_git": True, "x_disable_machine_info": True, "x_disable_stats": True}
     wandb_dir = Path(os.path.abspath(str(lcfg.dir)))
     wandb_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(project=lcfg.project, entity=lcfg.get("entity"), group=row.sweep or None,
                          name=row.run_name, job_type=row.method, tags=list(lcfg.get("tags") or []),
                          config=row.config, mode=mode, dir=str(wandb_dir), reinit="finish_previous",
-                         settings=wandb.Settings(console="off", silent=True))
+                         settings=wandb.Settings(console="off", silent=True, **quiet))
         for step, loss in (row.extra.get("heal") or {}).get("loss_curve", []):  # the healing fine-tune's curve
             run.log({"heal/loss": loss}, step=int(step))
         run.summary.update(row.summary())
@@ -44,6 +67,25 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
     except Exception as e:  # the row is already on disk: report, do not fail the job
         log.warning(f"[lrsweep] W&B logging failed for {row.run_id}: {type(e).__name__}: {e}")
         return None
+
+
+def _launch_inputs_when_staged() -> None:
+    """Every wandb.init applies the W&B Launch inputs staged in this process, importing wandb's launch
+    package (~1 s, its public API) to find there are none. Inputs are staged only through
+    ``wandb.sdk.launch.inputs.internal``: while that module is not imported the step is skipped,
+    with the same result. A wandb without the step is left as it is."""
+    from wandb.sdk import wandb_run
+
+    apply = getattr(wandb_run.Run, "_detect_and_apply_job_inputs", None)
+    if apply is None or getattr(apply, "lrsweep_when_staged", False):
+        return
+
+    def when_staged(run) -> None:
+        if "wandb.sdk.launch.inputs.internal" in sys.modules:
+            apply(run)
+
+    when_staged.lrsweep_when_staged = True  # type: ignore[attr-defined]
+    wandb_run.Run._detect_and_apply_job_inputs = when_staged
 
 
 def read_offline_run(run_dir: str | Path) -> dict:

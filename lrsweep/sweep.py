@@ -15,10 +15,13 @@ only. ``dry_run=true`` lists the points with their status and estimated time, an
 from __future__ import annotations
 
 import copy
+import gc
+import importlib
 import logging
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -119,7 +122,9 @@ def points_per_job(value: Any) -> int | str:
 
 
 def pack(points: list[Point], per_job: int | str, slots: int) -> list[list[Point]]:
-    """Jobs of points that share the dense model (lrsweep.job.dense_key), in grid order."""
+    """Jobs of points that share the dense model (lrsweep.job.dense_key): K points in grid order, or
+    (``auto``) each group's points dealt round-robin into as few jobs of at most ceil(points / slots)
+    points, so that the jobs of a method x rank grid hold a similar mix of methods and end together."""
     from lrsweep.job import dense_key
 
     if per_job == 1:
@@ -130,8 +135,12 @@ def pack(points: list[Point], per_job: int | str, slots: int) -> list[list[Point
     jobs = []
     for group in groups.values():
         n = len(group)
-        k = -(-n // max(1, min(slots, n))) if per_job == "auto" else int(per_job)
-        jobs += [group[i:i + k] for i in range(0, n, k)]
+        if per_job == "auto":
+            k = -(-n // min(slots, n))  # points per job (ceil), in as few jobs as that allows
+            m = -(-n // k)
+            jobs += [group[i::m] for i in range(m)]  # dealt, not cut in runs: grid neighbours (one method) cost alike
+        else:
+            jobs += [group[i:i + int(per_job)] for i in range(0, n, int(per_job))]
     return jobs
 
 
@@ -192,8 +201,11 @@ def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_i
     executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
     since = now()
-    args = [(job, Singleton.get_state(), since) for job in jobs]
+    state = Singleton.get_state()
+    args = [(job, state, since) for job in jobs]
     submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
+    if slurm and launcher.params.get("wait", True):  # the jobs run on the cluster's nodes
+        prefetch_report()
     LAST.job_ids = [str(j.job_id) for j in submitted]
     LAST.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
     if not launcher.params.get("wait", True):
@@ -212,6 +224,8 @@ def submit_local(launcher: Any, executor: Any, args: list[tuple]) -> list[Any]:
             job = executor.submit(launcher, *pending.pop(0))
             running.append(job)
             jobs.append(job)
+        if not pending and len(running) < limit:  # a core is free until the last jobs end
+            prefetch_report()
         time.sleep(0.1)
     return jobs
 
@@ -252,6 +266,8 @@ def _returned(p: Point, row: ResultRow | None, error: BaseException | None = Non
 def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobReturn]:
     """The job's JobReturns; a job that died gets failed rows for its points without a row."""
     try:
+        while not job.done():  # submitit's results() looks once a second; a result file is a cheap stat
+            time.sleep(0.2)
         return job.results()[0]
     except Exception as e:  # killed, timed out, out of memory, ...
         error = e
@@ -266,6 +282,7 @@ def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobRe
 
 def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultRow:
     """The failed row of a point whose job ended without writing it, with submitit's view of the job."""
+    report_modules()
     from lrsweep.job import write_failed
 
     state = getattr(job, "state", "")
@@ -284,13 +301,18 @@ def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultR
 def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
     """Run a job's points one after another, each through Hydra's run_job (its own output dir,
     row and W&B run), sharing the dense model (lrsweep.job.packed). An exception of one point is
-    that point's failed row; a requeued job skips the points already ok since the launch."""
+    that point's failed row; a requeued job skips the points already ok since the launch.
+
+    The objects of the modules imported by then (torch & co.) and, at the end, all objects are
+    frozen out of Python's garbage collection (gc.freeze): its full passes while transformers and
+    wandb load, and its last one at the job process's exit (~1-2 s), skip them."""
     import submitit
     from hydra.core.utils import run_job, setup_globals
     from omegaconf import open_dict, read_write
 
     from lrsweep import job
 
+    gc.freeze()
     setup_globals()
     job_id = submitit.JobEnvironment().job_id
     out = []
@@ -313,6 +335,7 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
                 error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
                 row = job.write_failed(p.cfg, error)
             out.append(_returned(p, row))
+    gc.freeze()
     return out
 
 
@@ -405,6 +428,25 @@ def dry_run(points: list[Point], active: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------- end of sweep
+PREFETCH: list[threading.Thread] = []
+
+
+def prefetch_report() -> None:
+    """Import the modules of the end-of-sweep table and plot (pandas, matplotlib: ~2 s) in a thread
+    while the last jobs run, once per process; :func:`report_modules` waits for it."""
+    if not PREFETCH:
+        PREFETCH.append(threading.Thread(target=importlib.import_module, args=("analysis.summary",), daemon=True,
+                                         name="lrsweep-prefetch-report"))
+        PREFETCH[0].start()
+
+
+def report_modules() -> None:
+    """Wait for :func:`prefetch_report`'s imports: the main thread imports nothing while they run
+    (two threads importing the same modules can deadlock on their import locks)."""
+    for t in PREFETCH:
+        t.join()
+
+
 def report() -> int:
     """Print the sweep's table, plot path and summary line; return the exit code."""
     out = LAST
@@ -418,6 +460,7 @@ def report() -> int:
     statuses = [row_status(out.results_dir, rid) for rid in out.run_ids]
     ok, failed = statuses.count("ok"), len(statuses) - statuses.count("ok")
     rows = [read_row(row_path(out.results_dir, rid)) for rid, s in zip(out.run_ids, statuses) if s]
+    report_modules()
     if rows:
         from analysis.summary import print_summary
 

@@ -146,7 +146,7 @@ def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_ro
 def test_auto_packs_points_that_share_the_dense_model_into_parallelism_jobs(launch):
     launcher, _ = launch({"seed": [0, 1], "rank": [4, 8, 16]}, points_per_job="auto", parallelism=2)
     jobs = [[(p.cfg.seed, p.cfg.rank) for p in j.points] for j in launcher._fake.jobs]
-    assert jobs == [[(0, 4), (0, 8)], [(0, 16)], [(1, 4), (1, 8)], [(1, 16)]]  # seeds never share a job
+    assert jobs == [[(0, 4), (0, 16)], [(0, 8)], [(1, 4), (1, 16)], [(1, 8)]]  # seeds never share a job; dealt
 
 
 def test_same_experiment_twice_in_a_grid_runs_once(launch):

@@ -2,16 +2,18 @@
 
 Hydra imports every module under hydra_plugins/ for every Hydra app in the environment, so
 this one imports nothing heavy (no torch, no lrsweep, no submitit: they load when a sweep
-launches, as upstream's launcher does) and no ``from __future__ import annotations`` (Hydra's
+launches, as upstream's launcher does; Hydra's basic sweeper is a core plugin, loaded anyway) and no ``from __future__ import annotations`` (Hydra's
 scan executes the module before it is in sys.modules, where dataclasses look string
 annotations up). The parameter mapping (launcher config -> submitit executor) is upstream's:
 :meth:`SweepLauncher.executor` runs upstream's ``launch`` up to its submission. Planning,
 skipping, packing, dead-job rows and manifests are in :mod:`lrsweep.sweep`.
 """
 
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
@@ -38,8 +40,14 @@ class LrsweepSlurmConf(SlurmQueueConf):
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class LrsweepSweeperConf(BasicSweeperConf):
+    _target_: str = "hydra_plugins.lrsweep_launcher.launcher.GridSweeper"
+
+
 ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_local", node=LrsweepLocalConf, provider="lrsweep")
 ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_slurm", node=LrsweepSlurmConf, provider="lrsweep")
+ConfigStore.instance().store(group="hydra/sweeper", name="lrsweep", node=LrsweepSweeperConf, provider="lrsweep")
 
 # launcher keys that are lrsweep's, not submitit's
 OWN_KEYS = ("parallelism", "points_per_job", "wait", "extra")
@@ -59,6 +67,7 @@ class SweepLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from lrsweep import sweep
 
+        gc.freeze()  # the CLI's modules (torch & co.) are imported: Python's full collections skip their objects
         return sweep.launch(self, job_overrides, initial_job_idx)
 
     def executor(self, job_overrides: Sequence[Sequence[str]], per_job_points: int = 1) -> Any:
@@ -100,6 +109,17 @@ class SweepLauncher(BaseSubmititLauncher):
 
         checkpoint.save("USR2: preempted or near the time limit")
         return super().checkpoint(*args, **kwargs)
+
+
+class GridSweeper(BasicSweeper):
+    """Hydra's basic sweeper (the same grid, batches and overrides) that leaves composing every point
+    before the launch to lrsweep's launchers, which compose and validate each point once
+    (lrsweep.sweep.plan: a point that does not compose fails the sweep before anything runs, as
+    in Hydra's own check); with any other launcher it checks the batch as Hydra does."""
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        if not isinstance(self.launcher, SweepLauncher):
+            super().validate_batch_is_legal(batch)
 
 
 class LocalLauncher(SweepLauncher):

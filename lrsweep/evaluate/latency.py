@@ -103,6 +103,11 @@ def check_inference(cfg: DictConfig) -> str:
     return mode
 
 
+def times_layers(cfg: DictConfig) -> bool:
+    """Whether :func:`layer_fallback` times layers (``inference.fallback=auto`` or ``eval.latency.per_layer``)."""
+    return check_inference(cfg) == "auto" or bool(cfg.eval.latency.get("per_layer", False))
+
+
 @torch.no_grad()
 def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str, Any]:
     """Time each compressed layer against its dense equivalent on the primary shape's tokens.
@@ -113,10 +118,10 @@ def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str
     """
     from lrsweep.models import set_module
 
+    if not times_layers(ctx.cfg):
+        return {}
     mode = check_inference(ctx.cfg)
     lcfg = ctx.cfg.eval.latency
-    if mode == "off" and not lcfg.get("per_layer", False):
-        return {}
     tokens = int(lcfg.batch_size) * int(lcfg.seq_len)
     timings, fell_back = {}, []
     for name in names:

@@ -4,10 +4,16 @@ A logistic regression (``eval.probe_C``) is fitted on the dense model's embeddin
 ``eval.probe_train`` texts of ``data`` and kept (cached with the dense accuracy); the compressed
 model's embeddings of the ``eval.probe_test`` texts are scored by the same probe, and their cosine
 similarity to the dense embeddings is reported too. Pooling and fitting: :mod:`lrsweep.linear_probe`.
+
+Texts are embedded in batches of similar length (sorted by token count, ``eval.batch_size`` per
+batch, returned in the given order): an embedding is masked-mean-pooled over its own tokens, so
+padding changes it only by float rounding (~1e-7), and about half the padded tokens are not
+computed. The test texts are tokenized once per job (``prepare``) and reused by every point.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,22 +25,45 @@ from lrsweep.context import Context
 from lrsweep.evaluate import TASKS, Task
 
 
+@dataclass
+class Batches:
+    """Tokenized texts in batches of similar length; ``order[i]``: the text of the i-th embedding computed."""
+
+    order: torch.Tensor
+    batches: list[Any]
+
+
+def batches(tokenizer: Any, texts: list[str], ctx: Context) -> Batches:
+    """``texts`` tokenized as the probe embeds them (truncated to ``eval.max_length``), shortest first."""
+    ecfg = ctx.cfg.eval
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=ecfg.max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    return Batches(torch.tensor(order, dtype=torch.long),
+                   [tokenizer([texts[j] for j in order[i:i + ecfg.batch_size]], padding=True, truncation=True,
+                              max_length=ecfg.max_length, return_tensors="pt")
+                    for i in range(0, len(texts), ecfg.batch_size)])
+
+
 @torch.no_grad()
+def embed_batches(model: nn.Module, b: Batches, device: str) -> torch.Tensor:
+    """Mean-pooled (over the attention mask), L2-normalized embeddings of ``b``'s texts in their given order,
+    fp32 on CPU."""
+    sorted_emb = torch.cat([linear_probe.pooled(model, batch.to(device)).cpu() for batch in b.batches])
+    out = torch.empty_like(sorted_emb)
+    out[b.order] = sorted_emb
+    return out
+
+
 def embed(model: nn.Module, tokenizer: Any, texts: list[str], ctx: Context) -> torch.Tensor:
     """Mean-pooled (over the attention mask), L2-normalized sentence embeddings, fp32 on CPU."""
-    ecfg = ctx.cfg.eval
-    out = []
-    for i in range(0, len(texts), ecfg.batch_size):
-        batch = tokenizer(texts[i:i + ecfg.batch_size], padding=True, truncation=True,
-                          max_length=ecfg.max_length, return_tensors="pt").to(ctx.device)
-        out.append(linear_probe.pooled(model, batch).cpu())
-    return torch.cat(out)
+    return embed_batches(model, batches(tokenizer, texts, ctx), ctx.device)
 
 
 def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
     ecfg = ctx.cfg.eval
     key = {"model": ctx.model_key, "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
-           "n_train": ecfg.probe_train, "n_test": ecfg.probe_test, "max_length": ecfg.max_length, "C": ecfg.probe_C}
+           "n_train": ecfg.probe_train, "n_test": ecfg.probe_test, "max_length": ecfg.max_length, "C": ecfg.probe_C,
+           "batches": "length-sorted"}
 
     def compute():
         split = data.load_classification(ctx.cfg.data, ecfg.probe_train, ecfg.probe_test)
@@ -47,12 +76,12 @@ def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
                          "test_texts": split.test.texts}
 
     tensors, info, _ = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)
-    return {"tensors": tensors, "info": info}
+    return {"tensors": tensors, "info": info, "test_batches": batches(ctx.tokenizer, info["test_texts"], ctx)}
 
 
 def _probe_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict[str, Any]:
     t, info = state["tensors"], state["info"]
-    emb = embed(model, ctx.tokenizer, info["test_texts"], ctx)
+    emb = embed_batches(model, state["test_batches"], ctx.device)
     cos = float((emb * t["test_embeddings"]).sum(-1).mean())
     return {"task": ctx.cfg.data.name, "accuracy_dense": info["accuracy_dense"],
             "accuracy": linear_probe.Probe(t["coef"], t["intercept"]).accuracy(emb, t["test_labels"]),
