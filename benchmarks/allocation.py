@@ -11,7 +11,7 @@ computed once per method. Each (ratio, strategy) is scored with every layer set 
 in the method's metric: for svd and svdllm exactly the method's rank-r result, without the
 rounding of the factors to fp16 (bits=16), which moves perplexity by far less than the differences
 shown. ``ships`` is what the held-out check chose (the candidate, or uniform when the candidate's
-held-out calibration loss is not lower by more than one standard error of the paired per-sample
+held-out calibration loss is not lower by more than two standard errors (allocate.CHECK_Z) of the paired per-sample
 differences); the metric is given for the candidate itself.
 ``compress s`` is the method's own time on the first block's layers, scaled to all layers.
 ``alloc s`` is the allocation's time including reading every layer's spectrum through the method

@@ -160,8 +160,8 @@ def test_falls_back_to_uniform_when_the_candidate_is_worse():
 
 
 def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
-    """Per-sample losses: the candidate ships only when lower by more than one standard error of the
-    paired differences (mean d + se < 0), whatever the sign of the mean alone."""
+    """Per-sample losses: the candidate ships only when lower by more than CHECK_Z (2) standard errors
+    of the paired differences (mean d + 2 se < 0), whatever the sign of the mean alone."""
     model = _Toy()
     layers = {"a": model.a, "b": model.b}
     spectra = {n: allocate.spectrum(m.weight, methods.REGISTRY["svd"], None, {}) for n, m in layers.items()}
@@ -183,7 +183,7 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
     assert ranks is better and c.samples == 8
     assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5) and c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
 
-    noise = torch.tensor([1.0, -1.0] * 4) * 50 * float(gain.abs().max())  # same mean gain, huge spread
+    noise = torch.tensor([1.0, -1.0] * 4) * 50 * float(gain.detach().abs().max())  # same mean gain, huge spread
 
     cand_b = spectra["b"].approx(2)
 
@@ -193,6 +193,18 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
     ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, noisy)
     assert c.loss_candidate < c.loss_uniform and c.se > c.loss_uniform - c.loss_candidate
     assert ranks is uniform
+
+    # a gain between one and two standard errors: not enough
+    spread = torch.tensor([1.0, -1.0] * 4)
+    gap = float(gain.detach().mean())
+    scale = gap * 7 ** 0.5 / 1.5  # the spread's own standard error is scale / sqrt(7): the gain is ~1.5 of them
+
+    def between(m, batch):
+        return loss(m, batch) + spread * scale * torch.equal(m.b.weight.detach(), cand_b.to(m.b.weight.dtype))
+
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, between)
+    gap_in_se = (c.loss_uniform - c.loss_candidate) / c.se
+    assert 1 < gap_in_se < allocate.CHECK_Z and ranks is uniform
 
 
 def test_uniform_is_unchanged(compose):
