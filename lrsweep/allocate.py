@@ -28,10 +28,9 @@ model with every layer truncated in its metric, on ``CHECK_SAMPLES`` windows dra
 the uniform allocation ships unless the candidate's mean per-sample loss is lower by more than
 ``CHECK_Z`` = 2 standard errors of the paired differences (a one-sided test at about 2%: at one
 standard error, MiniLM shipped two candidates with 3 and 5 points less test accuracy), and the row
-records both. For encoders the check's
-probe is fitted on dense embeddings of other held-out texts than those it scores, as the
-evaluation's probe is (in-sample, a lower probe loss once shipped a candidate with 4.6 points
-less test accuracy).
+records both. For encoders the check's probe is fitted on dense embeddings of other held-out texts
+than those it scores, as the evaluation's probe is (in-sample, a lower probe loss once shipped a
+candidate with 4.6 points less test accuracy).
 """
 
 from __future__ import annotations
