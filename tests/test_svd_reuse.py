@@ -33,6 +33,38 @@ def test_reused_truncation_is_bitwise_the_fresh_one():
     assert not svd_mod._SCOPES
 
 
+def test_content_key_hashes_a_storage_once_and_sees_in_place_changes(monkeypatch):
+    W = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
+    hashed = []
+    real = svd_mod._hash
+    monkeypatch.setattr(svd_mod, "_hash", lambda t: hashed.append(1) or real(t))
+    with svd_mod.reuse():
+        first = svd_mod.content_key(W)
+        assert svd_mod.content_key(W.detach()) == first and len(hashed) == 1  # same storage: not hashed again
+        W[3, 4] += 1.0  # changed in place: the fingerprint differs, hashed again
+        changed = svd_mod.content_key(W)
+        assert changed != first and len(hashed) == 2
+        assert svd_mod.content_key(W[:10]) != changed  # another view of the storage is its own matrix
+    assert changed == real(W) and svd_mod.content_key(W) == changed  # outside a scope: always hashed
+
+
+def test_svdllm_keys_w_c_by_its_inputs():
+    """Inside a scope svdllm neither hashes nor recomputes W C for a layer it has decomposed."""
+    W, stats = _data()
+    products = []
+    real_hash = svd_mod._hash
+    with svd_mod.reuse() as scope:
+        svd_mod._hash = lambda t: products.append(t.dtype) or real_hash(t)
+        try:
+            a = methods.REGISTRY["svdllm"].fn(W, rank=3, bits=32, seed=0, stats=stats)
+            b = methods.REGISTRY["svdllm"].fn(W, rank=5, bits=32, seed=0, stats=stats)
+        finally:
+            svd_mod._hash = real_hash
+    assert products == [torch.float32] and scope["hits"] == 1  # W hashed once, W C (fp64) never
+    fresh = methods.REGISTRY["svdllm"].fn(W, rank=5, bits=32, seed=0, stats=stats)
+    assert torch.equal(b.reconstruct(), fresh.reconstruct()) and a.rank == 3
+
+
 @pytest.mark.parametrize("method,opts", [("svd", {}), ("svdllm", {}), ("asvd", {}), ("fwsvd", {}),
                                          ("fwsvd", {"side": "input"}), ("drone", {})])
 def test_method_spectrum_is_the_methods_own(method, opts):
@@ -73,7 +105,7 @@ def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, mon
     calls, runs = [], []
     real, real_t = svd_mod._truncated_svd, svdllm_mod.truncated_svd
     monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))
-    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a: runs.append(1) or real_t(*a))  # one per svdllm run
+    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a, **k: runs.append(1) or real_t(*a, **k))  # one per svdllm run
     cfg = compose([*FAST, "param_ratio=0.5", "allocation=spectrum", "method=svdllm", "calib.n_samples=16",
                    "model.targets='encoder\\.layer\\.0\\..*'", f"results_dir={tmp_path}", "logger=none",
                    "eval.latency.repeats=1", "eval.latency.shapes=[]"])

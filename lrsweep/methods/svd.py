@@ -79,34 +79,59 @@ def active() -> dict[str, Any]:
 
 
 def content_key(W: torch.Tensor) -> str:
-    """The matrix's shape, dtype, device and a hash of its bytes."""
-    data = W.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return f"{tuple(W.shape)}:{W.dtype}:{W.device}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+    """The matrix's shape, dtype, device and a hash of its bytes. Inside a :func:`reuse` scope a
+    tensor's storage is hashed once: a later call on the same storage, view and fingerprint (sum, norm
+    and a strided sample's sum) returns the kept key (a weight is read several times while its
+    rank is allocated; hashing costs ~3 ms per MB on a slow core)."""
+    if not _SCOPES:
+        return _hash(W)
+    seen = _SCOPES[-1].setdefault("content", {})
+    where = (W.untyped_storage().data_ptr(), W.storage_offset(), tuple(W.shape), W.stride(), W.dtype, str(W.device))
+    flat, acc = W.detach().reshape(-1), compute_dtype(W)  # a fingerprint that differs only costs a hash
+    fingerprint = torch.stack([flat.sum(dtype=acc), torch.linalg.vector_norm(flat, dtype=acc),
+                               flat[::97].sum(dtype=torch.float64).to(acc)]).tolist()
+    kept = seen.get(where)
+    if kept is None or kept[0] != fingerprint:
+        kept = seen[where] = (fingerprint, _hash(W))
+    return kept[1]
 
 
-def _key(W: torch.Tensor, driver: str) -> str:
-    return f"{driver}:{content_key(W)}"
+def _hash(W: torch.Tensor) -> str:
+    data = W.detach().contiguous().cpu().view(torch.uint8).numpy()
+    return f"{tuple(W.shape)}:{W.dtype}:{W.device}:{hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()}"
 
 
-def truncated_svd(W: torch.Tensor, rank: int, driver: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def truncated_svd(W: torch.Tensor | Callable[[], torch.Tensor], rank: int, driver: str = "auto",
+                  key: Callable[[], Hashable] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     """(U_r, S_r, Vh_r, solver) of the rank-``rank`` truncated SVD of W, in fp32 (fp64 for fp64 input);
-    inside :func:`reuse`, from the kept decomposition when W was decomposed there before."""
+    inside :func:`reuse`, from the kept decomposition when W was decomposed there before. ``key``: what
+    determines W (its inputs' keys, as svdllm's W C), in place of hashing W's bytes; W may then be a
+    function that makes the matrix, called only when the scope does not hold its SVD."""
     if driver not in DRIVERS:
         raise ValueError(f"svd driver={driver!r} is unknown; valid: {', '.join(DRIVERS)}")
-    W = W.to(compute_dtype(W))
+    make = W if callable(W) else lambda: W
     if not _SCOPES:
-        return _truncated_svd(W, rank, driver)
-    scope, key = _SCOPES[-1], _key(W, driver)
-    scope["last"] = key
-    if key in scope["svds"]:
+        return _truncated_svd(_computable(make()), rank, driver)
+    scope = _SCOPES[-1]
+    if key is None:
+        W = _computable(make())
+        k = f"{driver}:{content_key(W)}"
+    else:
+        k = (driver, key())
+    scope["last"] = k
+    if k in scope["svds"]:
         scope["hits"] += 1
     else:
-        scope["svds"][key] = _truncated_svd(W, min(W.shape), driver)
-    U, S, Vh, solver = scope["svds"][key]
+        scope["svds"][k] = _truncated_svd(_computable(make()) if key is not None else W, None, driver)
+    U, S, Vh, solver = scope["svds"][k]
     return U[:, :rank], S[:rank], Vh[:rank], solver
 
 
-def _truncated_svd(W: torch.Tensor, rank: int, driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def _computable(W: torch.Tensor) -> torch.Tensor:
+    return W.to(compute_dtype(W))
+
+
+def _truncated_svd(W: torch.Tensor, rank: int | None, driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     if driver == "auto":
         driver = "gesvda" if W.is_cuda else "default"
     if driver == "default" or not W.is_cuda:
@@ -118,7 +143,7 @@ def _truncated_svd(W: torch.Tensor, rank: int, driver: str) -> tuple[torch.Tenso
         if wide:
             U, Vh = Vh.T, U.T
         solver = f"torch.linalg.svd[{driver}]"
-    return U[:, :rank], S[:rank], Vh[:rank], solver
+    return (U, S, Vh, solver) if rank is None else (U[:, :rank], S[:rank], Vh[:rank], solver)
 
 
 def balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
