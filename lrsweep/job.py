@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import allocate, checkpoint, evaluate, heal, identity, logger, models, schedule, slurm
+from lrsweep import allocate, atomic, checkpoint, evaluate, heal, identity, logger, models, schedule, slurm
 from lrsweep.compress import LayerResult
 from lrsweep.context import Context
 from lrsweep.row import ResultRow, now, row_status, write_row
@@ -84,6 +85,15 @@ def _slurm_fields(row: ResultRow) -> None:
         import submitit
 
         row.log_path = str(submitit.JobEnvironment().paths.stdout)
+
+
+def _job_id() -> str:
+    """This process's submitit job id (SLURM or local), else its pid."""
+    if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return str(submitit.JobEnvironment().job_id)
+    return f"pid {os.getpid()}"
 
 
 def _threads(cfg: DictConfig) -> None:
@@ -147,17 +157,21 @@ class Dense:
     requires_grad: dict[str, bool] = field(default_factory=dict)
     training: bool = False
     points: int = 0
+    how: str = "measured in this job"  # how the dense latency was measured (row.extra.latency_measurement)
 
 
-# the packed job running in this process: {"size": points in the job, "dense": Dense | None}
+# the packed job running in this process: {"size": points in the job, "dense": Dense | None,
+# "share": the sweep's folder for dense latencies shared by its jobs, or None}
 PACK: dict[str, Any] = {}
 
 
 @contextmanager
-def packed(size: int) -> Iterator[None]:
-    """Run the grid points of one job sharing their dense model (the points of one dense_key)."""
+def packed(size: int, share: str | os.PathLike | None = None) -> Iterator[None]:
+    """Run the grid points of one job sharing their dense model (the points of one dense_key).
+    ``share``: a folder of this sweep's launch (lrsweep.sweep.run_pack) where the first job to time a
+    dense model leaves its latency for the sweep's other jobs on the same host, device and threads."""
     PACK.clear()
-    PACK.update(size=size, dense=None)
+    PACK.update(size=size, dense=None, share=share)
     try:
         yield
     finally:
@@ -196,9 +210,28 @@ def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
     ctx = Context(cfg, tokenizer, device, cache_dir, mkey)
     state = evaluate.task_for(cfg).prepare(model, ctx)
     with timing_lock(cfg, device, while_waiting=lambda: logger.prepare(cfg)) as lock:
-        speed = evaluate.speed(model, ctx)
+        speed, how = _dense_speed(cfg, model, ctx)
     return Dense(dense_key(cfg), model, tokenizer, mkey, state, speed, sum(p.numel() for p in model.parameters()),
-                 torch.get_rng_state(), lock["waited_s"])
+                 torch.get_rng_state(), lock["waited_s"], how=how)
+
+
+def _dense_speed(cfg: DictConfig, model: Any, ctx: Context) -> tuple[evaluate.Speed, str]:
+    """(the dense model's latency, how it was measured), under the timing lock: in a packed job of a
+    sweep, read from the sweep's share folder when a sibling job on this host, device and thread count
+    timed the same dense model (dense_key) already; else timed here (and left there for the others)."""
+    share = PACK.get("share")
+    if not share:
+        return evaluate.speed(model, ctx), "measured in this job"
+    host, threads = socket.gethostname(), torch.get_num_threads()
+    key = hashlib.sha256(json.dumps([dense_key(cfg), host, ctx.device, threads]).encode()).hexdigest()[:16]
+    path = Path(share) / f"dense-speed-{key}.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+        return evaluate.Speed(**kept["speed"]), (f"measured once for this sweep's jobs on {host} ({threads} threads) "
+                                                 f"by job {kept['job']}")
+    speed = evaluate.speed(model, ctx)
+    atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": _job_id(), "host": host, "threads": threads})
+    return speed, f"measured once for this sweep's jobs on {host} ({threads} threads) by job {_job_id()}"
 
 
 def dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
@@ -332,7 +365,7 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
         speed = evaluate.speed(model, ctx)
     row.extra["latency_measurement"] = {
         "serialized": "timing lock per host and device: no sibling job timed at the same time",
-        "dense": f"measured once for the {PACK['size']} points of this packed job" if PACK else "measured in this job",
+        "dense": f"{d.how}, for the {PACK['size']} points of this packed job" if PACK else d.how,
         "lock_waited_s": round(waited + lock["waited_s"], 3), "loadavg_1min": round(load, 2)}
     row.latency_ms_dense, row.latency_ms_dense_p90 = dense_speed.median_ms, dense_speed.p90_ms
     row.latency_ms, row.latency_ms_p90 = speed.median_ms, speed.p90_ms

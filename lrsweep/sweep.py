@@ -19,6 +19,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import statistics
 import sys
 import threading
@@ -316,7 +317,9 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
     setup_globals()
     job_id = submitit.JobEnvironment().job_id
     out = []
-    with job.packed(len(pts)):
+    sweep_dir = OmegaConf.select(pts[0].cfg, "hydra.sweep.dir") if pts else None
+    share = Path(str(sweep_dir)) / ".lrsweep" / f"dense-{re.sub(r'[^0-9A-Za-z]', '', since)}" if sweep_dir else None
+    with job.packed(len(pts), share):  # the sweep's jobs time each dense model once per host (job._dense_speed)
         for p in pts:
             done = _written_since(p, since)
             if done is not None and done.status == "ok":

@@ -48,6 +48,9 @@ def test_sweep_writes_four_ok_rows(sweep):
         assert len(r.layer_errors) == 6
     assert "4 ok, 0 failed, 0 skipped" in proc.stdout
     assert "| minilm" in proc.stdout and "tradeoff.png" in proc.stdout
+    # two packed jobs, one dense latency: the first job to time the dense model left it for the other
+    assert len({r.extra["packed"]["job_points"] for r in rows}) == 1 and len({r.latency_ms_dense for r in rows}) == 1
+    assert all("measured once for this sweep's jobs on" in r.extra["latency_measurement"]["dense"] for r in rows)
     # each point's messages (logging) are in its Hydra job's log file: <sweep dir>/<job num>/cli.log
     logs = "".join(open(f).read() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
     for r in rows:
@@ -115,6 +118,33 @@ def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
         for key in ("recon_rel_err", "accuracy", "accuracy_dense", "bits_compressed", "params_compressed"):
             assert getattr(a, key) == getattr(b, key), key
         assert a.layer_errors == b.layer_errors
+
+
+def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_path, monkeypatch):
+    """In packed jobs of one sweep the first job times the dense model and the others read it; another
+    sweep, thread count or dense model times again."""
+    timed = []
+    monkeypatch.setattr(job.evaluate, "speed", lambda model, ctx: timed.append(1) or job.evaluate.Speed(
+        len(timed), 2.0, {"b1xt8": {"median": len(timed), "p90": 2.0}}, 100))
+    cfg = compose([*FAST])
+    ctx = type("C", (), {"device": "cpu"})()
+    hows = []
+    for share in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):
+        with job.packed(2, share):
+            speed, how = job._dense_speed(cfg, None, ctx)
+            hows.append((speed.median_ms, how))
+    assert len(timed) == 2 and hows[0][0] == hows[1][0] == 1 and hows[2][0] == 2
+    assert all("measured once for this sweep's jobs on" in h for _, h in hows)
+    with job.packed(2, tmp_path / "a"):
+        torch.set_num_threads(torch.get_num_threads() + 1)
+        try:
+            job._dense_speed(cfg, None, ctx)
+        finally:
+            torch.set_num_threads(torch.get_num_threads() - 1)
+        job._dense_speed(compose([*FAST, "eval.latency.seq_len=9"]), None, ctx)
+    assert len(timed) == 4
+    with job.packed(2):  # no sweep folder (in-process packing): timed in the job
+        assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 5
 
 
 def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
