@@ -48,20 +48,23 @@ def test_content_key_hashes_a_storage_once_and_sees_in_place_changes(monkeypatch
     assert changed == real(W) and svd_mod.content_key(W) == changed  # outside a scope: always hashed
 
 
-def test_svdllm_keys_w_c_by_its_inputs():
-    """Inside a scope svdllm neither hashes nor recomputes W C for a layer it has decomposed."""
+@pytest.mark.parametrize("method", ["svdllm", "drone"])
+def test_whitened_methods_key_their_product_by_its_inputs(method, monkeypatch):
+    """Inside a scope svdllm (W C) and drone (W V S) neither hash nor recompute the product for a layer
+    they decomposed, and factor X^T X once for the layers sharing it."""
     W, stats = _data()
-    products = []
+    hashed = []
     real_hash = svd_mod._hash
+    monkeypatch.setattr(svd_mod, "_hash", lambda t: hashed.append(t.dtype) or real_hash(t))
+    fn = methods.REGISTRY[method].fn
     with svd_mod.reuse() as scope:
-        svd_mod._hash = lambda t: products.append(t.dtype) or real_hash(t)
-        try:
-            a = methods.REGISTRY["svdllm"].fn(W, rank=3, bits=32, seed=0, stats=stats)
-            b = methods.REGISTRY["svdllm"].fn(W, rank=5, bits=32, seed=0, stats=stats)
-        finally:
-            svd_mod._hash = real_hash
-    assert products == [torch.float32] and scope["hits"] == 1  # W hashed once, W C (fp64) never
-    fresh = methods.REGISTRY["svdllm"].fn(W, rank=5, bits=32, seed=0, stats=stats)
+        a = fn(W, rank=3, bits=32, seed=0, stats=stats)
+        b = fn(W, rank=5, bits=32, seed=0, stats=stats)
+        fn(W[:7], rank=2, bits=32, seed=0, stats=stats)  # another layer reading the same X^T X
+    assert hashed == [torch.float32] * 2 and scope["hits"] == 1  # each W hashed once, the fp64 product never
+    assert sum(scope["memo_hits"].values()) == 2  # X^T X factored once for the three calls
+    monkeypatch.setattr(svd_mod, "_hash", real_hash)
+    fresh = fn(W, rank=5, bits=32, seed=0, stats=stats)
     assert torch.equal(b.reconstruct(), fresh.reconstruct()) and a.rank == 3
 
 
