@@ -230,7 +230,12 @@ def _dense_speed(cfg: DictConfig, model: Any, ctx: Context) -> tuple[evaluate.Sp
         return evaluate.Speed(**kept["speed"]), (f"measured once for this sweep's jobs on {host} ({threads} threads) "
                                                  f"by job {kept['job']}")
     speed = evaluate.speed(model, ctx)
-    atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": _job_id(), "host": host, "threads": threads})
+    try:
+        atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": _job_id(), "host": host,
+                                 "threads": threads})
+    except OSError as e:  # the other jobs time it themselves
+        log.warning(f"[lrsweep] dense latency not shared ({e})")
+        return speed, "measured in this job"
     return speed, f"measured once for this sweep's jobs on {host} ({threads} threads) by job {_job_id()}"
 
 

@@ -318,7 +318,8 @@ def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
     job_id = submitit.JobEnvironment().job_id
     out = []
     sweep_dir = OmegaConf.select(pts[0].cfg, "hydra.sweep.dir") if pts else None
-    share = Path(str(sweep_dir)) / ".lrsweep" / f"dense-{re.sub(r'[^0-9A-Za-z]', '', since)}" if sweep_dir else None
+    share = Path(os.path.abspath(str(sweep_dir))) / ".lrsweep" / f"dense-{re.sub(r'[^0-9A-Za-z]', '', since)}" \
+        if sweep_dir else None  # absolute: a point's run_job may chdir (hydra.job.chdir)
     with job.packed(len(pts), share):  # the sweep's jobs time each dense model once per host (job._dense_speed)
         for p in pts:
             done = _written_since(p, since)
