@@ -48,10 +48,11 @@ def test_content_key_hashes_a_storage_once_and_sees_in_place_changes(monkeypatch
     assert changed == real(W) and svd_mod.content_key(W) == changed  # outside a scope: always hashed
 
 
-@pytest.mark.parametrize("method", ["svdllm", "drone"])
-def test_whitened_methods_key_their_product_by_its_inputs(method, monkeypatch):
-    """Inside a scope svdllm (W C) and drone (W V S) neither hash nor recompute the product for a layer
-    they decomposed, and factor X^T X once for the layers sharing it."""
+@pytest.mark.parametrize("method", ["svdllm", "drone", "asvd", "fwsvd"])
+def test_scaled_methods_key_their_matrix_by_its_inputs(method, monkeypatch):
+    """Inside a scope svdllm (W C), drone (W V S), asvd (W S) and fwsvd (diag(w) W) neither hash nor
+    recompute the matrix they decompose for a layer seen before, and derive C, V S, S or w once for
+    the layers sharing the statistic (fwsvd's Fisher is per layer)."""
     W, stats = _data()
     hashed = []
     real_hash = svd_mod._hash
@@ -60,9 +61,11 @@ def test_whitened_methods_key_their_product_by_its_inputs(method, monkeypatch):
     with svd_mod.reuse() as scope:
         a = fn(W, rank=3, bits=32, seed=0, stats=stats)
         b = fn(W, rank=5, bits=32, seed=0, stats=stats)
-        fn(W[:7], rank=2, bits=32, seed=0, stats=stats)  # another layer reading the same X^T X
-    assert hashed == [torch.float32] * 2 and scope["hits"] == 1  # each W hashed once, the fp64 product never
-    assert sum(scope["memo_hits"].values()) == 2  # X^T X factored once for the three calls
+        if method != "fwsvd":
+            fn(W[:7], rank=2, bits=32, seed=0, stats=stats)  # another layer reading the same statistic
+    layers = 1 if method == "fwsvd" else 2
+    assert hashed == [torch.float32] * layers and scope["hits"] == 1  # each W hashed once, the product never
+    assert sum(scope["memo_hits"].values()) == layers  # the statistic's factor derived once for all calls
     monkeypatch.setattr(svd_mod, "_hash", real_hash)
     fresh = fn(W, rank=5, bits=32, seed=0, stats=stats)
     assert torch.equal(b.reconstruct(), fresh.reconstruct()) and a.rank == 3

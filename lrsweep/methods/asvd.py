@@ -22,7 +22,7 @@ import torch
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
+from lrsweep.methods.svd import SVDOptions, balanced, content_key, memo, truncated_svd
 
 SOLVERS = ("exact", "lowrank")
 NITER = 2  # torch.svd_lowrank's default, what the reference runs
@@ -48,16 +48,26 @@ def check(n: int, d: int, o: ASVDOptions) -> None:
         raise ConfigError("method.solver", f"{o.solver!r} is not an asvd solver", list(SOLVERS))
 
 
+def scale(absmean: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """ASVD's per-channel scales: absmean^alpha, floored at eps x the largest (fp32)."""
+    s = absmean.double().clamp_min(0) ** alpha
+    if not torch.isfinite(s).all() or s.max() <= 0:
+        raise ValueError("asvd: the absmean statistic is all zero or not finite")
+    return s.clamp_min(eps * s.max()).float()
+
+
 @register("asvd", ASVDOptions, needs=("absmean",), check=check)
 def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
-    absmean = require(stats, "absmean", "asvd").to(W.device).double()
-    s = absmean.clamp_min(0) ** o.alpha
-    if not torch.isfinite(s).all() or s.max() <= 0:
-        raise ValueError("asvd: the absmean statistic is all zero or not finite")
-    s = s.clamp_min(o.eps * s.max()).float()
-    scaled = W.float() * s
-    U, S, Vh, used = lowrank_svd(scaled, rank, seed) if o.solver == "lowrank" else truncated_svd(scaled, rank, o.driver)
+    absmean = require(stats, "absmean", "asvd")
+    scales = (id(absmean), absmean._version, str(W.device), o.alpha, o.eps)
+    _, s = memo("asvd scales", lambda: scales,  # absmean kept: its id stays unique
+                lambda: (absmean, scale(absmean.to(W.device), o.alpha, o.eps)))
+    if o.solver == "lowrank":
+        U, S, Vh, used = lowrank_svd(W.float() * s, rank, seed)
+    else:  # keyed by W and the scales, not hashed
+        U, S, Vh, used = truncated_svd(lambda: W.float() * s, rank, o.driver,
+                                       key=lambda: ("asvd W S", content_key(W.float()), scales))
     L, R = balanced(U, S, Vh / s)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=used, alpha=o.alpha)
