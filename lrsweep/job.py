@@ -13,6 +13,7 @@ same cores never time at once; the row's ``extra["latency_measurement"]`` says h
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -23,7 +24,6 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
