@@ -7,8 +7,8 @@ calibration statistics are read from the disk cache first, so they are not part 
         --strategies spectrum,fisher
 
 The fresh model of each run is loaded before its clock starts. ``extra`` is (strategy's time -
-uniform's) / uniform's; the allocation's own breakdown (spectra, Fisher pass, knapsack, check)
-comes from its row info.
+uniform's) / uniform's; the allocation's own breakdown (spectra, Fisher pass, knapsack, check and,
+of it, check_forward: the two forward passes over the held-out samples) comes from its row info.
 """
 
 from __future__ import annotations

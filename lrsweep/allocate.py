@@ -482,6 +482,7 @@ class Check:
     loss_candidate: float
     se: float  # standard error of the mean paired difference (candidate - uniform); 0 with one sample
     samples: int
+    forward_s: float = 0.0  # seconds of the two forward passes over the held-out samples
 
     @property
     def better(self) -> bool:
@@ -501,13 +502,15 @@ def against_uniform(model: nn.Module, layers: dict[str, nn.Module], spectra: dic
                     ) -> tuple[dict[str, int], Check]:
     """(the ranks that ship, the check): the candidate only when its held-out loss is lower than
     uniform's by more than CHECK_Z standard errors of the paired per-sample difference."""
-    losses = []
+    losses, forward = [], 0.0
     for rs in (uniform, ranks):
         with Swap(layers, {n: spectra[n].approx(r) for n, r in rs.items()}):
+            t0 = time.perf_counter()
             losses.append(sample_losses(model, batches, loss_fn))
+            forward += time.perf_counter() - t0
     d = losses[1] - losses[0]
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    check = Check(float(losses[0].mean()), float(losses[1].mean()), se, len(d))
+    check = Check(float(losses[0].mean()), float(losses[1].mean()), se, len(d), forward)
     return (ranks if check.better else uniform), check
 
 
@@ -599,6 +602,7 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
         for r in {uniform[n], ranks[n]} - {final[n]}:
             spectra[n].forget(r)
     seconds["check"] = time.perf_counter() - t0
+    seconds["check_forward"] = check.forward_s  # of "check": the rest is the method at both rank sets
     shipped = strategy if final is ranks else "uniform"
     if shipped == "uniform":
         log.warning("allocation=%s: held-out calibration loss %.4f is not below uniform's %.4f by more than "

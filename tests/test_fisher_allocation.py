@@ -105,6 +105,7 @@ def test_a_run_with_fisher_allocation(compose, tmp_path):
     info = row.extra["allocation"]
     assert row.allocation == "fisher" and info["shipped"] in ("fisher", "uniform")
     assert info["fisher"]["samples"] == 16 and info["fisher"]["seconds"] >= 0
+    assert 0 < info["seconds"]["check_forward"] <= info["seconds"]["check"] <= info["seconds"]["total"]
     assert row.param_ratio_measured <= 0.5
     assert info["candidate_ranks"] != info["uniform_ranks"]
     # the check's probe is fitted on other held-out texts than the ones it scores (as the evaluation's)
