@@ -22,7 +22,7 @@ import torch
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.svd import SVDOptions, balanced, content_key, memo, truncated_svd
+from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 SOLVERS = ("exact", "lowrank")
 NITER = 2  # torch.svd_lowrank's default, what the reference runs
@@ -61,13 +61,12 @@ def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: in
          stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
     absmean = require(stats, "absmean", "asvd")
-    scales = (id(absmean), absmean._version, str(W.device), o.alpha, o.eps)
-    _, s = memo("asvd scales", lambda: scales,  # absmean kept: its id stays unique
-                lambda: (absmean, scale(absmean.to(W.device), o.alpha, o.eps)))
+    scales, s = from_statistic("asvd scales", absmean, lambda: scale(absmean.to(W.device), o.alpha, o.eps),
+                               str(W.device), o.alpha, o.eps)
     if o.solver == "lowrank":
         U, S, Vh, used = lowrank_svd(W.float() * s, rank, seed)
     else:  # keyed by W and the scales, not hashed
         U, S, Vh, used = truncated_svd(lambda: W.float() * s, rank, o.driver,
-                                       key=lambda: ("asvd W S", content_key(W.float()), scales))
+                                       key=lambda: (content_key(W.float()), scales))
     L, R = balanced(U, S, Vh / s)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=used, alpha=o.alpha)

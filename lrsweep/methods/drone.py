@@ -13,7 +13,7 @@ import torch
 
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.svd import SVDOptions, balanced, content_key, memo, truncated_svd
+from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 
 def input_basis(xtx: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +42,10 @@ class DroneOptions(SVDOptions):
 def drone(W: torch.Tensor, o: DroneOptions, *, rank: int, bits: int = 16, seed: int = 0,
           stats: LayerStats | None = None) -> LowRank:
     xtx = require(stats, "xtx", "drone")
-    basis = (id(xtx), xtx._version, str(W.device), o.rtol)
-    _, (V, s) = memo("drone basis", lambda: basis,  # q/k/v share X^T X; xtx kept: its id stays unique
-                     lambda: (xtx, input_basis(xtx.to(W.device), o.rtol)))
+    basis, (V, s) = from_statistic("drone basis", xtx, lambda: input_basis(xtx.to(W.device), o.rtol),
+                                   str(W.device), o.rtol)
     U, S, Vh, solver = truncated_svd(lambda: W.double() @ V * s, rank, o.driver,  # keyed by W and X^T X, not hashed
-                                     key=lambda: ("drone W V S", content_key(W), basis))
+                                     key=lambda: (content_key(W), basis))
     L, R = balanced(U, S, (Vh / s) @ V.T)
     L, R = pad_rank(L, R, rank)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, input_rank=int(s.numel()))

@@ -26,7 +26,7 @@ import torch
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.svd import SVDOptions, balanced, compute_dtype, content_key, memo, truncated_svd
+from lrsweep.methods.svd import SVDOptions, balanced, compute_dtype, content_key, from_statistic, truncated_svd
 
 SIDES = ("output", "input")
 
@@ -59,11 +59,11 @@ def fwsvd(W: torch.Tensor, o: FWSVDOptions, *, rank: int, bits: int = 16, seed: 
     check(*W.shape, o)
     fisher = require(stats, "fisher", "fwsvd")
     W = W.to(compute_dtype(W))
-    weights = (id(fisher), fisher._version, str(W.device), W.dtype, o.side, o.power, o.eps)
-    _, w = memo("fwsvd weights", lambda: weights,  # fisher kept: its id stays unique
-                lambda: (fisher, importance(fisher.to(W.device), o.side, o.power, o.eps).to(W.dtype)))
+    weights, w = from_statistic("fwsvd weights", fisher,
+                                lambda: importance(fisher.to(W.device), o.side, o.power, o.eps).to(W.dtype),
+                                str(W.device), W.dtype, o.side, o.power, o.eps)
     scale = w[:, None] if o.side == "output" else w
     U, S, Vh, solver = truncated_svd(lambda: W * scale, rank, o.driver,  # keyed by W and the weights, not hashed
-                                     key=lambda: ("fwsvd W", content_key(W), weights))
+                                     key=lambda: (content_key(W), weights))
     L, R = balanced(U / w[:, None], S, Vh) if o.side == "output" else balanced(U, S, Vh / w)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, side=o.side)

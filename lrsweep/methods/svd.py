@@ -65,6 +65,17 @@ def memo(kind: str, key: Callable[[], Hashable], compute: Callable[[], T], take:
     return store[k]
 
 
+def from_statistic(kind: str, stat: torch.Tensor, compute: Callable[[], T], *options: Hashable
+                   ) -> tuple[tuple, T]:
+    """(key, ``compute()``) for what a method derives from a calibration statistic alone (svdllm's
+    Cholesky factor, drone's eigenbasis, asvd's scales, fwsvd's weights): kept in the :func:`reuse`
+    scope per statistic (identity and version) and ``options``, so layers reading the same X^T X derive
+    it once; the key also names the matrix the method then decomposes (``truncated_svd(..., key=)``).
+    The statistic is kept with the result, so its id stays unique while the scope lives."""
+    key = (kind, id(stat), stat._version, *options)
+    return key, memo(kind, lambda: key, lambda: (stat, compute()))[1]
+
+
 def forget(kind: str, key: Hashable) -> None:
     """Drop a result kept by :func:`memo` in the innermost scope (nothing outside one)."""
     if _SCOPES:
@@ -109,26 +120,23 @@ def truncated_svd(W: torch.Tensor | Callable[[], torch.Tensor], rank: int, drive
     function that makes the matrix, called only when the scope does not hold its SVD."""
     if driver not in DRIVERS:
         raise ValueError(f"svd driver={driver!r} is unknown; valid: {', '.join(DRIVERS)}")
-    make = W if callable(W) else lambda: W
+
+    def matrix() -> torch.Tensor:
+        M = W() if callable(W) else W
+        return M.to(compute_dtype(M))
+
     if not _SCOPES:
-        return _truncated_svd(_computable(make()), rank, driver)
+        return _truncated_svd(matrix(), rank, driver)
     scope = _SCOPES[-1]
-    if key is None:
-        W = _computable(make())
-        k = f"{driver}:{content_key(W)}"
-    else:
-        k = (driver, key())
+    M = None if key is not None else matrix()
+    k = (driver, key()) if key is not None else f"{driver}:{content_key(M)}"
     scope["last"] = k
     if k in scope["svds"]:
         scope["hits"] += 1
     else:
-        scope["svds"][k] = _truncated_svd(_computable(make()) if key is not None else W, None, driver)
+        scope["svds"][k] = _truncated_svd(matrix() if M is None else M, None, driver)
     U, S, Vh, solver = scope["svds"][k]
     return U[:, :rank], S[:rank], Vh[:rank], solver
-
-
-def _computable(W: torch.Tensor) -> torch.Tensor:
-    return W.to(compute_dtype(W))
 
 
 def _truncated_svd(W: torch.Tensor, rank: int | None, driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:

@@ -13,7 +13,7 @@ import torch
 
 from lrsweep.factorization import LowRank
 from lrsweep.methods import LayerStats, register, require
-from lrsweep.methods.svd import SVDOptions, balanced, content_key, memo, truncated_svd
+from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 
 def cholesky_shifted(xtx: torch.Tensor, shift: float, tries: int = 12) -> tuple[torch.Tensor, float]:
@@ -39,11 +39,10 @@ class SVDLLMOptions(SVDOptions):
 def svdllm(W: torch.Tensor, o: SVDLLMOptions, *, rank: int, bits: int = 16, seed: int = 0,
            stats: LayerStats | None = None) -> LowRank:
     xtx = require(stats, "xtx", "svdllm")
-    factor = (id(xtx), xtx._version, str(W.device), o.shift)
-    _, (C, added) = memo("cholesky", lambda: factor,  # q/k/v share X^T X
-                         lambda: (xtx, cholesky_shifted(xtx.to(W.device), o.shift)))  # xtx kept: its id stays unique
+    factor, (C, added) = from_statistic("svdllm cholesky", xtx, lambda: cholesky_shifted(xtx.to(W.device), o.shift),
+                                        str(W.device), o.shift)
     U, S, Vh, solver = truncated_svd(lambda: W.double() @ C, rank, o.driver,  # W C keyed by W and C, not hashed
-                                     key=lambda: ("svdllm W C", content_key(W), factor))
+                                     key=lambda: (content_key(W), factor))
     Vh = torch.linalg.solve_triangular(C, Vh.double(), upper=False, left=False)
     L, R = balanced(U, S, Vh)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, cholesky_shift=added)
