@@ -79,21 +79,26 @@ def model_key(cfg: DictConfig) -> dict[str, Any]:
             "weights": h.hexdigest()[:16], "dtype": cfg.model.dtype}
 
 
-def _slurm_fields(row: ResultRow) -> None:
-    row.slurm_job_id, row.slurm_array_index = slurm.job_id(), slurm.array_index()
-    if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SUBMITIT_EXECUTOR"):  # inside a submitit job: its log file
+def _submitit_job() -> Any:
+    """The submitit JobEnvironment of this process, None outside a submitit job."""
+    if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SUBMITIT_EXECUTOR"):
         import submitit
 
-        row.log_path = str(submitit.JobEnvironment().paths.stdout)
+        return submitit.JobEnvironment()
+    return None
+
+
+def _slurm_fields(row: ResultRow) -> None:
+    row.slurm_job_id, row.slurm_array_index = slurm.job_id(), slurm.array_index()
+    env = _submitit_job()
+    if env is not None:  # its log file
+        row.log_path = str(env.paths.stdout)
 
 
 def _job_id() -> str:
     """This process's submitit job id (SLURM or local), else its pid."""
-    if os.environ.get("SUBMITIT_FOLDER") and os.environ.get("SUBMITIT_EXECUTOR"):
-        import submitit
-
-        return str(submitit.JobEnvironment().job_id)
-    return f"pid {os.getpid()}"
+    env = _submitit_job()
+    return str(env.job_id) if env is not None else f"pid {os.getpid()}"
 
 
 def _threads(cfg: DictConfig) -> None:
@@ -227,16 +232,15 @@ def _dense_speed(cfg: DictConfig, model: Any, ctx: Context) -> tuple[evaluate.Sp
     path = Path(share) / f"dense-speed-{key}.json"
     if path.exists():
         kept = json.loads(path.read_text())
-        return evaluate.Speed(**kept["speed"]), (f"measured once for this sweep's jobs on {host} ({threads} threads) "
-                                                 f"by job {kept['job']}")
-    speed = evaluate.speed(model, ctx)
-    try:
-        atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": _job_id(), "host": host,
-                                 "threads": threads})
-    except OSError as e:  # the other jobs time it themselves
-        log.warning(f"[lrsweep] dense latency not shared ({e})")
-        return speed, "measured in this job"
-    return speed, f"measured once for this sweep's jobs on {host} ({threads} threads) by job {_job_id()}"
+        speed, job = evaluate.Speed(**kept["speed"]), kept["job"]
+    else:
+        speed, job = evaluate.speed(model, ctx), _job_id()
+        try:
+            atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": job, "host": host, "threads": threads})
+        except OSError as e:  # the other jobs time it themselves
+            log.warning(f"[lrsweep] dense latency not shared ({e})")
+            return speed, "measured in this job"
+    return speed, f"measured once for this sweep's jobs on {host} ({threads} threads) by job {job}"
 
 
 def dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
