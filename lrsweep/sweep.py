@@ -92,14 +92,17 @@ def _written_since(p: Point, since: str) -> ResultRow | None:
 # ---------------------------------------------------------------- planning
 def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Point]:
     """Compose and validate every point; ConfigError (nothing launched) if any is invalid."""
+    from lrsweep.compose import sweep_configs
     from lrsweep.validate import validate
 
     sweep_name = Path(str(launcher.config.hydra.sweep.dir)).name
+    grid = [[*ov, f"sweep_name={sweep_name}"] for ov in job_overrides]
     points, seen, errors = [], set(), []
-    for i, ov in enumerate(job_overrides):
-        ov = [*ov, f"sweep_name={sweep_name}"]
+    for i, (ov, cfg) in enumerate(zip(grid, sweep_configs(launcher.hydra_context.config_loader, launcher.config,
+                                                           grid))):
+        if isinstance(cfg, Exception):  # Hydra could not compose the point: its error, as before
+            raise cfg
         try:
-            cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, ov)
             validate(cfg, check_device=launcher._EXECUTOR == "local")
         except ConfigError as e:
             errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov[:-1]))}): {e}")

@@ -1,0 +1,75 @@
+"""lrsweep.compose.sweep_configs: a sweep's points composed once per config group choice, equal to
+what Hydra composes for each point alone (tests/test_sweep.py runs the planning end to end)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+import lrsweep.methods  # noqa: F401  (method/base/<name> in Hydra's ConfigStore)
+from lrsweep.compose import sweep_configs
+from tests.conftest import CONF
+
+
+@pytest.fixture
+def hydra_loader():
+    """(Hydra's config loader, the master config of a multirun with one hydra override)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        master = compose("config", overrides=["hydra/launcher=local", "hydra.launcher.parallelism=3"],
+                         return_hydra_config=True)
+        yield GlobalHydra.instance().config_loader(), master
+    GlobalHydra.instance().clear()
+
+
+GRID = [["method=svd", "rank=8", "sweep_name=s"],
+        ["method=svd", "rank=16", "eval.latency.seq_len=8", "sweep_name=s"],
+        ["rank=32", "method=lplr", "+calib=wikitext2", "eval.latency.shapes=[[1,8]]"],
+        ["method=lplr", "rank=4", "+calib=wikitext2", "+extra.note=hi"],
+        ["method=svdllm", "param_ratio=0.6", "model.targets=encoder\\.layer\\.0\\..*", "~rank"],
+        ["method=svdllm", "param_ratio=0.4", "hydra.job.chdir=false"],
+        ["method=svd", "rank=8", "hydra.job.config.override_dirname.kv_sep=:"],
+        ["method=svd", "rank={a: 1}"],  # a dict value: a value override
+        ["method=svd", "no_such_key=1"],  # Hydra refuses: not in the struct config
+        ["method=nope", "rank=8"]]  # Hydra refuses: no such option
+
+
+def test_every_point_equals_hydras_own_composition(hydra_loader):
+    loader, master = hydra_loader
+    fast = sweep_configs(loader, master, GRID)
+    for ov, got in zip(GRID, fast):
+        try:
+            want = loader.load_sweep_config(master, ov)
+        except Exception as e:  # noqa: BLE001
+            assert isinstance(got, type(e)) and str(got) == str(e), ov
+            continue
+        assert OmegaConf.to_container(got, resolve=False) == OmegaConf.to_container(want, resolve=False), ov
+        assert OmegaConf.is_struct(got) and OmegaConf.to_yaml(got) == OmegaConf.to_yaml(want), ov
+        assert str(got.hydra.sweep.dir) == str(want.hydra.sweep.dir)  # resolved from the master's cache
+    assert [i for i, c in enumerate(fast) if isinstance(c, Exception)] == [8, 9]
+
+
+def test_points_that_differ_in_values_share_one_composition(hydra_loader, monkeypatch):
+    loader, master = hydra_loader
+    calls = []
+    real = type(loader).load_sweep_config
+    monkeypatch.setattr(type(loader), "load_sweep_config", lambda self, m, ov: calls.append(ov) or real(self, m, ov))
+    cfgs = sweep_configs(loader, master, [["method=svd", f"rank={r}"] for r in range(1, 9)]
+                         + [["method=lplr", "rank=4"], ["method=lplr", "rank=8", "hydra.job.chdir=false"]])
+    assert calls == [["method=svd"], ["method=lplr"], ["method=lplr", "hydra.job.chdir=false"]]
+    assert [c.rank for c in cfgs] == [*range(1, 9), 4, 8]
+    cfgs[0].rank = 99  # each point its own copy
+    assert cfgs[1].rank == 2
+
+
+def test_a_searchpath_sends_every_point_through_hydra(hydra_loader, monkeypatch, tmp_path):
+    loader, master = hydra_loader
+    calls = []
+    real = type(loader).load_sweep_config
+    monkeypatch.setattr(type(loader), "load_sweep_config", lambda self, m, ov: calls.append(ov) or real(self, m, ov))
+    grid = [["rank=4", f"hydra.searchpath=[file://{tmp_path}]"], ["rank=8"]]
+    cfgs = sweep_configs(loader, master, grid)
+    assert calls == [grid[0], []]  # the first alone; the second from the composition of no group choice
+    assert [c.rank for c in cfgs] == [4, 8]
