@@ -104,7 +104,8 @@ def main() -> None:
                     out = task.evaluate(model, ctx, state)
                 rows.append([method, ratio, strategy, info["shipped"], out[metric], f"{kept / kept_u:.4f}",
                              round(spectra_s + seconds, 1), round(seconds, 1), round(compress_s, 1),
-                             f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f} (se {info['loss_difference_se']:.4f})"])
+                             f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f} (se {info['loss_difference_se']:.4f}, "
+                             f"{info['check_samples']} samples{', ' + info['check_stopped'] if info['check_stopped'] else ''})"])
                 print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
             ctx.cfg = cfg
         scope.__exit__(None, None, None)

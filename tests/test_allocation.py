@@ -297,3 +297,42 @@ def test_sensitivity_gains_share_each_units_measured_loss(monkeypatch, granulari
         assert sum(value[n][ref[n]:].sum() for n in members) == pytest.approx(delta[u])
     spectrum = allocate.gains("spectrum", spectra, None, None)
     assert all(v.sum() == pytest.approx(1.0) for v in spectrum.values())
+
+
+def test_the_check_stops_at_the_first_look_when_the_verdict_is_clear():
+    """Two looks (batches): a candidate worse on the first is refused there (futility), one better by
+    far more than CHECK_STOP_Z se ships there (efficacy); a small gain needs every sample."""
+    model = _Toy()
+    layers = {"a": model.a, "b": model.b}
+    spectra = {n: allocate.spectrum(m.weight, methods.REGISTRY["svd"], None, {}) for n, m in layers.items()}
+    uniform, better = {"a": 8, "b": 8}, {"a": 14, "b": 2}
+    xs = [torch.randn(8, 16, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    target = {id(x): model(x).detach() for x in xs}
+    batches = [{"x": x} for x in xs]
+    cand_b = spectra["b"].approx(2)
+    seen = []
+
+    def shifted(shift):
+        def loss(m, batch):
+            seen.append(id(batch["x"]))
+            base = (m(batch["x"]) - target[id(batch["x"])]).pow(2).mean(1)
+            cand = torch.equal(m.b.weight.detach(), cand_b.to(m.b.weight.dtype))
+            return base.detach() * (1 - cand) + cand * (shift + 0.01 * torch.arange(8.0))
+        return loss
+
+    for shift, stopped, ships, looks in [(1e3, "futility", "uniform", 1), (-1e3, "efficacy", "candidate", 1)]:
+        seen.clear()
+        # the uniform losses are the toy's own (positive); the candidate's a constant far above or below them
+        ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, shifted(shift))
+        assert c.stopped == stopped and c.samples == 8 and seen == [id(xs[0])] * 2
+        assert (ranks is better) == (ships == "candidate")
+    seen.clear()
+
+    def close(m, batch):  # better by 1.65 se on the first look (goes on), by 2.42 se on both (ships)
+        seen.append(id(batch["x"]))
+        cand = torch.equal(m.b.weight.detach(), cand_b.to(m.b.weight.dtype))
+        return torch.ones(8) - cand * (0.025 + 0.04 * torch.tensor([1.0, -1.0] * 4))
+
+    ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, close)
+    assert c.stopped == "" and c.samples == 16 and seen == [id(xs[0])] * 2 + [id(xs[1])] * 2
+    assert ranks is better and (c.loss_uniform - c.loss_candidate) / c.se == pytest.approx(0.025 / (0.04 * (16 / 15) ** 0.5 / 4))
