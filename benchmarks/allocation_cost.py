@@ -56,7 +56,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         base = base or seconds
         alloc = info.get("allocation", {})
-        rows.append([strategy, round(seconds, 1), f"{(seconds - base) / base:+.1%}", alloc.get("shipped", ""),
+        stop = f", {alloc['check_stopped']}" if alloc.get("check_stopped") else ""
+        check = f" ({alloc['check_samples']} held-out samples{stop})" if alloc else ""
+        rows.append([strategy, round(seconds, 1), f"{(seconds - base) / base:+.1%}", alloc.get("shipped", "") + check,
                      " ".join(f"{k} {v:.1f}" for k, v in alloc.get("seconds", {}).items())])
         print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
     print(tabulate(rows, headers=["allocation", "compress s", "extra", "ships", "allocation's seconds"]))
