@@ -102,10 +102,11 @@ def main() -> None:
                 kept_u = sum(spec.params(*layers[n].weight.shape, r, **opts) for n, r in uniform.items())
                 with allocate.Swap(layers, {n: spectra[n].approx(ranks[n]) for n in leaders}):
                     out = task.evaluate(model, ctx, state)
+                stop = f", {info['check_stopped']}" if info["check_stopped"] else ""
+                check = (f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f} "
+                         f"(se {info['loss_difference_se']:.4f}, {info['check_samples']} samples{stop})")
                 rows.append([method, ratio, strategy, info["shipped"], out[metric], f"{kept / kept_u:.4f}",
-                             round(spectra_s + seconds, 1), round(seconds, 1), round(compress_s, 1),
-                             f"{info['loss_candidate']:.4f} vs {info['loss_uniform']:.4f} (se {info['loss_difference_se']:.4f}, "
-                             f"{info['check_samples']} samples{', ' + info['check_stopped'] if info['check_stopped'] else ''})"])
+                             round(spectra_s + seconds, 1), round(seconds, 1), round(compress_s, 1), check])
                 print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
             ctx.cfg = cfg
         scope.__exit__(None, None, None)

@@ -507,7 +507,8 @@ class Check:
     def interim(self) -> str:
         """At a look before the last: stop for futility (the candidate's loss is not lower: it would
         need a gain of over CHECK_Z se from the samples left) or efficacy (lower by over CHECK_STOP_Z
-        se, Haybittle-Peto's bound, which leaves the final CHECK_Z test's error rate as it is); "" goes on."""
+        se, Haybittle-Peto's bound, which leaves the final CHECK_Z test's error rate about as it is);
+        "" goes on."""
         if self.loss_candidate >= self.loss_uniform:
             return "futility"
         return "efficacy" if self.loss_candidate - self.loss_uniform + CHECK_STOP_Z * self.se < 0 else ""

@@ -335,4 +335,5 @@ def test_the_check_stops_at_the_first_look_when_the_verdict_is_clear():
 
     ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, close)
     assert c.stopped == "" and c.samples == 16 and seen == [id(xs[0])] * 2 + [id(xs[1])] * 2
-    assert ranks is better and (c.loss_uniform - c.loss_candidate) / c.se == pytest.approx(0.025 / (0.04 * (16 / 15) ** 0.5 / 4))
+    se = 0.04 * (16 / 15) ** 0.5 / 16 ** 0.5  # of the 16 paired differences
+    assert ranks is better and (c.loss_uniform - c.loss_candidate) / c.se == pytest.approx(0.025 / se)
