@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 import lrsweep.methods  # noqa: F401  (method/base/<name> in Hydra's ConfigStore)
 from lrsweep.compose import sweep_configs
-from tests.conftest import CONF
+from conftest import CONF
 
 
 @pytest.fixture
