@@ -48,12 +48,15 @@ def test_content_key_hashes_a_storage_once_and_sees_in_place_changes(monkeypatch
     assert changed == real(W) and svd_mod.content_key(W) == changed  # outside a scope: always hashed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["svdllm", "drone", "asvd", "fwsvd"])
-def test_scaled_methods_key_their_matrix_by_its_inputs(method, monkeypatch):
+def test_scaled_methods_key_their_matrix_by_its_inputs(method, dtype, monkeypatch):
     """Inside a scope svdllm (W C), drone (W V S), asvd (W S) and fwsvd (diag(w) W) neither hash nor
     recompute the matrix they decompose for a layer seen before, and derive C, V S, S or w once for
-    the layers sharing the statistic (fwsvd's Fisher is per layer)."""
+    the layers sharing the statistic (fwsvd's Fisher is per layer); a bf16 W is hashed as stored, once
+    (not its fp32 copy, new at every call)."""
     W, stats = _data()
+    W = W.to(dtype)
     hashed = []
     real_hash = svd_mod._hash
     monkeypatch.setattr(svd_mod, "_hash", lambda t: hashed.append(t.dtype) or real_hash(t))
@@ -64,7 +67,7 @@ def test_scaled_methods_key_their_matrix_by_its_inputs(method, monkeypatch):
         if method != "fwsvd":
             fn(W[:7], rank=2, bits=32, seed=0, stats=stats)  # another layer reading the same statistic
     layers = 1 if method == "fwsvd" else 2
-    assert hashed == [torch.float32] * layers and scope["hits"] == 1  # each W hashed once, the product never
+    assert hashed == [dtype] * layers and scope["hits"] == 1  # each W hashed once, the product never
     assert sum(scope["memo_hits"].values()) == layers  # the statistic's factor derived once for all calls
     monkeypatch.setattr(svd_mod, "_hash", real_hash)
     fresh = fn(W, rank=5, bits=32, seed=0, stats=stats)

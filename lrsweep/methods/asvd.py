@@ -67,6 +67,6 @@ def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: in
         U, S, Vh, used = lowrank_svd(W.float() * s, rank, seed)
     else:  # keyed by W and the scales, not hashed
         U, S, Vh, used = truncated_svd(lambda: W.float() * s, rank, o.driver,
-                                       key=lambda: (content_key(W.float()), scales))
+                                       key=lambda: (content_key(W), scales))
     L, R = balanced(U, S, Vh / s)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=used, alpha=o.alpha)

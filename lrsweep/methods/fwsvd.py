@@ -58,12 +58,12 @@ def fwsvd(W: torch.Tensor, o: FWSVDOptions, *, rank: int, bits: int = 16, seed: 
           stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
     fisher = require(stats, "fisher", "fwsvd")
-    W = W.to(compute_dtype(W))
+    Wc = W.to(compute_dtype(W))
     weights, w = from_statistic("fwsvd weights", fisher,
-                                lambda: importance(fisher.to(W.device), o.side, o.power, o.eps).to(W.dtype),
-                                str(W.device), W.dtype, o.side, o.power, o.eps)
+                                lambda: importance(fisher.to(W.device), o.side, o.power, o.eps).to(Wc.dtype),
+                                str(W.device), Wc.dtype, o.side, o.power, o.eps)
     scale = w[:, None] if o.side == "output" else w
-    U, S, Vh, solver = truncated_svd(lambda: W * scale, rank, o.driver,  # keyed by W and the weights, not hashed
-                                     key=lambda: (content_key(W), weights))
+    U, S, Vh, solver = truncated_svd(lambda: Wc * scale, rank, o.driver,  # keyed by W and the weights, not hashed
+                                     key=lambda: (content_key(W), weights))  # W as stored: a bf16 W hashed once
     L, R = balanced(U / w[:, None], S, Vh) if o.side == "output" else balanced(U, S, Vh / w)
     return LowRank.of(o.quantize(L, bits), o.quantize(R, bits), solver=solver, side=o.side)
