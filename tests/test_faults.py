@@ -100,6 +100,7 @@ def _writer(results_dir: Path, seed: int) -> None:
         write_row(results_dir, _row(f"w{rnd.randrange(5)}", i))
 
 
+@pytest.mark.e2e
 def test_writer_killed_fifty_times_leaves_no_partial_row(tmp_path):
     rnd = random.Random(0)
     kills, reads = 0, 0
@@ -216,6 +217,7 @@ def twin_runs(tmp_path_factory):
     return root, rows[0][0], rows[1][0]
 
 
+@pytest.mark.e2e
 def test_concurrent_jobs_share_one_calibration_cache_entry(twin_runs):
     root, a, b = twin_runs
     entries = sorted((root / "cache" / "calib").iterdir())
@@ -237,6 +239,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@pytest.mark.e2e
 def test_same_config_and_seed_give_identical_metrics(twin_runs):
     _, a, b = twin_runs
     assert a.run_id == b.run_id and a.status == b.status == "ok"

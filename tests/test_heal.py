@@ -162,6 +162,7 @@ def test_heal_distill_row_end_to_end(compose, config_error, tmp_path):
     assert not (tmp_path / "bad" / "rows").exists()
 
 
+@pytest.mark.e2e
 def test_a_swept_heal_group_key_is_a_config_error_naming_plus_plus(tmp_path):
     """The CLI: Hydra composes a sweep's base config without its swept groups; exit 2 and the ``++`` hint."""
     swept = run_cli("-m", *FAST, "heal=distill,dsee", "heal.steps=5", f"results_dir={tmp_path}")

@@ -65,6 +65,9 @@ class FakeExecutor:
         self.jobs.append(job)
         return job
 
+    def map_array(self, launcher, packs, states, sinces) -> list[FakeJob]:  # SLURM: an array, a task per job
+        return [self.submit(launcher, pts, state, since) for pts, state, since in zip(packs, states, sinces)]
+
 
 class FakeLauncher:
     """What lrsweep.sweep.launch uses of the Hydra launcher (hydra_plugins/lrsweep_launcher)."""
@@ -224,6 +227,27 @@ def test_bad_cluster_input_is_one_clear_error_before_submitting(fake_slurm, laun
         launch({"rank": [8]}, *overrides, **params)
     assert e.value.key == key and message in str(e.value), str(e.value)
     assert not (tmp_path / "rows").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_slurm_array_writes_its_manifest_and_a_detached_sweep_returns_at_submission(fake_slurm, launch, tmp_path,
+                                                                                     capsys):
+    """One array and its manifest (what lrsweep.status reads); with wait=false the sweep returns once
+    submitted and says so. Against the real cluster: test_slurm.py (e2e)."""
+    from lrsweep.status import read_manifests
+
+    for name in ("squeue", "sacct"):  # no job of this cluster is queued or known
+        (tmp_path / "bin" / name).write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    launcher, rets = launch({"rank": [4, 8]}, wait=False)
+    assert rets == [] and sweep.report() == 0
+    out = capsys.readouterr().out
+    assert "[lrsweep] detached: 2 jobs submitted (0, 1) for 2 points, 0 already ok" in out
+    assert f"[lrsweep] progress: python -m lrsweep.status {tmp_path}" in out
+    (manifest,) = read_manifests(tmp_path)
+    assert manifest["array_job_id"] == "0" and [p["job_id"] for p in manifest["points"]] == ["0", "1"]
+    assert [p["overrides"] for p in manifest["points"]] == [["rank=4"], ["rank=8"]]
+    launcher, rets = launch({"rank": [4, 8, 16]})  # waited for this time; 4 and 8 are ok by now
+    assert [r.status.name for r in rets] == ["COMPLETED"] and len(read_manifests(tmp_path)) == 2
 
 
 def test_gpu_partition_passes_preflight(fake_slurm):

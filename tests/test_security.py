@@ -100,6 +100,7 @@ def test_no_unsafe_deserialization(path):
 
 
 # ---------------------------------------------------------------- W&B key
+@pytest.mark.e2e
 def test_wandb_key_never_written(tmp_path):
     out = tmp_path / "results"
     args = [a for a in TINY if a != "logger=none"]

@@ -111,6 +111,7 @@ def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, mon
 
     from lrsweep.methods import svdllm as svdllm_mod
 
+    monkeypatch.setitem(allocate.CHECK_SAMPLES, "encoder", 64)  # the check's plumbing, not its power
     calls, runs = [], []
     real, real_t = svd_mod._truncated_svd, svdllm_mod.truncated_svd
     monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))

@@ -31,6 +31,7 @@ def sweep(tmp_path_factory):
     return results, proc, fast
 
 
+@pytest.mark.e2e
 def test_sweep_writes_four_ok_rows(sweep):
     results, proc, _ = sweep
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -58,6 +59,7 @@ def test_sweep_writes_four_ok_rows(sweep):
     assert (results / "tradeoff.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_sweep_logs_one_offline_wandb_run_per_point(sweep):
     results, _, _ = sweep
     runs = sorted(glob.glob(str(results / "wandb" / "offline-run-*")))
@@ -73,6 +75,7 @@ def test_sweep_logs_one_offline_wandb_run_per_point(sweep):
         assert run["config"]["rank"] == row.rank
 
 
+@pytest.mark.e2e
 def test_rerun_skips_every_ok_point(sweep):
     results, _, fast = sweep
     before = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(results / "rows" / "*.json"))}
@@ -84,6 +87,7 @@ def test_rerun_skips_every_ok_point(sweep):
     assert after == before
 
 
+@pytest.mark.e2e
 def test_packed_job_isolates_a_raising_point(tmp_path):
     """Three points in one job, the middle one raises: its failed row, then the third point runs."""
     args = ["-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=4,16,8", *FAST, BLOCK0,
@@ -147,6 +151,7 @@ def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_pat
         assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 5
 
 
+@pytest.mark.e2e
 def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
     results, _, fast = sweep
     before = sorted(p for p in results.rglob("*"))
@@ -169,6 +174,7 @@ def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
 # the CLI's exit 2 for a launcher-side error; test_launch.py checks more values in-process
 @pytest.mark.parametrize("args, key", [(["hydra.launcher.points_per_job=0"], "hydra.launcher.points_per_job"),
                                        (["dry_run=true", "rank=-3"], "rank")])
+@pytest.mark.e2e
 def test_bad_points_per_job_or_dry_run_config_error_exit_2(tmp_path, args, key):
     proc = run_cli("-m", "rank=4,8", *FAST, f"results_dir={tmp_path}", *args)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -210,6 +216,7 @@ def test_unrelated_hydra_app_and_compose_api_work_with_lrsweep_installed(tmp_pat
     assert "SlurmLauncher" in scan.stdout and "LocalLauncher" in scan.stdout, scan.stderr
 
 
+@pytest.mark.e2e
 def test_analysis_table_and_plot_on_sweep_rows(sweep, tmp_path, capsys):
     """``python -m analysis`` (its main, in-process) on the rows of the real sweep."""
     from analysis.__main__ import main as analysis_main
@@ -224,6 +231,7 @@ def test_analysis_table_and_plot_on_sweep_rows(sweep, tmp_path, capsys):
     assert png.stat().st_size > 5000
 
 
+@pytest.mark.e2e
 def test_single_run_without_m(tmp_path):
     proc = run_cli("method=svd", "rank=4", "bits=8", *FAST, BLOCK0, f"results_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]

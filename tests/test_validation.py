@@ -213,15 +213,25 @@ def nan_model(tmp_path_factory) -> Path:
     return folder
 
 
-def test_nan_weights_give_a_failed_row(tmp_path, nan_model):
+def test_nan_weights_give_a_failed_row(compose, tmp_path, nan_model):
+    """Found after launch, in the job (in-process here): the point's failed row names the weight.
+    Through the CLI (exit code 1): test_cli_nan_weights_exit_1_with_the_failed_row (e2e)."""
+    from lrsweep.job import run as run_job
+
+    row = run_job(compose([f"results_dir={tmp_path}", *TINY, "model=hf", f"model.path={nan_model}",
+                           "model.kind=encoder", "rank=4", r"model.targets=encoder\.layer\.0\..*"]))
+    assert row.status == "failed"
+    assert row.error["type"] == "ValueError"
+    assert row.error["message"] == "the loaded weights contain NaN/Inf (encoder.layer.0.attention.self.query.weight)"
+    (stored,) = (tmp_path / "rows").glob("*.json")
+    assert json.loads(stored.read_text())["status"] == "failed"
+
+
+@pytest.mark.e2e
+def test_cli_nan_weights_exit_1_with_the_failed_row(tmp_path, nan_model):
     res, out = run(tmp_path, "model=hf", f"model.path={nan_model}", "model.kind=encoder", "rank=4",
                    r"model.targets=encoder\.layer\.0\..*")
     assert res.returncode == 1, res.stdout + res.stderr
-    rows = list((out / "rows").glob("*.json"))
-    assert len(rows) == 1
-    row = json.loads(rows[0].read_text())
-    assert row["status"] == "failed"
-    assert row["error"]["type"] == "ValueError"
-    assert row["error"]["message"] == \
-        "the loaded weights contain NaN/Inf (encoder.layer.0.attention.self.query.weight)"
+    (stored,) = (out / "rows").glob("*.json")
+    assert json.loads(stored.read_text())["error"]["message"].startswith("the loaded weights contain NaN/Inf")
     assert "NaN/Inf" in res.stdout and "1 failed" in res.stdout

@@ -1,0 +1,116 @@
+"""``lrsweep.cli.main`` in-process (``sys.argv`` set as the shell would): the exit code and the one
+line a refused command prints, and a dry run. The same through a real ``python -m lrsweep``:
+test_validation.py (a few cases, default run) and the e2e tier (test_sweep.py, test_heal.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import FAST, PLUGINS
+from lrsweep import sweep
+from lrsweep.cli import main
+
+LAYER0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """cli(*args) -> (exit code, stdout, stderr) of ``python -m lrsweep <args> results_dir=<tmp>``."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setenv("LRSWEEP_THREADS", "")  # a launch sets it for its jobs: restored after the test
+
+    def _cli(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lrsweep", *args, f"results_dir={tmp_path / 'results'}"])
+        GlobalHydra.instance().clear()
+        try:
+            with pytest.raises(SystemExit) as e:
+                main()
+        finally:
+            GlobalHydra.instance().clear()
+            sweep.LAST = None
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    return _cli
+
+
+def test_a_swept_group_key_is_one_line_naming_plus_plus(cli, tmp_path):
+    code, _, err = cli("-m", *FAST, "heal=distill,dsee", "heal.steps=5")
+    assert code == 2 and err.startswith("lrsweep: config error: heal.steps: belongs to the config group 'heal'")
+    assert "++heal.steps=5" in err and err.count("\n") == 1
+    assert not (tmp_path / "results" / "rows").exists()
+
+
+def test_an_unknown_option_is_one_line_with_did_you_mean(cli):
+    code, _, err = cli("method=lplrr", *FAST)
+    assert code == 2 and err.startswith("lrsweep: config error: method: 'lplrr' is unknown") and "lplr" in err
+
+
+def test_dry_run_lists_points_writes_nothing_and_exits_0(cli, tmp_path):
+    code, out, _ = cli("-m", "method=svd,lplr", "rank=4,8", "dry_run=true", *FAST, LAYER0)
+    assert code == 0 and "4 missing" in out and "nothing was launched" in out
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json"))
+    assert not any(a.startswith("hydra.sweep.dir=") for a in sys.argv[:-1])  # argv restored by monkeypatch
+
+
+def test_dry_run_with_a_bad_point_exits_2(cli):
+    code, _, err = cli("-m", "rank=4,-3", "dry_run=true", *FAST, LAYER0)
+    assert code == 2 and err.startswith("lrsweep: config error: sweep: 1 of 2 grid points are invalid, nothing was "
+                                        "launched:\n  point #1 (rank=-3 ")  # one line per bad point
+    assert err.rstrip().endswith("rank: -3 must be a positive integer")
+
+
+def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monkeypatch, tmp_path):
+    """The launcher adapter end to end, each job run in this process instead of a submitit one:
+    upstream's launch builds the executor (its parameter mapping, stopped at submission), the job
+    side (SweepLauncher.__call__ -> lrsweep.sweep.run_pack) runs the packed points through Hydra's
+    run_job, one row each. Real local and SLURM jobs: test_sweep.py, test_slurm.py (e2e)."""
+    from types import SimpleNamespace
+
+    import submitit
+
+    from lrsweep.row import read_rows
+
+    executors = []
+
+    class Done:  # a job that ran: its JobReturns, computed in this process
+        def __init__(self, job_id: str, returns):
+            self.job_id, self.returns = job_id, returns
+
+        def done(self) -> bool:
+            return True
+
+        def results(self):
+            return [self.returns]
+
+    def submit_in_process(launcher, executor, args):
+        executors.append(executor)
+        return [Done(str(i), launcher(*a)) for i, a in enumerate(args)]
+
+    monkeypatch.setattr(sweep, "submit_local", submit_in_process)
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
+    monkeypatch.syspath_prepend(str(PLUGINS))  # fails_above: svd, raising above rank 8
+    code, out, err = cli("-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=4,16,8",
+                         "hydra.launcher.points_per_job=2", "hydra.launcher.timeout_min=7", *FAST, LAYER0)
+    assert code == 1, out + err  # a failed point
+    (executor,) = executors
+    assert isinstance(executor, submitit.AutoExecutor) and executor.cluster == "local"
+    assert executor._executor.parameters["timeout_min"] == 14  # per point, times the points of a job
+    rows = {r.rank: r for r in read_rows(tmp_path / "results")}
+    assert rows[4].status == rows[8].status == "ok" and rows[16].status == "failed"
+    assert "injected failure" in rows[16].error["message"]
+    assert [rows[r].extra["packed"]["point"] for r in (4, 16, 8)] == [1, 2, 1]  # jobs of 2 and 1 points
+    assert "2 ok, 1 failed, 0 skipped" in out and f"[lrsweep] failed {rows[16].run_id}" in out
+
+
+def test_a_single_run_and_its_dry_run(cli, tmp_path):
+    from lrsweep.row import read_rows
+
+    code, out, _ = cli("method=svd", "rank=4", "dry_run=true", *FAST, LAYER0)
+    assert code == 0 and "1 missing" in out and not list(read_rows(tmp_path / "results"))
+    code, out, err = cli("method=svd", "rank=4", *FAST, LAYER0)
+    (row,) = read_rows(tmp_path / "results")
+    assert code == 0 and row.status == "ok" and row.rank == 4, out + err
