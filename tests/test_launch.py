@@ -8,6 +8,7 @@ signals, the exit code)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -55,6 +56,9 @@ class FakeJob:
         return "killed\n"
 
 
+ARRAY_IDS = itertools.count(100)
+
+
 class FakeExecutor:
     def __init__(self, die_at: set[int], rows_before_death: int):
         self.die_at, self.rows_before_death, self.jobs = die_at, rows_before_death, []
@@ -66,7 +70,11 @@ class FakeExecutor:
         return job
 
     def map_array(self, launcher, packs, states, sinces) -> list[FakeJob]:  # SLURM: an array, a task per job
-        return [self.submit(launcher, pts, state, since) for pts, state, since in zip(packs, states, sinces)]
+        jobs = [self.submit(launcher, pts, state, since) for pts, state, since in zip(packs, states, sinces)]
+        array = next(ARRAY_IDS)  # as SLURM: every array its own id (two sweeps may share a second)
+        for i, job in enumerate(jobs):
+            job.job_id = f"{array}_{i}"
+        return jobs
 
 
 class FakeLauncher:
@@ -241,10 +249,11 @@ def test_slurm_array_writes_its_manifest_and_a_detached_sweep_returns_at_submiss
     launcher, rets = launch({"rank": [4, 8]}, wait=False)
     assert rets == [] and sweep.report() == 0
     out = capsys.readouterr().out
-    assert "[lrsweep] detached: 2 jobs submitted (0, 1) for 2 points, 0 already ok" in out
-    assert f"[lrsweep] progress: python -m lrsweep.status {tmp_path}" in out
     (manifest,) = read_manifests(tmp_path)
-    assert manifest["array_job_id"] == "0" and [p["job_id"] for p in manifest["points"]] == ["0", "1"]
+    array = manifest["array_job_id"]
+    assert [p["job_id"] for p in manifest["points"]] == [f"{array}_0", f"{array}_1"]
+    assert f"[lrsweep] detached: 2 jobs submitted ({array}_0, {array}_1) for 2 points, 0 already ok" in out
+    assert f"[lrsweep] progress: python -m lrsweep.status {tmp_path}" in out
     assert [p["overrides"] for p in manifest["points"]] == [["rank=4"], ["rank=8"]]
     launcher, rets = launch({"rank": [4, 8, 16]})  # waited for this time; 4 and 8 are ok by now
     assert [r.status.name for r in rets] == ["COMPLETED"] and len(read_manifests(tmp_path)) == 2
