@@ -18,6 +18,7 @@ n}} (lm-eval's metric names without the ``,none`` filter suffix; ``n`` = items s
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,48 @@ def _default_manager(include: tuple[str, ...]):
     return TaskManager(include_path=list(include) or None)
 
 
+def _tree_stamp(roots: list[str]) -> list[list]:
+    """Per root: its task files' count and newest mtime (a file added, removed or edited changes it)."""
+    out = []
+    for root in roots:
+        n, newest = 0, 0.0
+        for folder, _, files in os.walk(root):
+            for f in files:
+                if f.endswith((".yaml", ".yml", ".py")):
+                    n, newest = n + 1, max(newest, os.stat(os.path.join(folder, f)).st_mtime)
+        out.append([root, n, newest])
+    return out
+
+
+def known_tasks(include: tuple[str, ...], tasks: tuple[str, ...], cache_dir: str) -> set[str]:
+    """The task names :func:`task_manager` knows, for validation. The index of lm-eval's own ~15k
+    task yamls takes ~10 s to build, so the names are kept on disk (``<cache_dir>/lm_eval_index``)
+    under lm-eval's version and a stamp of its task tree and ``include``'s: a sweep's planner and
+    its jobs read them instead of indexing again (a job that scores a hub task still builds the
+    index, to run it)."""
+    if not cache_dir:
+        return set(task_manager(include, tasks).all_tasks)
+    from importlib.metadata import version
+    from importlib.util import find_spec
+
+    spec = find_spec("lm_eval.tasks")
+    roots = [*(spec.submodule_search_locations or []), *include] if spec else list(include)
+    key = cache.digest({"version": 1, "lm_eval": version("lm_eval"), "include": include,
+                        "tasks": sorted(tasks) if include else None,  # include-only when it holds them
+                        "stamp": _tree_stamp(roots)})
+    path = Path(cache_dir) / "lm_eval_index" / f"{key}.json"
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        pass
+    names = set(task_manager(include, tasks).all_tasks)
+    try:
+        atomic.write_json(path, sorted(names), indent=None)
+    except OSError:
+        pass  # a read-only cache: index again next time
+    return names
+
+
 def harness(model: nn.Module, ctx: Context, local: Path | None, log_samples: bool = False) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` output for ``eval.lm_eval.tasks`` on the in-memory model."""
     from lm_eval import simple_evaluate
@@ -177,7 +220,8 @@ def check(cfg: DictConfig) -> None:
     others = tuple(t for t in tasks if t != local)
     if not others:
         return
-    known = set(task_manager(tuple(_include_paths(cfg, None)), others).all_tasks)
+    cache_dir = str(cfg.get("cache_dir") or "")
+    known = known_tasks(tuple(_include_paths(cfg, None)), others, os.path.abspath(cache_dir) if cache_dir else "")
     for t in others:
         if t not in known:
             raise ConfigError("eval.lm_eval.tasks", f"{t!r} is not an lm-eval task{did_you_mean(t, [local, *known])}",

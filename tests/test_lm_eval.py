@@ -131,3 +131,27 @@ def test_unknown_task_is_a_config_error_before_launch(config_error, tmp_path):
                         "logger=none")
     assert line.startswith("lrsweep: config error: eval.lm_eval.tasks: 'hellaswagg' is not an lm-eval task"), line
     assert not (tmp_path / "rows").exists()
+
+
+def test_task_names_are_indexed_once_then_read_from_disk_until_a_task_file_changes(tmp_path, monkeypatch):
+    include, cache_dir = tmp_path / "tasks", str(tmp_path / "cache")
+    include.mkdir()
+    for name in ("task_a", "task_b"):
+        (include / f"{name}.yaml").write_text(yaml.safe_dump(lm_eval.task_yaml(name, "x.jsonl", "{text}", ["a", "b"])))
+    built, real = [], lm_eval.task_manager
+    monkeypatch.setattr(lm_eval, "task_manager", lambda inc, tasks: built.append(tasks) or real(inc, tasks))
+    first = lm_eval.known_tasks((str(include),), ("task_a",), cache_dir)
+    assert {"task_a", "task_b"} <= first and len(built) == 1
+    assert lm_eval.known_tasks((str(include),), ("task_a",), cache_dir) == first and len(built) == 1  # from disk
+    (include / "task_c.yaml").write_text(yaml.safe_dump(lm_eval.task_yaml("task_c", "x.jsonl", "{text}", ["a"])))
+    assert "task_c" in lm_eval.known_tasks((str(include),), ("task_a",), cache_dir) and len(built) == 2
+    assert lm_eval.known_tasks((str(include),), ("task_a",), "") >= first and len(built) == 3  # no cache dir
+
+
+def test_lm_evals_own_index_is_kept_once_for_any_task_list(tmp_path, monkeypatch):
+    names = {"arc_easy", "piqa"}
+    built = []
+    manager = type("Manager", (), {"all_tasks": names})  # stands for lm-eval's ~10 s index
+    monkeypatch.setattr(lm_eval, "task_manager", lambda inc, tasks: built.append(tasks) or manager)
+    assert lm_eval.known_tasks((), ("arc_easy",), str(tmp_path)) == names
+    assert lm_eval.known_tasks((), ("piqa",), str(tmp_path)) == names and len(built) == 1
