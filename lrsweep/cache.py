@@ -11,13 +11,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from lrsweep import atomic
+
+T = TypeVar("T")
 
 
 def digest(obj: Any) -> str:
@@ -58,3 +60,21 @@ def get_or_compute(cache_dir: str | os.PathLike, namespace: str, key: dict[str, 
         with atomic.replacing(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
         return tensors, json.loads(json.dumps(info, default=str)), False
+
+
+def json_value(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any], compute: Callable[[], Any],
+               load: Callable[[Any], T] = lambda value: value) -> T:
+    """``load`` of a small JSON value kept at ``<cache_dir>/<namespace>/<digest(key)>.json``: read when
+    it is there and ``load`` takes it, else ``compute``d and written atomically (unlocked: two
+    processes may both compute it; a read-only cache only costs computing it again)."""
+    path = Path(cache_dir) / namespace / f"{digest(key)}.json"
+    try:
+        return load(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    try:
+        atomic.write_json(path, value, indent=None)
+    except OSError:
+        pass
+    return load(value)

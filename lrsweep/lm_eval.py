@@ -126,6 +126,17 @@ def _tree_stamp(roots: list[str]) -> list[list]:
     return out
 
 
+@lru_cache(maxsize=1)
+def _installed_stamp() -> list:
+    """lm-eval's version and the stamp of its own task tree: installed files, taken once a process
+    (a sweep's planner validates every point)."""
+    from importlib.metadata import version
+    from importlib.util import find_spec
+
+    spec = find_spec("lm_eval.tasks")
+    return [version("lm_eval"), _tree_stamp(list(spec.submodule_search_locations or []) if spec else [])]
+
+
 def known_tasks(include: tuple[str, ...], tasks: tuple[str, ...], cache_dir: str) -> set[str]:
     """The task names :func:`task_manager` knows, for validation. The index of lm-eval's own ~15k
     task yamls takes ~10 s to build, so the names are kept on disk (``<cache_dir>/lm_eval_index``)
@@ -134,25 +145,11 @@ def known_tasks(include: tuple[str, ...], tasks: tuple[str, ...], cache_dir: str
     index, to run it)."""
     if not cache_dir:
         return set(task_manager(include, tasks).all_tasks)
-    from importlib.metadata import version
-    from importlib.util import find_spec
-
-    spec = find_spec("lm_eval.tasks")
-    roots = [*(spec.submodule_search_locations or []), *include] if spec else list(include)
-    key = cache.digest({"version": 1, "lm_eval": version("lm_eval"), "include": include,
-                        "tasks": sorted(tasks) if include else None,  # include-only when it holds them
-                        "stamp": _tree_stamp(roots)})
-    path = Path(cache_dir) / "lm_eval_index" / f"{key}.json"
-    try:
-        return set(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        pass
-    names = set(task_manager(include, tasks).all_tasks)
-    try:
-        atomic.write_json(path, sorted(names), indent=None)
-    except OSError:
-        pass  # a read-only cache: index again next time
-    return names
+    key = {"version": 1, "lm_eval": _installed_stamp(), "include": include,
+           "tasks": sorted(tasks) if include else None,  # include-only when it holds them
+           "stamp": _tree_stamp(list(include))}
+    return set(cache.json_value(cache_dir, "lm_eval_index", key,
+                                lambda: sorted(task_manager(include, tasks).all_tasks)))
 
 
 def harness(model: nn.Module, ctx: Context, local: Path | None, log_samples: bool = False) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, atomic, cache, calib, evaluate, heal, methods, models, tying
+from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -78,21 +78,11 @@ def _targets(model_json: str, cache_dir: str) -> dict[str, Target]:
     stamp = models.config_stamp(mcfg)
     if stamp is None or not cache_dir:
         return _from_skeleton(mcfg)
-    key = cache.digest({"version": 1, "model": model_json, "stamp": stamp})
-    path = Path(cache_dir) / "targets" / f"{key}.json"
-    try:
-        return {n: Target(tuple(t["shape"]), t["embedding"], tuple(t["tied"]))
-                for n, t in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    out = _from_skeleton(mcfg)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, json.dumps({n: {"shape": list(t.shape), "embedding": t.embedding,
-                                                 "tied": list(t.tied)} for n, t in out.items()}))
-    except OSError:
-        pass  # a read-only cache only costs the skeleton next time
-    return out
+    return cache.json_value(
+        cache_dir, "targets", {"version": 1, "model": model_json, "stamp": stamp},
+        lambda: {n: {"shape": list(t.shape), "embedding": t.embedding, "tied": list(t.tied)}
+                 for n, t in _from_skeleton(mcfg).items()},
+        lambda value: {n: Target(tuple(t["shape"]), t["embedding"], tuple(t["tied"])) for n, t in value.items()})
 
 
 def targets(cfg: DictConfig) -> dict[str, Target]:
