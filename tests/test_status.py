@@ -5,6 +5,7 @@ test_slurm.py::test_detached_sweep_status_and_resubmit (e2e)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -45,7 +46,7 @@ def swept(tmp_path, monkeypatch):
         lines = "".join(f"{job}|{s.split()[1]}\n" for job, s, _ in POINTS.values() if s.startswith(tool))
         (bin_dir / tool).write_text(f"#!/bin/sh\necho \"$@\" >> {bin_dir}/{tool}.calls\nprintf '{lines}'\n")
         (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return results, bin_dir
 
 
