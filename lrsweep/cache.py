@@ -2,7 +2,9 @@
 
 An entry is a safetensors file of tensors plus JSON metadata, named by the hash of
 everything it depends on (the full key is stored inside and checked on load). The first job
-computes it under a file lock and writes it atomically; the others wait and read it.
+computes it under a file lock and writes it atomically; the others wait and read it. Work that
+splits into independent parts (:func:`shared_parts`) is shared instead: each job computes the
+parts no other job holds, then reads the rest.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from lrsweep import atomic
@@ -52,14 +54,59 @@ def get_or_compute(cache_dir: str | os.PathLike, namespace: str, key: dict[str, 
         return (*found, True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        found = _read(path, key)
+        return _compute_locked(path, key, compute)
+
+
+def _compute_locked(path: Path, key: dict[str, Any], compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """Under the entry's lock: read it (another process may have written it meanwhile) or compute and write it."""
+    found = _read(path, key)
+    if found is not None:
+        return (*found, True)
+    tensors, info = compute()
+    meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
+    with atomic.replacing(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return tensors, json.loads(json.dumps(info, default=str)), False
+
+
+def read(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any]
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, info) of the entry for ``key``, None when there is none yet."""
+    return _read(_path(cache_dir, namespace, key), key)
+
+
+def shared_parts(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any], n: int,
+                 compute: Callable[[int], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The tensors of the ``n`` independent parts of one computation, each part an entry (``key``
+    with its index). A process computes, in order, every part that is not written yet and that no
+    other process holds (its lock taken without waiting), then reads the parts that were held,
+    waiting for them (or computing one whose holder died: the lock dies with its process). Sibling
+    jobs that need the same cold entry at once so split its work between them; alone, a process
+    computes every part."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    held = []
+    for i in range(n):
+        part = {**key, "part": i, "parts": n}
+        path = _path(cache_dir, namespace, part)
+        found = _read(path, part)
         if found is not None:
-            return (*found, True)
-        tensors, info = compute()
-        meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
-        with atomic.replacing(path) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        return tensors, json.loads(json.dumps(info, default=str)), False
+            out[i] = found[0]
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # a sibling is computing it: read it at the end
+            held.append(i)
+            continue
+        try:
+            out[i] = _compute_locked(path, part, lambda i=i: (compute(i), {}))[0]
+        finally:
+            lock.release()
+    for i in held:
+        out[i] = get_or_compute(cache_dir, namespace, {**key, "part": i, "parts": n}, lambda i=i: (compute(i), {}))[0]
+    return [out[i] for i in range(n)]
 
 
 def json_value(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any], compute: Callable[[], Any],

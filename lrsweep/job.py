@@ -213,10 +213,19 @@ def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
             raise ValueError(f"the loaded weights contain NaN/Inf ({name})")
     mkey = model_key(cfg)
     ctx = Context(cfg, tokenizer, device, cache_dir, mkey)
-    state = evaluate.task_for(cfg).prepare(model, ctx)
-    with timing_lock(cfg, device, while_waiting=lambda: logger.prepare(cfg)) as lock:
+    task, state = evaluate.task_for(cfg), []
+
+    def prepare() -> None:  # the dense task metrics: read from the cache, or computed (with the sibling jobs)
+        if not state:
+            state.append(task.prepare(model, ctx))
+
+    # timed first: a job that finds a sibling timing does its prepare meanwhile, and on a cold cache
+    # the sibling joins that work once it is done timing (cache.shared_parts), instead of one job
+    # computing the dense metrics while the other waits for them and then for the timing
+    with timing_lock(cfg, device, while_waiting=lambda: (prepare(), logger.prepare(cfg))) as lock:
         speed, how = _dense_speed(cfg, model, ctx)
-    return Dense(dense_key(cfg), model, tokenizer, mkey, state, speed, sum(p.numel() for p in model.parameters()),
+    prepare()
+    return Dense(dense_key(cfg), model, tokenizer, mkey, state[0], speed, sum(p.numel() for p in model.parameters()),
                  torch.get_rng_state(), lock["waited_s"], how=how)
 
 

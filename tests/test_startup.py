@@ -171,6 +171,36 @@ def test_timing_lock_does_the_waiting_work_only_while_a_sibling_times(compose, t
     assert calls == ["busy", "timing"]
 
 
+@pytest.mark.parametrize("sibling_times", [False, True])
+def test_a_job_prepares_its_dense_metrics_while_a_sibling_times(compose, tmp_path, monkeypatch, sibling_times):
+    """The dense model is timed first; a job that finds a sibling timing does its task's prepare
+    (a cold cache's embeddings, shared with that sibling) meanwhile, then times or reads the latency."""
+    import dataclasses
+    import fcntl
+    import socket
+
+    from lrsweep import job
+
+    cfg = compose([*FAST, f"cache_dir={tmp_path}"])
+    calls = []
+    (tmp_path / "locks").mkdir()
+    with open(tmp_path / "locks" / f"timing-{socket.gethostname()}-cpu.lock", "a") as sibling:
+        if sibling_times:
+            fcntl.flock(sibling, fcntl.LOCK_EX)
+
+        def prepare(model, ctx):
+            calls.append("prepare")
+            fcntl.flock(sibling, fcntl.LOCK_UN)  # the sibling is done timing
+            return {"prepared": True}
+
+        task = evaluate.task_for(cfg)
+        monkeypatch.setitem(evaluate.TASKS, task.name, dataclasses.replace(task, prepare=prepare))
+        monkeypatch.setattr(evaluate, "speed", lambda model, ctx: calls.append("timed") or evaluate.Speed(1.0, 1.0, {}, 1))
+        d = job._load_dense(cfg, "cpu", str(tmp_path))
+    assert d.state == {"prepared": True} and d.speed.median_ms == 1.0
+    assert calls == (["prepare", "timed"] if sibling_times else ["timed", "prepare"])
+
+
 @pytest.mark.parametrize("overrides, times", [([], False), (["inference.fallback=auto"], True),
                                               (["eval.latency.per_layer=true"], True)])
 def test_layers_are_timed_only_when_asked(compose, overrides, times):
@@ -198,3 +228,22 @@ def test_grid_sweeper_leaves_composing_the_points_to_lrsweep_launchers():
 
 def test_the_sweeper_is_lrsweeps_grid_sweeper(compose):
     assert compose([], hydra_cfg=True).hydra.sweeper._target_.endswith("lrsweep_launcher.launcher.GridSweeper")
+
+
+def test_probe_embeddings_shared_between_jobs_are_the_ones_a_job_computes_alone(minilm, compose, tmp_path):
+    """embed_shared (a cold cache's dense embeddings, a batch per cache entry) gives embed's tensors
+    bitwise, and a second job reads every batch instead of computing it."""
+    model, tok = minilm
+    ctx = evaluate.Context(compose([*FAST, "eval.batch_size=3", f"cache_dir={tmp_path}"]), tok, "cpu", str(tmp_path),
+                           {"model": "minilm"})
+    emb = evaluate.embed(model, tok, TEXTS, ctx)
+    assert torch.equal(evaluate.probe.embed_shared(model, TEXTS, ctx), emb)
+    assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 3
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS, ctx), emb) and calls == []
+        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS[1:], ctx), evaluate.embed(model, tok, TEXTS[1:], ctx))
+    finally:
+        handle.remove()
+    assert calls  # other texts: other entries, computed

@@ -9,10 +9,13 @@ Texts are embedded in batches of similar length (sorted by token count, ``eval.b
 batch, returned in the given order): an embedding is masked-mean-pooled over its own tokens, so
 padding changes it only by float rounding (~1e-7), and about half the padded tokens are not
 computed. The test texts are tokenized once per job (``prepare``) and reused by every point.
+On a cold cache the dense embeddings are computed a batch per entry (:func:`cache.shared_parts`):
+sibling jobs of a sweep that start together split them instead of one waiting for the other.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,19 +47,34 @@ def batches(tokenizer: Any, texts: list[str], ctx: Context) -> Batches:
                     for i in range(0, len(texts), ecfg.batch_size)])
 
 
-@torch.no_grad()
-def embed_batches(model: nn.Module, b: Batches, device: str) -> torch.Tensor:
-    """Mean-pooled (over the attention mask), L2-normalized embeddings of ``b``'s texts in their given order,
-    fp32 on CPU."""
-    sorted_emb = torch.cat([linear_probe.pooled(model, batch.to(device)).cpu() for batch in b.batches])
+def _in_given_order(sorted_emb: torch.Tensor, b: Batches) -> torch.Tensor:
     out = torch.empty_like(sorted_emb)
     out[b.order] = sorted_emb
     return out
 
 
+@torch.no_grad()
+def embed_batches(model: nn.Module, b: Batches, device: str) -> torch.Tensor:
+    """Mean-pooled (over the attention mask), L2-normalized embeddings of ``b``'s texts in their given order,
+    fp32 on CPU."""
+    return _in_given_order(torch.cat([linear_probe.pooled(model, batch.to(device)).cpu() for batch in b.batches]), b)
+
+
 def embed(model: nn.Module, tokenizer: Any, texts: list[str], ctx: Context) -> torch.Tensor:
     """Mean-pooled (over the attention mask), L2-normalized sentence embeddings, fp32 on CPU."""
     return embed_batches(model, batches(tokenizer, texts, ctx), ctx.device)
+
+
+@torch.no_grad()
+def embed_shared(model: nn.Module, texts: list[str], ctx: Context) -> torch.Tensor:
+    """:func:`embed`, each batch an entry of the disk cache (``<cache_dir>/embeddings``) computed by
+    whichever job gets to it first: the same batches, so the same tensors as :func:`embed`."""
+    b = batches(ctx.tokenizer, texts, ctx)
+    key = {"model": ctx.model_key, "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+           "max_length": ctx.cfg.eval.max_length, "batch_size": ctx.cfg.eval.batch_size}
+    parts = cache.shared_parts(ctx.cache_dir, "embeddings", key, len(b.batches),
+                               lambda i: {"emb": linear_probe.pooled(model, b.batches[i].to(ctx.device)).cpu()})
+    return _in_given_order(torch.cat([part["emb"] for part in parts]), b)
 
 
 def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
@@ -65,17 +83,20 @@ def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
            "n_train": ecfg.probe_train, "n_test": ecfg.probe_test, "max_length": ecfg.max_length, "C": ecfg.probe_C,
            "batches": "length-sorted"}
 
-    def compute():
+    found = cache.read(ctx.cache_dir, "probe", key)
+    if found is None:  # embed the texts with the sibling jobs (outside the entry's lock), then one of them fits
         split = data.load_classification(ctx.cfg.data, ecfg.probe_train, ecfg.probe_test)
-        train = embed(model, ctx.tokenizer, split.train.texts, ctx)
-        test = embed(model, ctx.tokenizer, split.test.texts, ctx)
-        probe = linear_probe.fit(train, split.train.labels, C=ecfg.probe_C)
-        labels = torch.tensor(split.test.labels)
-        tensors = {"coef": probe.coef, "intercept": probe.intercept, "test_embeddings": test, "test_labels": labels}
-        return tensors, {"accuracy_dense": probe.accuracy(test, labels), "label_names": split.label_names,
-                         "test_texts": split.test.texts}
+        train, test = (embed_shared(model, part.texts, ctx) for part in (split.train, split.test))
 
-    tensors, info, _ = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)
+        def compute():
+            probe = linear_probe.fit(train, split.train.labels, C=ecfg.probe_C)
+            labels = torch.tensor(split.test.labels)
+            tensors = {"coef": probe.coef, "intercept": probe.intercept, "test_embeddings": test, "test_labels": labels}
+            return tensors, {"accuracy_dense": probe.accuracy(test, labels), "label_names": split.label_names,
+                             "test_texts": split.test.texts}
+
+        found = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)[:2]
+    tensors, info = found
     return {"tensors": tensors, "info": info, "test_batches": batches(ctx.tokenizer, info["test_texts"], ctx)}
 
 
