@@ -92,6 +92,11 @@ def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monk
 
     monkeypatch.setattr(sweep, "submit_local", submit_in_process)
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
+    from hydra.core.singleton import Singleton
+
+    copies, real_state = [], Singleton.get_state
+    monkeypatch.setattr(Singleton, "get_state", staticmethod(lambda: (copies.append(1), real_state())[1]))
+    counting = Singleton.__dict__["get_state"]
     monkeypatch.syspath_prepend(str(PLUGINS))  # fails_above: svd, raising above rank 8
     code, out, err = cli("-m", "method=svd", "method._target_=lrsweep_testplugins.fails_above", "rank=4,16,8",
                          "hydra.launcher.points_per_job=2", "hydra.launcher.timeout_min=7", *FAST, LAYER0)
@@ -99,6 +104,8 @@ def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monk
     (executor,) = executors
     assert isinstance(executor, submitit.AutoExecutor) and executor.cluster == "local"
     assert executor._executor.parameters["timeout_min"] == 14  # per point, times the points of a job
+    # Hydra's state copied once for the jobs, not once a point by upstream's launch (stopped), and put back
+    assert copies == [1] and Singleton.__dict__["get_state"] is counting
     rows = {r.rank: r for r in read_rows(tmp_path / "results")}
     assert rows[4].status == rows[8].status == "ok" and rows[16].status == "failed"
     assert "injected failure" in rows[16].error["message"]
