@@ -25,6 +25,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -40,7 +41,9 @@ from lrsweep.validate import resolve_device, validate
 log = logging.getLogger(__name__)
 
 
+@lru_cache(maxsize=1)
 def git_sha() -> str:
+    """The commit of the lrsweep checkout, looked up once a process (a packed job's points share it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
@@ -50,6 +53,12 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
+    """Python's and the main packages' versions (importlib.metadata, ~25 ms: looked up once a process)."""
+    return dict(_versions())
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
