@@ -165,3 +165,13 @@ def test_fallback_keeps_outputs_and_follows_the_timings(minilm, compose):
     assert set(info["fallback_layers"]) == slower
     for n in names:
         assert isinstance(model.get_submodule(n), torch.nn.Linear) == (n in slower)
+
+
+def test_latency_inputs_are_ids_the_model_has_rows_for(tiny_lm, compose):
+    """A tokenizer whose vocabulary is larger than the model's embedding table (97 rows here) gets
+    random ids below the table's size, not an IndexError."""
+    from types import SimpleNamespace
+
+    ctx = evaluate.Context(compose([*FAST, "model=smollm2"]), SimpleNamespace(vocab_size=50_000), "cpu", "", {})
+    speed = evaluate.speed(tiny_lm, ctx)
+    assert speed.median_ms > 0 and list(speed.shapes) == ["b2xt16"]

@@ -65,6 +65,8 @@ def speed(model: nn.Module, ctx: Context) -> Speed:
     """Whole-model forward latency at every configured shape, and the model's bytes in memory."""
     lcfg = ctx.cfg.eval.latency
     vocab = getattr(ctx.tokenizer, "vocab_size", 1000)
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = min(vocab, getattr(table, "num_embeddings", vocab))  # ids the model has rows for
     gen = torch.Generator().manual_seed(0)
     shapes = {}
     for b, t in _shapes(lcfg):
