@@ -45,29 +45,31 @@ def _read(path: Path, key: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dic
 
 
 def get_or_compute(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any],
-                   compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
-    """(tensors, info, hit): read the entry for ``key`` or compute it once (locked)."""
+                   compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]], wait: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool] | None:
+    """(tensors, info, hit): read the entry for ``key`` or compute it once (locked). ``wait=False``:
+    None instead of waiting when another process holds the entry's lock (is computing it)."""
     path = _path(cache_dir, namespace, key)
     found = _read(path, key)
     if found is not None:
         return (*found, True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        return _compute_locked(path, key, compute)
-
-
-def _compute_locked(path: Path, key: dict[str, Any], compute: Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
-    """Under the entry's lock: read it (another process may have written it meanwhile) or compute and write it."""
-    found = _read(path, key)
-    if found is not None:
-        return (*found, True)
-    tensors, info = compute()
-    meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
-    with atomic.replacing(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    return tensors, json.loads(json.dumps(info, default=str)), False
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        return None
+    try:
+        found = _read(path, key)  # written while this process waited for the lock
+        if found is not None:
+            return (*found, True)
+        tensors, info = compute()
+        meta = {"lrsweep": json.dumps({"key": key, "info": info}, sort_keys=True, default=str)}
+        with atomic.replacing(path) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        return tensors, json.loads(json.dumps(info, default=str)), False
+    finally:
+        lock.release()
 
 
 def read(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any]
@@ -80,33 +82,15 @@ def shared_parts(cache_dir: str | os.PathLike, namespace: str, key: dict[str, An
                  compute: Callable[[int], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
     """The tensors of the ``n`` independent parts of one computation, each part an entry (``key``
     with its index). A process computes, in order, every part that is not written yet and that no
-    other process holds (its lock taken without waiting), then reads the parts that were held,
+    other process holds (``get_or_compute`` without waiting), then reads the parts that were held,
     waiting for them (or computing one whose holder died: the lock dies with its process). Sibling
     jobs that need the same cold entry at once so split its work between them; alone, a process
     computes every part."""
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    held = []
-    for i in range(n):
-        part = {**key, "part": i, "parts": n}
-        path = _path(cache_dir, namespace, part)
-        found = _read(path, part)
-        if found is not None:
-            out[i] = found[0]
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path) + ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:  # a sibling is computing it: read it at the end
-            held.append(i)
-            continue
-        try:
-            out[i] = _compute_locked(path, part, lambda i=i: (compute(i), {}))[0]
-        finally:
-            lock.release()
-    for i in held:
-        out[i] = get_or_compute(cache_dir, namespace, {**key, "part": i, "parts": n}, lambda i=i: (compute(i), {}))[0]
-    return [out[i] for i in range(n)]
+    def part(i: int, wait: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool] | None:
+        return get_or_compute(cache_dir, namespace, {**key, "part": i, "parts": n}, lambda: (compute(i), {}), wait)
+
+    out = {i: part(i, wait=False) for i in range(n)}
+    return [(found or part(i, wait=True))[0] for i, found in out.items()]  # type: ignore[index]
 
 
 def json_value(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any], compute: Callable[[], Any],
