@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import allocate, atomic, checkpoint, evaluate, heal, identity, logger, models, schedule, slurm
+from lrsweep import allocate, atomic, checkpoint, evaluate, heal, identity, jobmain, logger, models, schedule, slurm
 from lrsweep.compress import LayerResult
 from lrsweep.context import Context
 from lrsweep.row import ResultRow, now, row_status, write_row
@@ -217,6 +217,7 @@ def timing_lock(cfg: DictConfig, device: str, while_waiting: Callable[[], None] 
 
 def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
     model, tokenizer = models.load(cfg.model, device, cache_dir)
+    jobmain.startup_done()  # a sweep's job: its libraries are imported, its model built; the collector back on
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"the loaded weights contain NaN/Inf ({name})")

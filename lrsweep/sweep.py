@@ -203,6 +203,7 @@ def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_i
     if len(jobs) < len(todo):
         log.info(f"[lrsweep] {len(todo)} points in {len(jobs)} jobs (points_per_job={per_job})")
     executor = launcher.executor([p.overrides[:-1] for p in todo], per_job_points=max(len(j) for j in jobs))
+    job_command(executor)
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
     since = now()
     state = Singleton.get_state()
@@ -216,6 +217,16 @@ def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_i
         LAST.detached = True
         return []
     return [ret for job, j in zip(jobs, submitted) for ret in collect(launcher, job, j, since)]
+
+
+def job_command(executor: Any) -> None:
+    """Jobs start through :mod:`lrsweep.jobmain` (Python's garbage collector off while they import and
+    load), unless the executor's python command is not plain ``python`` (a container's, set by the user)."""
+    import shlex
+
+    inner = getattr(executor, "_executor", executor)  # submitit's AutoExecutor wraps the cluster's executor
+    if getattr(inner, "python", None) == shlex.quote(sys.executable):
+        inner.python = f"{inner.python} -u -m lrsweep.jobmain"
 
 
 def submit_local(launcher: Any, executor: Any, args: list[tuple]) -> list[Any]:

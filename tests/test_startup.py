@@ -4,7 +4,9 @@ and the end-of-sweep report's modules imported while the last jobs run."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -247,3 +249,67 @@ def test_probe_embeddings_shared_between_jobs_are_the_ones_a_job_computes_alone(
     finally:
         handle.remove()
     assert calls  # other texts: other entries, computed
+
+
+def test_jobmain_runs_the_job_module_with_the_collector_off(tmp_path):
+    """What submitit appends to the python command (``-u -m <module> <folder>``) runs that module as
+    ``__main__`` with its arguments, the collector off; the job turns it back on once loaded."""
+    (tmp_path / "fakejob.py").write_text(textwrap.dedent("""
+        import gc, sys
+        import lrsweep.jobmain
+        print("argv", sys.argv[1:], "gc", gc.isenabled(), flush=True)
+        lrsweep.jobmain.startup_done()
+        print("after", gc.isenabled(), gc.get_freeze_count() > 0)
+    """))
+    out = subprocess.run([sys.executable, "-u", "-m", "lrsweep.jobmain", "-u", "-m", "fakejob", "/some/folder/%j"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["argv ['/some/folder/%j'] gc False", "after True True"]
+    bad = subprocess.run([sys.executable, "-m", "lrsweep.jobmain", "fakejob"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "usage: python -u -m lrsweep.jobmain" in bad.stderr
+
+
+def test_startup_done_turns_on_only_the_collector_jobmain_turned_off():
+    from lrsweep import jobmain
+
+    gc.disable()  # as a user's code might: not jobmain's to undo
+    try:
+        jobmain.startup_done()
+        assert not gc.isenabled()
+        jobmain._PAUSED.append(True)
+        jobmain.startup_done()
+        assert gc.isenabled() and not jobmain._PAUSED
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+@pytest.mark.parametrize("python, expected", [(None, "{exe} -u -m lrsweep.jobmain"), ("apptainer exec img.sif python",
+                                                                                      "apptainer exec img.sif python")])
+def test_jobs_start_through_jobmain_unless_the_python_command_is_the_users(tmp_path, python, expected):
+    import shlex
+
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="local", **({"local_python": python} if python else {}))
+    sweep.job_command(ex)
+    exe = shlex.quote(sys.executable)
+    assert ex._executor.python == expected.format(exe=exe)
+    assert ex._executor._submitit_command_str.startswith(f"{expected.format(exe=exe)} -u -m submitit.core._submit ")
+
+
+def test_a_job_turns_the_collector_back_on_once_its_dense_model_is_loaded(compose, tmp_path, monkeypatch):
+    from lrsweep import job, jobmain
+
+    loaded = []
+    real = job.models.load
+    monkeypatch.setattr(job.models, "load", lambda *a: loaded.append(gc.isenabled()) or real(*a))
+    monkeypatch.setattr(jobmain, "_PAUSED", [True])
+    gc.disable()
+    try:
+        row = job.run(compose([*FAST, r"model.targets=encoder\.layer\.0\.attention\.self\.query",
+                               f"results_dir={tmp_path}"]))
+        assert row.status == "ok" and loaded == [False] and gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
