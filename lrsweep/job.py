@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import allocate, atomic, checkpoint, evaluate, heal, identity, jobmain, logger, models, schedule, slurm
@@ -162,7 +163,7 @@ class Dense:
     tokenizer: Any
     model_key: dict[str, Any]
     state: Any
-    speed: Any
+    speed: Any  # None while a sibling job times it (pending_dense_speed)
     params: int
     rng: Any
     waited_s: float
@@ -175,7 +176,8 @@ class Dense:
 
 
 # the packed job running in this process: {"size": points in the job, "dense": Dense | None,
-# "share": the sweep's folder for dense latencies shared by its jobs, or None}
+# "share": the sweep's folder for dense latencies shared by its jobs, or None; "taken_over": True
+# while it runs a point of a sibling job (lrsweep.sweep.run_pack)}
 PACK: dict[str, Any] = {}
 
 
@@ -232,34 +234,87 @@ def _load_dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
     # timed first: a job that finds a sibling timing does its prepare meanwhile, and on a cold cache
     # the sibling joins that work once it is done timing (cache.shared_parts), instead of one job
     # computing the dense metrics while the other waits for them and then for the timing
-    with timing_lock(cfg, device, while_waiting=lambda: (prepare(), logger.prepare(cfg))) as lock:
-        speed, how = _dense_speed(cfg, model, ctx)
+    speed, how, waited = _dense_speed(cfg, model, ctx, while_waiting=lambda: (prepare(), logger.prepare(cfg)))
     prepare()
     return Dense(dense_key(cfg), model, tokenizer, mkey, state[0], speed, sum(p.numel() for p in model.parameters()),
-                 torch.get_rng_state(), lock["waited_s"], how=how)
+                 torch.get_rng_state(), waited, how=how)
 
 
-def _dense_speed(cfg: DictConfig, model: Any, ctx: Context) -> tuple[evaluate.Speed, str]:
-    """(the dense model's latency, how it was measured), under the timing lock: in a packed job of a
-    sweep, read from the sweep's share folder when a sibling job on this host, device and thread count
-    timed the same dense model (dense_key) already; else timed here (and left there for the others)."""
+def _dense_speed(cfg: DictConfig, model: Any, ctx: Context, while_waiting: Callable[[], None] | None = None
+                 ) -> tuple[evaluate.Speed | None, str, float]:
+    """(the dense model's latency, how it was measured, seconds waited for the timing lock).
+
+    In a packed job of a sweep (``PACK["share"]``) one job per host, device, thread count and dense
+    model (dense_key) times it, holding that model's lock in the share folder, and leaves the figure
+    there for the others. A job that finds it there reads it; one that finds a sibling timing it
+    does not wait: None, read by :func:`pending_dense_speed` when its first row needs it (the job
+    compresses and evaluates meanwhile, and can take over points of the timing job: lrsweep.sweep)."""
     share = PACK.get("share")
     if not share:
-        return evaluate.speed(model, ctx), "measured in this job"
+        with timing_lock(cfg, ctx.device, while_waiting) as lock:
+            return evaluate.speed(model, ctx), "measured in this job", lock["waited_s"]
+    path = _speed_path(cfg, ctx, share)
+    found = _read_speed(path)
+    if found is not None:
+        return (*found, 0.0)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # a sibling job is timing this dense model now
+        return None, "pending", 0.0
+    try:
+        found = _read_speed(path)
+        if found is not None:
+            return (*found, 0.0)
+        with timing_lock(cfg, ctx.device, while_waiting) as timed:
+            speed = evaluate.speed(model, ctx)
+        return (*_write_speed(path, speed), timed["waited_s"])
+    finally:
+        lock.release()
+
+
+def pending_dense_speed(cfg: DictConfig, d: Dense, ctx: Context) -> None:
+    """Fill in the dense latency a sibling job was timing when this one loaded the model: wait for its
+    lock and read the figure; if the sibling died before writing it, time a fresh copy of the dense
+    model here (this job's own is compressed by now)."""
+    path = _speed_path(cfg, ctx, PACK["share"])
+    with FileLock(f"{path}.lock"):
+        found = _read_speed(path)
+        if found is None:
+            model, _ = models.load(cfg.model, ctx.device, ctx.cache_dir)
+            with timing_lock(cfg, ctx.device):
+                speed = evaluate.speed(model, ctx)
+            del model
+            found = _write_speed(path, speed)
+    d.speed, d.how = found
+
+
+def _speed_path(cfg: DictConfig, ctx: Context, share: str | os.PathLike) -> Path:
     host, threads = socket.gethostname(), torch.get_num_threads()
     key = hashlib.sha256(json.dumps([dense_key(cfg), host, ctx.device, threads]).encode()).hexdigest()[:16]
-    path = Path(share) / f"dense-speed-{key}.json"
-    if path.exists():
+    return Path(share) / f"dense-speed-{key}.json"
+
+
+def _read_speed(path: Path) -> tuple[evaluate.Speed, str] | None:
+    try:
         kept = json.loads(path.read_text())
-        speed, job = evaluate.Speed(**kept["speed"]), kept["job"]
-    else:
-        speed, job = evaluate.speed(model, ctx), _job_id()
-        try:
-            atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": job, "host": host, "threads": threads})
-        except OSError as e:  # the other jobs time it themselves
-            log.warning(f"[lrsweep] dense latency not shared ({e})")
-            return speed, "measured in this job"
-    return speed, f"measured once for this sweep's jobs on {host} ({threads} threads) by job {job}"
+    except (OSError, ValueError):
+        return None
+    return evaluate.Speed(**kept["speed"]), _shared_how(kept["host"], kept["threads"], kept["job"])
+
+
+def _write_speed(path: Path, speed: evaluate.Speed) -> tuple[evaluate.Speed, str]:
+    host, threads, job = socket.gethostname(), torch.get_num_threads(), _job_id()
+    try:
+        atomic.write_json(path, {"speed": dataclasses.asdict(speed), "job": job, "host": host, "threads": threads})
+    except OSError as e:  # the other jobs time it themselves
+        log.warning(f"[lrsweep] dense latency not shared ({e})")
+        return speed, "measured in this job"
+    return speed, _shared_how(host, threads, job)
+
+
+def _shared_how(host: str, threads: int, job: str) -> str:
+    return f"measured once for this sweep's jobs on {host} ({threads} threads) by job {job}"
 
 
 def dense(cfg: DictConfig, device: str, cache_dir: str) -> Dense:
@@ -349,12 +404,13 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
     cache_dir = os.path.abspath(str(cfg.cache_dir))
     checkpoint.stage("load")
     d = dense(cfg, device, cache_dir)
-    model, tokenizer, state, dense_speed = d.model, d.tokenizer, d.state, d.speed
+    model, tokenizer, state = d.model, d.tokenizer, d.state
     ctx = Context(cfg, tokenizer, device, cache_dir, d.model_key)
     task = evaluate.task_for(cfg)
     row.params_dense = d.params
     if PACK:
-        row.extra["packed"] = {"job_points": PACK["size"], "point": d.points, "dense_reused": d.points > 1}
+        row.extra["packed"] = {"job_points": PACK["size"], "point": d.points, "dense_reused": d.points > 1,
+                               **({"taken_over": True} if PACK.get("taken_over") else {})}  # a sibling job's point
 
     layers = models.target_modules(model, cfg.model.targets)
     before = heal.snapshot(model) if cfg.get("heal") else {}
@@ -388,6 +444,9 @@ def execute(cfg: DictConfig, row: ResultRow) -> None:
             row.extra.update(value)
         else:
             setattr(row, key, value)
+    if d.speed is None:  # a sibling job was timing the dense model: its figure, now that this row needs it
+        pending_dense_speed(cfg, d, ctx)
+    dense_speed = d.speed
     with timing_lock(cfg, device) as lock:
         load = os.getloadavg()[0]
         speed = evaluate.speed(model, ctx)

@@ -6,7 +6,8 @@ looked up in the results dir: points whose row says ``ok`` are skipped. The rest
 into jobs (``hydra.launcher.points_per_job``: 1, K, or ``auto``: the points that share model,
 data and calibration in as many jobs as there are parallel slots); a packed job loads the
 model and measures the dense model once and runs its points one after another
-(:func:`run_pack`). Jobs go to submitit, local processes with bounded parallelism or one SLURM
+(:func:`run_pack`); with ``auto`` a job done with its own points takes over its siblings' unstarted
+ones. Jobs go to submitit, local processes with bounded parallelism or one SLURM
 array (with a manifest for ``python -m lrsweep.status``). A job that dies without writing its
 points' rows (killed, out of memory, timed out) gets ``failed`` rows from here for those points
 only. ``dry_run=true`` lists the points with their status and estimated time, and stops.
@@ -25,9 +26,10 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -207,7 +209,8 @@ def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_i
     os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
     since = now()
     state = Singleton.get_state()
-    args = [(job, state, since) for job in jobs]
+    peers = share_points(jobs) if per_job == "auto" else [None] * len(jobs)
+    args = [(job, state, since, shared) for job, shared in zip(jobs, peers)]
     submitted = (submit_slurm if slurm else submit_local)(launcher, executor, args)
     if slurm and launcher.params.get("wait", True):  # the jobs run on the cluster's nodes
         prefetch_report()
@@ -258,7 +261,7 @@ def submit_slurm(launcher: Any, executor: Any, args: list[tuple]) -> list[Any]:
                           f"{str(e).strip()}") from None
     array = str(jobs[0].job_id).split("_")[0]
     folder = str(Path(str(launcher.params["submitit_folder"])).parent)
-    points = [(p, j) for (pts, _, _), j in zip(args, jobs) for p in pts]
+    points = [(p, j) for (pts, *_), j in zip(args, jobs) for p in pts]
     write_manifest(points[0][0].results_dir, Path(str(launcher.config.hydra.sweep.dir)).name, array, folder,
                    [{"index": p.index, "run_id": p.run_id, "job_id": str(j.job_id), "overrides": p.describe().split()}
                     for p, j in points])
@@ -288,9 +291,10 @@ def collect(launcher: Any, pts: list[Point], job: Any, since: str) -> list[JobRe
         error = e
     out = []
     for p in pts:
-        row = _written_since(p, since)
-        if row is None:
-            row = dead_row(launcher, p, job, error)
+        with claimed(p, since, wait=True):  # a sibling job may be running it (auto packing): its row then
+            row = _written_since(p, since)
+            if row is None:
+                row = dead_row(launcher, p, job, error)
         out.append(_returned(p, row))
     return out
 
@@ -313,48 +317,157 @@ def dead_row(launcher: Any, p: Point, job: Any, error: BaseException) -> ResultR
 
 
 # ---------------------------------------------------------------- inside a job
-def run_pack(launcher: Any, pts: list[Point], since: str) -> list[JobReturn]:
+def launch_folder(p: Point, since: str) -> Path | None:
+    """The folder one launch of a sweep shares between its jobs (``<sweep dir>/.lrsweep/<launch time>``):
+    the points' claims and the dense latencies (lrsweep.job).
+    Absolute: a point's run_job may chdir (hydra.job.chdir)."""
+    sweep_dir = OmegaConf.select(p.cfg, "hydra.sweep.dir")
+    if not sweep_dir:
+        return None
+    return Path(os.path.abspath(str(sweep_dir))) / ".lrsweep" / re.sub(r"[^0-9A-Za-z]", "", since)
+
+
+@contextmanager
+def claimed(p: Point, since: str, wait: bool) -> Iterator[bool]:
+    """Hold the point's claim for this launch, a file lock that dies with its process: True once held,
+    False when another process holds it and ``wait`` is false. The process holding it is the one
+    running the point, or the launcher writing its failed row."""
+    from filelock import FileLock, Timeout
+
+    folder = launch_folder(p, since)
+    if folder is None:
+        yield True
+        return
+    (folder / "claims").mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / "claims" / f"{p.run_id}.lock"))
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+# how many sibling jobs (the next ones of its dense model, in a ring) a job may take points over from:
+# each job's pickle carries their points too, so it grows (1 + this) times, not with the array's size
+SIBLINGS = 3
+
+
+def share_points(jobs: list[list[Point]]) -> list[tuple[int, list[list[Point]]] | None]:
+    """With ``points_per_job=auto`` the jobs of a dense model share their points: each job, once its
+    own are done, takes over the points of its next :data:`SIBLINGS` sibling jobs that none has
+    started (one job times the dense model while the others already compress; on SLURM, running
+    tasks run the points of tasks still queued). Per job: (the points of the launch's largest job,
+    which its time limit was sized for; its siblings' points), or None without a sibling."""
+    from lrsweep.job import dense_key
+
+    keys = [dense_key(job[0].cfg) for job in jobs]
+    largest = max(map(len, jobs), default=0)
+    out: list[tuple[int, list[list[Point]]] | None] = []
+    for i, key in enumerate(keys):
+        group = [j for j in range(len(jobs)) if keys[j] == key]
+        at = group.index(i)
+        ring = [jobs[group[(at + k) % len(group)]] for k in range(1, min(SIBLINGS, len(group) - 1) + 1)]
+        out.append((largest, ring) if ring else None)
+    return out
+
+
+def _takeover(peers: tuple[int, list[list[Point]]] | None) -> tuple[list[Point], int]:
+    """(the sibling jobs' points this job may take over, the ones their jobs would reach last first;
+    the points of the launch's largest job)."""
+    if not peers:
+        return [], 0
+    largest, siblings = peers
+    depth = max((len(job) for job in siblings), default=0)
+    return [job[k] for k in reversed(range(depth)) for job in siblings if k < len(job)], largest
+
+
+def run_pack(launcher: Any, pts: list[Point], since: str, peers: tuple[int, list[list[Point]]] | None = None
+             ) -> list[JobReturn]:
     """Run a job's points one after another, each through Hydra's run_job (its own output dir,
     row and W&B run), sharing the dense model (lrsweep.job.packed). An exception of one point is
     that point's failed row; a requeued job skips the points already ok since the launch.
+
+    Each point runs under its claim (:func:`claimed`). With ``peers`` (:func:`share_points`) a job
+    that is done with its own points takes over its siblings' unclaimed points without a row while
+    its time limit allows (``timeout_min`` x the points of the largest job, less twice its longest
+    point so far); an own point a sibling holds is waited for at the end and its row returned (run
+    here if that sibling died before writing it).
 
     The objects of the modules imported by then (torch & co.) and, at the end, all objects are
     frozen out of Python's garbage collection (gc.freeze): its full passes while transformers and
     wandb load, and its last one at the job process's exit (~1-2 s), skip them."""
     import submitit
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict, read_write
+    from hydra.core.utils import setup_globals
 
     from lrsweep import job
 
     gc.freeze()
     setup_globals()
+    t0, longest = time.monotonic(), 0.0
     job_id = submitit.JobEnvironment().job_id
-    out = []
-    sweep_dir = OmegaConf.select(pts[0].cfg, "hydra.sweep.dir") if pts else None
-    share = Path(os.path.abspath(str(sweep_dir))) / ".lrsweep" / f"dense-{re.sub(r'[^0-9A-Za-z]', '', since)}" \
-        if sweep_dir else None  # absolute: a point's run_job may chdir (hydra.job.chdir)
-    with job.packed(len(pts), share):  # the sweep's jobs time each dense model once per host (job._dense_speed)
+    rows: dict[int, ResultRow | None] = {}
+    folder = launch_folder(pts[0], since) if pts else None
+
+    def run(p: Point) -> ResultRow:
+        nonlocal longest
+        t = time.monotonic()
+        row = _run_point(launcher, p, since, job_id)
+        longest = max(longest, time.monotonic() - t)
+        return row
+
+    with job.packed(len(pts), folder):  # the sweep's jobs time each dense model once per host (job._dense_speed)
+        held = []
         for p in pts:
-            done = _written_since(p, since)
-            if done is not None and done.status == "ok":
-                out.append(_returned(p, done))
-                continue
-            # the config composed and validated at launch: a queued job must not pick up conf/ or code
-            # edits made after it, or its row would land under another run_id than the sweep waits for
-            config = copy.deepcopy(p.cfg)
-            with read_write(config.hydra.job), open_dict(config.hydra.job):
-                config.hydra.job.id = job_id
-                config.hydra.job.num = p.index
-            ret = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
-                          config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-            row = _written_since(p, since)
-            if row is None:  # raised outside lrsweep's row handling: the point's failed row, then the next
-                error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
-                row = job.write_failed(p.cfg, error)
-            out.append(_returned(p, row))
+            with claimed(p, since, wait=False) as mine:
+                if not mine:  # a sibling took it over
+                    held.append(p)
+                    continue
+                done = _written_since(p, since)
+                rows[p.index] = done if done is not None and done.status == "ok" else run(p)
+        others, largest = _takeover(peers)
+        limit = float(launcher.params.get("timeout_min") or 0) * 60 * largest
+        for q in others:
+            if time.monotonic() - t0 + 2 * longest >= limit:
+                break
+            with claimed(q, since, wait=False) as mine:
+                if mine and _written_since(q, since) is None:
+                    log.info(f"[lrsweep] taking over #{q.index} {q.run_id} from a sibling job")
+                    job.PACK["taken_over"] = True
+                    try:
+                        run(q)
+                    finally:
+                        job.PACK.pop("taken_over", None)
+        for p in held:
+            with claimed(p, since, wait=True):
+                rows[p.index] = _written_since(p, since) or run(p)
     gc.freeze()
-    return out
+    return [_returned(p, rows[p.index]) for p in pts]
+
+
+def _run_point(launcher: Any, p: Point, since: str, job_id: str) -> ResultRow:
+    """One point through Hydra's run_job (lrsweep.job.run inside); its row."""
+    from hydra.core.utils import run_job
+    from omegaconf import open_dict, read_write
+
+    from lrsweep import job
+
+    # the config composed and validated at launch: a queued job must not pick up conf/ or code
+    # edits made after it, or its row would land under another run_id than the sweep waits for
+    config = copy.deepcopy(p.cfg)
+    with read_write(config.hydra.job), open_dict(config.hydra.job):
+        config.hydra.job.id = job_id
+        config.hydra.job.num = p.index
+    ret = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+                  config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    row = _written_since(p, since)
+    if row is None:  # raised outside lrsweep's row handling: the point's failed row, then the next
+        error = ret._return_value if ret.status == JobStatus.FAILED else RuntimeError("no row written")
+        row = job.write_failed(p.cfg, error)
+    return row
 
 
 # ---------------------------------------------------------------- SLURM checks

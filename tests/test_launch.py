@@ -63,13 +63,13 @@ class FakeExecutor:
     def __init__(self, die_at: set[int], rows_before_death: int):
         self.die_at, self.rows_before_death, self.jobs = die_at, rows_before_death, []
 
-    def submit(self, launcher, points, singleton_state, since) -> FakeJob:
+    def submit(self, launcher, points, singleton_state, since, peers=None) -> FakeJob:
         dies = any(p.cfg.rank in self.die_at for p in points)
         job = FakeJob(str(len(self.jobs)), points, since, dies, self.rows_before_death)
         self.jobs.append(job)
         return job
 
-    def map_array(self, launcher, packs, states, sinces) -> list[FakeJob]:  # SLURM: an array, a task per job
+    def map_array(self, launcher, packs, states, sinces, peers) -> list[FakeJob]:  # SLURM: an array, a task per job
         jobs = [self.submit(launcher, pts, state, since) for pts, state, since in zip(packs, states, sinces)]
         array = next(ARRAY_IDS)  # as SLURM: every array its own id (two sweeps may share a second)
         for i, job in enumerate(jobs):

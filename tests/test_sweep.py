@@ -130,12 +130,12 @@ def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_pat
     timed = []
     monkeypatch.setattr(job.evaluate, "speed", lambda model, ctx: timed.append(1) or job.evaluate.Speed(
         len(timed), 2.0, {"b1xt8": {"median": len(timed), "p90": 2.0}}, 100))
-    cfg = compose([*FAST])
+    cfg = compose([*FAST, f"cache_dir={tmp_path / 'cache'}"])
     ctx = type("C", (), {"device": "cpu"})()
     hows = []
     for share in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):
         with job.packed(2, share):
-            speed, how = job._dense_speed(cfg, None, ctx)
+            speed, how, _ = job._dense_speed(cfg, None, ctx)
             hows.append((speed.median_ms, how))
     assert len(timed) == 2 and hows[0][0] == hows[1][0] == 1 and hows[2][0] == 2
     assert all("measured once for this sweep's jobs on" in h for _, h in hows)
@@ -145,10 +145,53 @@ def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_pat
             job._dense_speed(cfg, None, ctx)
         finally:
             torch.set_num_threads(torch.get_num_threads() - 1)
-        job._dense_speed(compose([*FAST, "eval.latency.seq_len=9"]), None, ctx)
+        job._dense_speed(compose([*FAST, "eval.latency.seq_len=9", f"cache_dir={tmp_path / 'cache'}"]), None, ctx)
     assert len(timed) == 4
     with job.packed(2):  # no sweep folder (in-process packing): timed in the job
         assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 5
+
+
+def _hold_lock(path, ready, release):
+    from filelock import FileLock
+
+    with FileLock(path):
+        ready.set()
+        release.wait(30)
+
+
+def test_a_job_whose_sibling_times_the_dense_model_goes_on_and_reads_it_when_its_row_needs_it(
+        compose, tmp_path, monkeypatch):
+    """The sibling (another process) holds the dense model's timing lock: this job gets None at once,
+    then waits for the sibling's figure; had the sibling died without one, a fresh copy is timed here."""
+    import multiprocessing as mp
+
+    timed = []
+    monkeypatch.setattr(job.evaluate, "speed", lambda model, ctx: timed.append(model) or job.evaluate.Speed(
+        7.0, 8.0, {}, 100))
+    cfg = compose([*FAST, f"cache_dir={tmp_path / 'cache'}"])
+    ctx = type("C", (), {"device": "cpu", "cache_dir": str(tmp_path / "cache")})()
+    with job.packed(2, tmp_path / "share"):
+        path = job._speed_path(cfg, ctx, tmp_path / "share")
+        path.parent.mkdir(parents=True)
+        fork = mp.get_context("fork")
+        ready, release = fork.Event(), fork.Event()
+        sibling = fork.Process(target=_hold_lock, args=(f"{path}.lock", ready, release))
+        sibling.start()
+        try:
+            assert ready.wait(30)
+            assert job._dense_speed(cfg, "dense model", ctx) == (None, "pending", 0.0) and not timed
+            job.atomic.write_json(path, {"speed": {"median_ms": 5.0, "p90_ms": 6.0, "shapes": {}, "model_bytes": 9},
+                                         "job": "41", "host": "h", "threads": 1})
+        finally:
+            release.set()
+            sibling.join()
+        d = type("D", (), {"speed": None, "how": "pending"})()
+        job.pending_dense_speed(cfg, d, ctx)
+        assert d.speed.median_ms == 5.0 and "by job 41" in d.how and not timed
+        path.unlink()  # the sibling died before writing it
+        monkeypatch.setattr(job.models, "load", lambda *a: ("fresh dense copy", None))
+        job.pending_dense_speed(cfg, d, ctx)
+        assert timed == ["fresh dense copy"] and d.speed.median_ms == 7.0 and path.exists()
 
 
 @pytest.mark.e2e

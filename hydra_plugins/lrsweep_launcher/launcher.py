@@ -99,12 +99,14 @@ class SweepLauncher(BaseSubmititLauncher):
             self.params.update(own)
         raise RuntimeError("hydra-submitit-launcher's launch() did not submit")
 
-    def __call__(self, pack: List[Any], singleton_state: Dict[Any, Any], since: str) -> List[JobReturn]:  # type: ignore[override]
-        """In the job: run its grid points (lrsweep.sweep.run_pack), one row each."""
+    def __call__(self, pack: List[Any], singleton_state: Dict[Any, Any], since: str,  # type: ignore[override]
+                 peers: Any = None) -> List[JobReturn]:
+        """In the job: run its grid points (lrsweep.sweep.run_pack), one row each; ``peers``: its
+        siblings' points it may take over (lrsweep.sweep.share_points)."""
         from lrsweep import sweep
 
         Singleton.set_state(singleton_state)
-        return sweep.run_pack(self, pack, since)
+        return sweep.run_pack(self, pack, since, peers)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """On USR2 in the job: save the running point's stage, then let submitit requeue the job
