@@ -251,17 +251,20 @@ def _dense_speed(cfg: DictConfig, model: Any, ctx: Context, while_waiting: Calla
     compresses and evaluates meanwhile, and can take over points of the timing job: lrsweep.sweep)."""
     share = PACK.get("share")
     if not share:
-        with timing_lock(cfg, ctx.device, while_waiting) as lock:
-            return evaluate.speed(model, ctx), "measured in this job", lock["waited_s"]
+        return _timed_here(cfg, model, ctx, while_waiting)
     path = _speed_path(cfg, ctx, share)
     found = _read_speed(path)
     if found is not None:
         return (*found, 0.0)
     lock = FileLock(f"{path}.lock")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:  # a sibling job is timing this dense model now
         return None, "pending", 0.0
+    except OSError as e:  # the share folder is not writable: time it here, unshared
+        log.warning(f"[lrsweep] dense latency not shared ({e})")
+        return _timed_here(cfg, model, ctx, while_waiting)
     try:
         found = _read_speed(path)
         if found is not None:
@@ -271,6 +274,12 @@ def _dense_speed(cfg: DictConfig, model: Any, ctx: Context, while_waiting: Calla
         return (*_write_speed(path, speed), timed["waited_s"])
     finally:
         lock.release()
+
+
+def _timed_here(cfg: DictConfig, model: Any, ctx: Context, while_waiting: Callable[[], None] | None
+                ) -> tuple[evaluate.Speed, str, float]:
+    with timing_lock(cfg, ctx.device, while_waiting) as lock:
+        return evaluate.speed(model, ctx), "measured in this job", lock["waited_s"]
 
 
 def pending_dense_speed(cfg: DictConfig, d: Dense, ctx: Context) -> None:

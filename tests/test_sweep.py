@@ -149,6 +149,9 @@ def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_pat
     assert len(timed) == 4
     with job.packed(2):  # no sweep folder (in-process packing): timed in the job
         assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 5
+    (tmp_path / "a file").write_text("")
+    with job.packed(2, tmp_path / "a file"):  # a share folder that cannot be made: timed here, unshared
+        assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 6
 
 
 def _hold_lock(path, ready, release):
