@@ -2,11 +2,10 @@
 import (torch & co.: ~190,000 objects that live as long as the process; ~0.4 s of ~3.8 s on a
 2-core VM), then they are frozen out of its passes and it is back on, as in a job (lrsweep.jobmain)."""
 
-import gc
+from lrsweep import jobmain
 
-gc.disable()
+jobmain.pause()
 from lrsweep.cli import main  # noqa: E402
 
-gc.freeze()
-gc.enable()
+jobmain.startup_done()
 main()
