@@ -27,6 +27,7 @@ from lrsweep.allocate import allocate
 from lrsweep.allocate import scope as allocation_scope
 from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.context import Context
+from lrsweep.evaluate.latency import reset_peak
 
 
 def blocks(layers: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
@@ -156,7 +157,7 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
     for name, block_layers in groups.items():
         block = model.get_submodule(name)
         if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+            reset_peak(device)  # a peak per block; the job's peak (the dense evaluation's) is kept
         t0 = time.perf_counter()
         block.to(device)
         stats, outputs = None, []
@@ -174,6 +175,8 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
             outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
         inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
         block.to("cpu")
+        for dense in block_layers.values():  # the replaced originals (held by `layers`, heal, packed jobs)
+            dense.to("cpu")                  # wait on CPU too, else every block's stays on the device
         if cuda:
             torch.cuda.synchronize(device)
         per_block[name] = {"seconds": round(time.perf_counter() - t0, 3), "layers": len(block_layers)}

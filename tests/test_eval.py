@@ -175,3 +175,22 @@ def test_latency_inputs_are_ids_the_model_has_rows_for(tiny_lm, compose):
     ctx = evaluate.Context(compose([*FAST, "model=smollm2"]), SimpleNamespace(vocab_size=50_000), "cpu", "", {})
     speed = evaluate.speed(tiny_lm, ctx)
     assert speed.median_ms > 0 and list(speed.shapes) == ["b2xt16"]
+
+
+def test_a_stage_peak_keeps_the_process_peak(monkeypatch):
+    """reset_peak (streamed blocks) restarts CUDA's peak counter; peak_memory_mb still reports the
+    process's peak from before it (the dense evaluation), and later ones above it."""
+    from lrsweep.evaluate import latency
+
+    counter = {"peak": 0}
+    monkeypatch.setattr(latency, "_CUDA_PEAK", {})
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counter["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counter.update(peak=0))
+    counter["peak"] = 4096 * 2**20  # the dense model evaluated on the device
+    latency.reset_peak("cuda:0")     # a block starts
+    counter["peak"] = 2048 * 2**20
+    assert torch.cuda.max_memory_allocated("cuda:0") / 2**20 == 2048  # the block's own peak
+    assert latency.peak_memory_mb("cuda:0") == 4096
+    latency.reset_peak("cuda:0")
+    counter["peak"] = 5000 * 2**20
+    assert latency.peak_memory_mb("cuda:0") == 5000

@@ -77,11 +77,21 @@ def speed(model: nn.Module, ctx: Context) -> Speed:
     return Speed(first["median"], first["p90"], shapes, nbytes)
 
 
+_CUDA_PEAK: dict[str, int] = {}  # device -> the process's peak allocation before its last reset_peak
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on CPU."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return max(_CUDA_PEAK.get(device, 0), torch.cuda.max_memory_allocated(device)) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak(device: str) -> None:
+    """Start CUDA's peak-allocation counter afresh (a peak of one stage, e.g. a streamed block) without
+    losing the process's peak that :func:`peak_memory_mb` reports (the dense model's evaluation, say)."""
+    _CUDA_PEAK[device] = max(_CUDA_PEAK.get(device, 0), torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 # ---------------------------------------------------------------- per-layer latency, dense fallback
