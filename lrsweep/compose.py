@@ -16,7 +16,7 @@ composed by Hydra alone, so its errors are Hydra's. Written against hydra-core 1
 
 from __future__ import annotations
 
-import pickle
+import copy
 from typing import Any, Sequence
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl, get_overrides_dirname
@@ -56,8 +56,7 @@ def sweep_configs(loader: Any, master: DictConfig, points: Sequence[Sequence[str
         values = [o for o, v in zip(parsed, is_value) if v]
         groups = tuple(o.input_line for o, v in zip(parsed, is_value) if not v)
         if groups not in shared:
-            template = _alone(loader, master, list(groups))
-            shared[groups] = template if isinstance(template, Exception) else pickle.dumps(template)
+            shared[groups] = _alone(loader, master, list(groups))
         template = shared[groups]
         cfg = None if isinstance(template, Exception) else _with_values(template, master, parsed, values)
         out.append(cfg if cfg is not None else _alone(loader, master, ov))
@@ -71,12 +70,11 @@ def _alone(loader: Any, master: DictConfig, overrides: Sequence[str]) -> Any:
         return e
 
 
-def _with_values(template: bytes, master: DictConfig, parsed: list[Override],
+def _with_values(template: DictConfig, master: DictConfig, parsed: list[Override],
                  values: list[Override]) -> DictConfig | None:
-    """The (pickled) template with the point's value overrides, as _load_configuration_impl finishes a
-    config; None where Hydra would refuse one of them (the caller lets Hydra compose the point and say
-    why). A copy by unpickling: 2.5 ms against deepcopy's 14.5 ms for this project's config."""
-    cfg = pickle.loads(template)
+    """The template with the point's value overrides, as _load_configuration_impl finishes a config;
+    None where Hydra would refuse one of them (the caller lets Hydra compose the point and say why)."""
+    cfg = copy.deepcopy(template)
     try:
         ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     except Exception:  # noqa: BLE001
