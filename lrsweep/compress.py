@@ -188,7 +188,7 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
               rank: int | None = None, bits: int = 16, budget: float | None = None, param_ratio: float | None = None,
               seed: int = 0, stats: Mapping[str, LayerStats] | None = None, ranks: Mapping[str, int] | None = None,
               keep: bool = False, progress: bool = False, target: str | None = None,
-              **options: Any) -> list[LayerResult]:
+              offload: str | None = None, **options: Any) -> list[LayerResult]:
     """Replace the ``targets`` of ``model`` (Linear or Embedding modules; default every nn.Linear) by their
     compressed modules, in place and in model order, and return one :class:`LayerResult` per weight.
 
@@ -198,6 +198,8 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
     or the largest keeping ``param_ratio`` of its parameters. ``stats``: calibration statistics by
     layer name, for the methods that need them. Layer i is compressed with seed ``seed * 100003 + i``.
     ``keep``: keep each layer's factorization in its result (``save_compressed``, healing).
+    ``offload``: a device (``"cpu"``) each replaced module moves to once its replacement is in the model,
+    so that a model compressed on a GPU never holds its dense and compressed layers there together.
 
     Modules holding the same weight (tied embeddings, see :mod:`lrsweep.tying`) are compressed once,
     by the first of them in ``targets``, and all replaced by modules sharing the new parameters: one
@@ -218,7 +220,11 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
         r = ranks[name] if ranks else resolve_rank(spec, n, d, rank, bits, budget, opts, param_ratio)
         f = factorize(spec, W, opts, r, bits, layer_seed(seed, order[name]), (stats or {}).get(name))
         seconds = time.perf_counter() - t0
+        replaced = [model.get_submodule(n) for n in (name, *tied)]
         tying.install(model, [name, *tied], f, dtype=W.dtype)
+        if offload is not None:
+            for m in replaced:
+                m.to(offload)
         dense_bits = n * d * torch.finfo(W.dtype).bits
         info = {**f.info, "tied": tied} if tied else f.info
         results.append(LayerResult(name, (n, d), f.rank, f.storage_bits, dense_bits, f.rel_error(W), seconds,
@@ -228,9 +234,10 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
 
 def compress_model(model: nn.Module, layers: dict[str, nn.Module], cfg: DictConfig,
                    stats: dict[str, LayerStats] | None = None, progress: bool = True,
-                   ranks: dict[str, int] | None = None) -> list[LayerResult]:
+                   ranks: dict[str, int] | None = None, offload: str | None = None) -> list[LayerResult]:
     """:func:`compress_` with the method, rank, bits, budget, param_ratio and seed of a run's config;
     ``ranks`` (from :mod:`lrsweep.allocate`) fixes each layer's rank."""
     return compress_(model, cfg.method, layers, rank=cfg.rank, bits=cfg.bits, budget=cfg.budget,
                      param_ratio=cfg.get("param_ratio"), seed=cfg.seed, stats=stats, ranks=ranks,
-                     keep=bool(cfg.get("save_compressed") or cfg.get("heal")), progress=progress)
+                     keep=bool(cfg.get("save_compressed") or cfg.get("heal")), progress=progress,
+                     offload=offload)

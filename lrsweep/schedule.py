@@ -57,11 +57,20 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
         stats, info = calib.layer_stats(model, layers, ctx, needs) if needs else (None, {})
         with allocation_scope(cfg):  # the allocation's SVDs are the ones the compression truncates
             ranks, alloc = allocate(model, layers, ctx, stats)
-            results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks)
+            results = compress_model(model, layers, cfg, stats=stats, progress=progress, ranks=ranks,
+                                     offload=offload(ctx))
     if alloc:
         info = {**info, "allocation": alloc}
     model.to(ctx.device)  # streamed: the model waited on CPU
     return results, info
+
+
+def offload(ctx: Context) -> str | None:
+    """Where the dense layers that compression replaces wait: on CPU when the model is compressed on
+    another device. They are kept (``layers``; heal's teacher, which moves them back while it trains; a
+    packed job's restore), but the compressed model must not hold them on the GPU beside itself:
+    streamed, every block's would pile up there; whole, dense and compressed layers would both be there."""
+    return None if ctx.device == "cpu" else "cpu"
 
 
 def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
@@ -75,7 +84,7 @@ def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
         t1 = time.perf_counter()
         stats = calib.collect(model, block, batches, needs, ctx.device, loss_fn, calib.fisher_estimator(cfg))
         calib_seconds += time.perf_counter() - t1
-        results += compress_model(model, block, cfg, stats=stats, progress=False)
+        results += compress_model(model, block, cfg, stats=stats, progress=False, offload=offload(ctx))
     return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
                      **calib.estimator_info(cfg, needs),
                      "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
@@ -170,13 +179,12 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
             finally:
                 acc.remove()
             stats = acc.result()
-        results += compress_model(model, block_layers, cfg, stats=stats, progress=False, ranks=ranks)
+        results += compress_model(model, block_layers, cfg, stats=stats, progress=False, ranks=ranks,
+                                  offload=offload(ctx))
         if sequential:  # the next block sees this block compressed
             outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
         inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
         block.to("cpu")
-        for dense in block_layers.values():  # the replaced originals (held by `layers`, heal, packed jobs)
-            dense.to("cpu")                  # wait on CPU too, else every block's stays on the device
         if cuda:
             torch.cuda.synchronize(device)
         per_block[name] = {"seconds": round(time.perf_counter() - t0, 3), "layers": len(block_layers)}

@@ -230,3 +230,10 @@ def test_llama7b_block_streamed_on_gpu_peak_memory(compose, tmp_path):
     assert max(peaks) - min(peaks) < 0.05 * block_mb, peaks  # H200: 2505 MiB for every block
     assert row.extra["stream"]["peak_mem_mb"] < min(3.5 * block_mb, 0.75 * model_mb), peaks
     assert row.peak_mem_mb > model_mb, row.peak_mem_mb  # the job's: the dense model evaluated whole on the device
+
+
+def test_replaced_layers_wait_on_cpu_only_when_compressing_elsewhere(compose, tmp_path):
+    """schedule.offload: a job on a GPU moves the dense layers it replaces to CPU; on CPU nothing moves."""
+    cfg = compose([*FAST, f"results_dir={tmp_path}"])
+    ctx = lambda device: evaluate.Context(cfg, None, device, str(tmp_path), {})  # noqa: E731
+    assert schedule.offload(ctx("cuda:0")) == "cpu" and schedule.offload(ctx("cpu")) is None

@@ -214,6 +214,22 @@ def test_compress_replaces_linears_in_place():
     assert len(exact) == 1 and exact[0].rel_err < 1e-5 and exact[0].factorization.rank == 16
 
 
+def test_offload_moves_each_replaced_layer_and_only_it():
+    """``offload``: every replaced original leaves for that device (``meta`` stands in for the CPU a
+    GPU job offloads to); the compressed model stays where it was and computes the same."""
+    model, x = tiny(), torch.randn(5, 32)
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = tiny()
+    compress_(kept, "svd", ["0", "4"], rank=6)
+    results = compress_(model, "svd", ["0", "4"], rank=6, offload="meta")
+    assert [r.name for r in results] == ["0", "4"]
+    assert all(p.is_meta for n in ("0", "4") for p in originals[n].parameters())
+    assert not any(p.is_meta for p in originals["2"].parameters()) and model[2] is originals["2"]
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), kept(x))
+
+
 def test_compress_targets_budget_and_stats():
     model = tiny()
     X = torch.randn(256, 32, generator=torch.Generator().manual_seed(2))

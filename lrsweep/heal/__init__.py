@@ -146,8 +146,22 @@ def apply(model: nn.Module, originals: dict[str, nn.Module], results: list[Layer
     AdamW updates fp32 masters (:class:`_Masters`); at the end the model's parameters take their
     quantized values, which the healers store (with ``heal.qat`` the forward passes see them at
     every step). ``results`` must carry their factorizations; healers update them (and their
-    rel_err and storage_bits) in place so the row describes the healed model.
+    rel_err and storage_bits) in place so the row describes the healed model. The originals (the
+    teacher) are on ``ctx.device`` while it runs, and back where they waited afterwards
+    (on CPU when compressed on a GPU: :func:`lrsweep.schedule.offload`).
     """
+    homes = {name: p.device for name, m in originals.items() if (p := next(m.parameters(), None)) is not None}
+    for name in homes:
+        originals[name].to(ctx.device)
+    try:
+        return _apply(model, originals, results, ctx)
+    finally:
+        for name, home in homes.items():
+            originals[name].to(home)
+
+
+def _apply(model: nn.Module, originals: dict[str, nn.Module], results: list[LayerResult],
+           ctx: Context) -> dict[str, Any]:
     cfg = ctx.cfg
     hcfg, kind = cfg.heal, cfg.model.kind
     healer = HEALERS[hcfg.name]
