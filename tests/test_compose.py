@@ -20,6 +20,9 @@ def hydra_loader():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         master = compose("config", overrides=["hydra/launcher=local", "hydra.launcher.parallelism=3"],
                          return_hydra_config=True)
+        # resolved as Hydra's multirun resolves it before launching: ${now:} is then in the master's cache
+        # and every point's config, ours and Hydra's, gets that time (else each reads its own second)
+        str(master.hydra.sweep.dir)
         yield GlobalHydra.instance().config_loader(), master
     GlobalHydra.instance().clear()
 
