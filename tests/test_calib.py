@@ -237,3 +237,39 @@ def test_replaced_layers_wait_on_cpu_only_when_compressing_elsewhere(compose, tm
     cfg = compose([*FAST, f"results_dir={tmp_path}"])
     ctx = lambda device: evaluate.Context(cfg, None, device, str(tmp_path), {})  # noqa: E731
     assert schedule.offload(ctx("cuda:0")) == "cpu" and schedule.offload(ctx("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["stream=true"]])
+def test_on_gpu_the_replaced_dense_layers_leave_the_device(compose, tmp_path, extra):
+    """Whole or streamed on CUDA: every replaced dense layer waits on CPU, the compressed model is on the
+    GPU and computes what it computed before the dense layers left."""
+    cfg = compose([*FAST, "method=svd", "rank=8", "device=cuda", f"results_dir={tmp_path}",
+                   r"model.targets='encoder\.layer\.[01]\..*'", *extra])
+    m, tok = models.load(cfg.model, "cuda", os.environ["LRSWEEP_CACHE"])
+    layers = models.target_modules(m, cfg.model.targets)
+    ctx = evaluate.Context(cfg, tok, "cuda", str(tmp_path), job.model_key(cfg))
+    schedule.compress(m, layers, ctx, progress=False)
+    assert all(p.device.type == "cpu" for layer in layers.values() for p in layer.parameters())
+    assert all(p.device.type == "cuda" for p in m.parameters())
+    batch = tok(["a short text", "and another one"], return_tensors="pt", padding=True).to("cuda")
+    with torch.no_grad():
+        assert torch.isfinite(m(**batch).last_hidden_state).all()
+
+
+@pytest.mark.parametrize("extra", [[], ["stream=true"], [*TARGET, *CALIB, "calib.sequential=true"]],
+                         ids=["whole", "streamed", "sequential"])
+def test_every_schedule_offloads_the_replaced_layers(compose, tmp_path, monkeypatch, extra):
+    """The GPU test above on CPU: with ``meta`` standing in for the CPU a GPU job offloads to, every
+    schedule sends each replaced dense layer there and keeps the compressed model whole."""
+    monkeypatch.setattr(schedule, "offload", lambda ctx: "meta")
+    cfg = compose([*FAST, "method=svd", "rank=8", f"results_dir={tmp_path}",
+                   r"model.targets='encoder\.layer\.[01]\..*'", *extra])
+    m, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
+    layers = models.target_modules(m, cfg.model.targets)
+    schedule.compress(m, layers, _ctx(cfg, tok, tmp_path), progress=False)
+    assert len(layers) == 12 and all(p.is_meta for layer in layers.values() for p in layer.parameters())
+    assert not any(p.is_meta for p in m.parameters())
+    batch = tok(["a short text", "and another one"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.isfinite(m(**batch).last_hidden_state).all()
