@@ -242,8 +242,8 @@ def test_replaced_layers_wait_on_cpu_only_when_compressing_elsewhere(compose, tm
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [[], ["stream=true"]])
 def test_on_gpu_the_replaced_dense_layers_leave_the_device(compose, tmp_path, extra):
-    """Whole or streamed on CUDA: every replaced dense layer waits on CPU, the compressed model is on the
-    GPU and computes what it computed before the dense layers left."""
+    """Whole or streamed on CUDA: every replaced dense layer waits on CPU, the compressed model is all on
+    the GPU and runs there (finite outputs)."""
     cfg = compose([*FAST, "method=svd", "rank=8", "device=cuda", f"results_dir={tmp_path}",
                    r"model.targets='encoder\.layer\.[01]\..*'", *extra])
     m, tok = models.load(cfg.model, "cuda", os.environ["LRSWEEP_CACHE"])
