@@ -1,7 +1,7 @@
 """What a preempted grid point leaves for its requeued self.
 
 A SLURM job of a sweep is a submitit Checkpointable: on USR2 (preemption, or the time limit
-approaching) the launcher's ``checkpoint`` records the state of the grid point running in
+approaching) the launcher's ``checkpoint`` saves the :class:`Attempt` of the grid point running in
 that process — its stage and the job id — in ``<results_dir>/checkpoints/<run_id>.json``, and
 submitit requeues the job. The requeued job reruns the point from scratch (compressing one
 model takes minutes, not hours) and its row carries ``extra["requeues"]`` and the stages at
@@ -18,9 +18,6 @@ from typing import Any
 from lrsweep import atomic, slurm
 from lrsweep.row import now
 
-# the grid point running in this process: results_dir, run_id, stage (set by lrsweep.job)
-STATE: dict[str, Any] = {}
-
 
 def path(results_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(results_dir) / "checkpoints" / f"{run_id}.json"
@@ -35,33 +32,31 @@ def attempts(results_dir: str | os.PathLike, run_id: str) -> list[dict[str, Any]
         return []
 
 
-def begin(results_dir: str | os.PathLike, run_id: str) -> dict[str, Any]:
-    """Start tracking a grid point; return what its row should record about earlier attempts."""
-    STATE.clear()
-    STATE.update(results_dir=str(results_dir), run_id=run_id, stage="start")
-    earlier = attempts(results_dir, run_id)
-    if not earlier:
-        return {}
-    return {"requeues": len(earlier), "interrupted": [{k: a.get(k) for k in ("job_id", "stage", "at")} for a in earlier]}
+class Attempt:
+    """One attempt at a grid point: how far it got (:meth:`stage`), saved on preemption (:meth:`save`)."""
 
+    def __init__(self, results_dir: str | os.PathLike, run_id: str):
+        self.results_dir, self.run_id = str(results_dir), run_id
+        self.state: dict[str, Any] = {"stage": "start"}
 
-def stage(name: str, **details: Any) -> None:
-    """Record how far the running grid point got (read by :func:`save` on preemption)."""
-    if STATE:
-        STATE.update(stage=name, **details)
+    def earlier(self) -> dict[str, Any]:
+        """What the row records about earlier, interrupted attempts ({} when there were none)."""
+        earlier = attempts(self.results_dir, self.run_id)
+        if not earlier:
+            return {}
+        return {"requeues": len(earlier),
+                "interrupted": [{k: a.get(k) for k in ("job_id", "stage", "at")} for a in earlier]}
 
+    def stage(self, name: str, **details: Any) -> None:
+        """Record how far the point got."""
+        self.state.update(stage=name, **details)
 
-def save(reason: str) -> Path | None:
-    """Append the running point's state to its checkpoint file (atomically); None if no point runs."""
-    if not STATE.get("run_id"):
-        return None
-    record = {k: v for k, v in STATE.items() if k not in ("results_dir", "run_id")}
-    record.update(job_id=slurm.job_id(), reason=reason, at=now())
-    data = {"run_id": STATE["run_id"], "attempts": [*attempts(STATE["results_dir"], STATE["run_id"]), record]}
-    return atomic.write_json(path(STATE["results_dir"], STATE["run_id"]), data)
+    def save(self, reason: str) -> Path:
+        """Append this attempt's state to the point's checkpoint file (atomically)."""
+        record = {**self.state, "job_id": slurm.job_id(), "reason": reason, "at": now()}
+        data = {"run_id": self.run_id, "attempts": [*attempts(self.results_dir, self.run_id), record]}
+        return atomic.write_json(path(self.results_dir, self.run_id), data)
 
-
-def clear(results_dir: str | os.PathLike, run_id: str) -> None:
-    """The row is written: the attempts are in it, drop the file."""
-    path(results_dir, run_id).unlink(missing_ok=True)
-    STATE.clear()
+    def clear(self) -> None:
+        """The row is written: the attempts are in it, drop the file."""
+        path(self.results_dir, self.run_id).unlink(missing_ok=True)

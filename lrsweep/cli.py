@@ -1,11 +1,11 @@
 """``python -m lrsweep``: a Hydra app whose multirun launches every grid point through submitit.
 
-Exit codes: 0 all ok, 1 a grid point failed, 2 a config error (nothing was launched).
+Exit codes: 0 all ok, 1 a grid point failed, 2 a config error (nothing was launched). A sweep's
+table and summary are printed by its launcher (lrsweep.sweep.outcome), a single run's here.
 """
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import sys
@@ -28,22 +28,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _task(cfg: DictConfig) -> str:
+    """A single run (its row, table and summary; PointFailed when it failed), or a grid point of a
+    sweep run by another Hydra launcher (lrsweep's own run points through lrsweep.sweep.worker)."""
     from lrsweep import job
     from lrsweep.identity import run_id
+    from lrsweep.pack import Pack
 
-    if HydraConfig.get().mode == RunMode.RUN:
-        if cfg.get("dry_run"):
-            point = sweep.Point(0, list(HydraConfig.get().overrides.task), cfg, run_id(cfg))
-            sweep.LAST = sweep.Outcome(point.results_dir, [point.run_id], dry_run=True)
-            sweep.dry_run([point], {})
-            return "dry_run"
-        sweep.LAST = sweep.Outcome(os.path.abspath(str(cfg.results_dir)), [run_id(cfg)], 1, 0)
-        return job.run(cfg).status
-    try:
-        return job.run(cfg).status
-    except ConfigError as e:  # inside a sweep job (e.g. no GPU on this node): a failed row
-        job.write_failed(cfg, e, traceback="")
-        return "failed"
+    if HydraConfig.get().mode != RunMode.RUN:
+        return job.sweep_point(cfg, Pack())
+    point = sweep.Point(0, list(HydraConfig.get().overrides.task), cfg, run_id(cfg))
+    if cfg.get("dry_run"):
+        sweep.dry_run([point], {})
+        return "dry_run"
+    row = job.run(cfg)
+    sweep.report(sweep.Outcome(point.results_dir, [point.run_id], 1, 0))
+    if row.status != "ok":
+        raise sweep.PointFailed(row.run_id)
+    return row.status
 
 
 def _one_line(e: BaseException) -> str:
@@ -95,8 +96,8 @@ def main() -> None:
             _task()
         except StopLaunch as stop:  # raised by lrsweep.validate.ValidateCallback
             raise stop.error from None
-        except sweep.PointFailed:  # Hydra's sweeper raises a failed point's JobReturn: the summary says it
-            pass
+        except sweep.PointFailed:  # a failed point's JobReturn, raised by Hydra: the summary said which
+            sys.exit(1)
     except ConfigError as e:
         if verbose:
             raise
@@ -107,6 +108,4 @@ def main() -> None:
             raise
         print(f"lrsweep: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    code = sweep.report()
-    gc.freeze()  # exiting: Python's last collection would walk every object of torch & co. (~1 s)
-    sys.exit(code)
+    sys.exit(0)

@@ -6,15 +6,13 @@ never read, printed or stored here: wandb takes it from its own settings when on
 
 Unless ``logger.system_info`` is true, a run records no requirements.txt, git state, machine info
 or system metrics (collecting them cost ~0.7 s per run, mostly listing every installed package;
-the row has ``versions``, ``git_sha`` and ``host``). W&B Launch inputs are looked up only when
-wandb's launch module, the only way to stage them, was imported (:func:`_launch_inputs_when_staged`).
+the row has ``versions``, ``git_sha`` and ``host``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -32,7 +30,6 @@ def prepare(cfg: DictConfig) -> None:
     try:
         import wandb
 
-        _launch_inputs_when_staged()
         wandb.setup()
     except Exception as e:
         log.debug(f"[lrsweep] W&B not prepared ahead: {type(e).__name__}: {e}")
@@ -45,7 +42,6 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
         return None
     import wandb
 
-    _launch_inputs_when_staged()
     mode = os.environ.get("WANDB_MODE") or lcfg.mode
     quiet = {} if lcfg.get("system_info", False) else \
         {"x_save_requirements": False, "disable_git": True, "x_disable_machine_info": True, "x_disable_stats": True}
@@ -67,25 +63,6 @@ def log_row(cfg: DictConfig, row: ResultRow) -> str | None:
     except Exception as e:  # the row is already on disk: report, do not fail the job
         log.warning(f"[lrsweep] W&B logging failed for {row.run_id}: {type(e).__name__}: {e}")
         return None
-
-
-def _launch_inputs_when_staged() -> None:
-    """Every wandb.init applies the W&B Launch inputs staged in this process, importing wandb's launch
-    package (~1 s, its public API) to find there are none. Inputs are staged only through
-    ``wandb.sdk.launch.inputs.internal``: while that module is not imported the step is skipped,
-    with the same result. A wandb without the step is left as it is."""
-    from wandb.sdk import wandb_run
-
-    apply = getattr(wandb_run.Run, "_detect_and_apply_job_inputs", None)
-    if apply is None or getattr(apply, "lrsweep_when_staged", False):
-        return
-
-    def when_staged(run) -> None:
-        if "wandb.sdk.launch.inputs.internal" in sys.modules:
-            apply(run)
-
-    when_staged.lrsweep_when_staged = True  # type: ignore[attr-defined]
-    wandb_run.Run._detect_and_apply_job_inputs = when_staged
 
 
 def read_offline_run(run_dir: str | Path) -> dict:

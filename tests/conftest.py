@@ -114,3 +114,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def in_process_jobs(monkeypatch):
+    """A local sweep's jobs run one after another in this process (submitit's job environment faked);
+    the list it returns gets each launch's submitit executor."""
+    from types import SimpleNamespace
+
+    import submitit
+
+    from lrsweep.sweep import submit
+
+    executors = []
+
+    class Done:  # a job that ran: its JobReturns, computed in this process
+        def __init__(self, job_id: str, returns):
+            self.job_id, self.returns = job_id, returns
+
+        def done(self) -> bool:
+            return True
+
+        def results(self):
+            return [self.returns]
+
+    def submit_in_process(launcher, executor, args, while_last):
+        executors.append(executor)
+        return [Done(str(i), launcher(*a)) for i, a in enumerate(args)]
+
+    monkeypatch.setattr(submit, "submit_local", submit_in_process)
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
+    return executors

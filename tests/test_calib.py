@@ -10,6 +10,7 @@ import torch
 
 from conftest import FAST
 from lrsweep import calib, evaluate, job, models, schedule
+from lrsweep import provenance
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
 from lrsweep.quant import quantize
@@ -35,7 +36,7 @@ TARGET = ["method._target_=test_calib.whitened_svd", "method.name=whitened"]
 
 
 def _ctx(cfg, tokenizer, cache_dir):
-    return evaluate.Context(cfg, tokenizer, "cpu", str(cache_dir), job.model_key(cfg))
+    return evaluate.Context(cfg, tokenizer, "cpu", str(cache_dir), provenance.model_key(cfg))
 
 
 def test_xtx_absmean_equal_direct_inputs_without_padding(minilm):
@@ -212,8 +213,8 @@ def test_llama_random_streamed_job_on_cpu(compose, tmp_path):
     assert list(row.extra["stream"]["blocks"]) == ["model.layers.0", "model.layers.1"]
     assert row.layers_compressed == 14 and row.perplexity_dense > 1 and row.perplexity > 1
     assert row.perplexity != row.perplexity_dense and row.recon_rel_err > 0.5  # random weights: no low-rank structure
-    again = job.model_key(compose([*FAST, *small, "model.seed=1"]))
-    assert again != job.model_key(cfg)  # the seed is part of the random model's identity
+    again = provenance.model_key(compose([*FAST, *small, "model.seed=1"]))
+    assert again != provenance.model_key(cfg)  # the seed is part of the random model's identity
 
 
 @pytest.mark.gpu
@@ -248,7 +249,7 @@ def test_on_gpu_the_replaced_dense_layers_leave_the_device(compose, tmp_path, ex
                    r"model.targets='encoder\.layer\.[01]\..*'", *extra])
     m, tok = models.load(cfg.model, "cuda", os.environ["LRSWEEP_CACHE"])
     layers = models.target_modules(m, cfg.model.targets)
-    ctx = evaluate.Context(cfg, tok, "cuda", str(tmp_path), job.model_key(cfg))
+    ctx = evaluate.Context(cfg, tok, "cuda", str(tmp_path), provenance.model_key(cfg))
     schedule.compress(m, layers, ctx, progress=False)
     assert all(p.device.type == "cpu" for layer in layers.values() for p in layer.parameters())
     assert all(p.device.type == "cuda" for p in m.parameters())

@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from conftest import FAST, PLUGINS
-from lrsweep import sweep
 from lrsweep.cli import main
 
 LAYER0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
@@ -30,7 +29,6 @@ def cli(monkeypatch, capsys, tmp_path):
                 main()
         finally:
             GlobalHydra.instance().clear()
-            sweep.LAST = None
         out = capsys.readouterr()
         return e.value.code, out.out, out.err
 
@@ -63,36 +61,17 @@ def test_dry_run_with_a_bad_point_exits_2(cli):
     assert err.rstrip().endswith("rank: -3 must be a positive integer")
 
 
-def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monkeypatch, tmp_path):
-    """The launcher adapter end to end, each job run in this process instead of a submitit one:
-    upstream's launch builds the executor (its parameter mapping, stopped at submission), the job
-    side (SweepLauncher.__call__ -> lrsweep.sweep.run_pack) runs the packed points through Hydra's
+def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monkeypatch, tmp_path, in_process_jobs):
+    """The launcher end to end, each job run in this process instead of a submitit one: the executor
+    built from the launcher's parameters (hydra-submitit-launcher's mapping), the job side
+    (SweepLauncher.__call__ -> lrsweep.sweep.worker.run_pack) runs the packed points through Hydra's
     run_job, one row each. Real local and SLURM jobs: test_sweep.py, test_slurm.py (e2e)."""
-    from types import SimpleNamespace
-
     import submitit
+    from hydra.core.singleton import Singleton
 
     from lrsweep.row import read_rows
 
-    executors = []
-
-    class Done:  # a job that ran: its JobReturns, computed in this process
-        def __init__(self, job_id: str, returns):
-            self.job_id, self.returns = job_id, returns
-
-        def done(self) -> bool:
-            return True
-
-        def results(self):
-            return [self.returns]
-
-    def submit_in_process(launcher, executor, args):
-        executors.append(executor)
-        return [Done(str(i), launcher(*a)) for i, a in enumerate(args)]
-
-    monkeypatch.setattr(sweep, "submit_local", submit_in_process)
-    monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
-    from hydra.core.singleton import Singleton
+    executors = in_process_jobs
 
     copies, real_state = [], Singleton.get_state
     monkeypatch.setattr(Singleton, "get_state", staticmethod(lambda: (copies.append(1), real_state())[1]))
@@ -104,7 +83,7 @@ def test_a_sweep_through_hydras_launcher_with_its_jobs_in_this_process(cli, monk
     (executor,) = executors
     assert isinstance(executor, submitit.AutoExecutor) and executor.cluster == "local"
     assert executor._executor.parameters["timeout_min"] == 14  # per point, times the points of a job
-    # Hydra's state copied once for the jobs, not once a point by upstream's launch (stopped), and put back
+    # Hydra's state copied once for the jobs, not once a point; no library attribute swapped
     assert copies == [1] and Singleton.__dict__["get_state"] is counting
     rows = {r.rank: r for r in read_rows(tmp_path / "results")}
     assert rows[4].status == rows[8].status == "ok" and rows[16].status == "failed"

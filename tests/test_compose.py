@@ -1,4 +1,4 @@
-"""lrsweep.compose.sweep_configs: a sweep's points composed once per config group choice, equal to
+"""lrsweep.sweep.compose.sweep_configs: a sweep's points composed once per config group choice, equal to
 what Hydra composes for each point alone (tests/test_sweep.py runs the planning end to end)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import lrsweep.methods  # noqa: F401  (method/base/<name> in Hydra's ConfigStore)
-from lrsweep.compose import sweep_configs
+from lrsweep.sweep.compose import sweep_configs
 from conftest import CONF
 
 

@@ -10,6 +10,7 @@ import torch
 
 from conftest import FAST
 from lrsweep import data, evaluate, job, models
+from lrsweep import provenance
 from lrsweep.compress import compress_model
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
@@ -98,7 +99,7 @@ def test_probe_accuracy_is_stable_across_runs(minilm, compose, tmp_path):
     cfg = compose([*FAST, "eval.probe_train=64", "eval.probe_test=64"])
     accs = []
     for run in ("a", "b"):  # two cold caches: computed twice from scratch
-        ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path / run), job.model_key(cfg))
+        ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path / run), provenance.model_key(cfg))
         accs.append(evaluate.task_for(cfg).prepare(model, ctx)["info"]["accuracy_dense"])
     assert accs[0] == accs[1] and 0.5 < accs[0] <= 1
 
@@ -116,7 +117,7 @@ def test_bbc_five_topics_from_folders(compose):
 def test_bbc_probe_accuracy(minilm, compose, tmp_path):
     model, tok = minilm
     cfg = compose([*FAST, "data=bbc", "eval.probe_train=300", "eval.probe_test=200"])
-    ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path), job.model_key(cfg))
+    ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path), provenance.model_key(cfg))
     assert evaluate.task_for(cfg).prepare(model, ctx)["info"]["accuracy_dense"] > 0.85
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from conftest import FAST
+from conftest import CONF, FAST
 from lrsweep import sweep
+from lrsweep.sweep import returns, submit
 from lrsweep.errors import ConfigError
 from lrsweep.row import ResultRow, now, read_rows, write_row
 
@@ -50,7 +51,7 @@ class FakeJob:
     def results(self):
         if self.dies:
             raise RuntimeError(f"Job {self.job_id} has not produced any output (state: {self.state})")
-        return [[sweep._returned(p, sweep._row(p.results_dir, p.run_id)) for p in self.points]]
+        return [[returns.job_return(p, returns.row_of(p), self.job_id) for p in self.points]]
 
     def stderr(self) -> str:
         return "killed\n"
@@ -85,13 +86,14 @@ class FakeLauncher:
     def __init__(self, compose, base: list[str], die_at=(), rows_before_death=0, **params):
         self.config = compose(base, hydra_cfg=True)
         self.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
-            load_sweep_config=lambda config, ov: compose([*base, *ov], hydra_cfg=True)))
+            load_sweep_config=lambda config, ov: compose([*base, *ov], hydra_cfg=True),
+            list_groups=lambda parent: [d.name for d in (CONF / parent).glob("*/")]))
         self.params = {"parallelism": 2, "points_per_job": 1, "cpus_per_task": 1, "wait": True,
                        "submitit_folder": str(Path(str(self.config.results_dir)) / ".submitit" / "%j"), **params}
         self._fake = FakeExecutor(set(die_at), rows_before_death)
         self.executors = 0
 
-    def executor(self, job_overrides, per_job_points: int = 1) -> FakeExecutor:
+    def executor(self, per_job_points: int = 1) -> FakeExecutor:
         self.executors += 1
         return self._fake
 
@@ -107,26 +109,28 @@ def launch(compose, tmp_path, monkeypatch):
         points = [[]]
         for key, values in grid.items():
             points = [[*p, f"{key}={v}"] for p in points for v in values]
-        return launcher, sweep.launch(launcher, points, 0)
+        launcher.outcome = sweep.launch(launcher, points, 0)
+        return launcher, launcher.outcome.returns
 
     yield _launch
-    sweep.LAST = None
 
 
 def test_every_point_runs_then_a_rerun_skips_every_ok_point(launch, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, "lrsweep.sweep")
     launcher, rets = launch({"rank": [4, 8, 16]})
     assert [r.status.name for r in rets] == ["COMPLETED"] * 3 and len(launcher._fake.jobs) == 3
-    assert sweep.report() == 0
+    assert sweep.report(launcher.outcome) == 0
     assert "3 ok, 0 failed, 0 skipped" in capsys.readouterr().out
     rows = {r.rank: r for r in read_rows(tmp_path)}
     assert sorted(rows) == [4, 8, 16] and all(r.status == "ok" for r in rows.values())
     before = {p: os.stat(p).st_mtime_ns for p in (tmp_path / "rows").glob("*.json")}
 
     launcher, rets = launch({"rank": [4, 8, 16]})
-    assert rets == [] and launcher.executors == 0  # nothing submitted
+    assert launcher.executors == 0  # nothing submitted; every point's JobReturn, from its ok row
+    assert [r.status.name for r in rets] == ["COMPLETED"] * 3 and [r.overrides for r in rets] == [
+        [f"rank={k}"] for k in (4, 8, 16)]
     assert "3 grid points: 0 to run, 3 already ok" in caplog.text
-    assert sweep.report() == 0 and "0 ok, 0 failed, 3 skipped" in capsys.readouterr().out
+    assert sweep.report(launcher.outcome) == 0 and "0 ok, 0 failed, 3 skipped" in capsys.readouterr().out
     assert {p: os.stat(p).st_mtime_ns for p in (tmp_path / "rows").glob("*.json")} == before
 
 
@@ -143,7 +147,7 @@ def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_ro
     assert dead.error["message"].startswith("job 1 ended without a row (state FAILED; killed, out of memory or crashed)")
     assert "has not produced any output" in dead.error["message"] and "killed" in dead.error["traceback"]
     assert dead.log_path == "/dev/null" and dead.slurm_job_id is None and dead.method == "svd"
-    assert sweep.report() == 1
+    assert sweep.report(launcher.outcome) == 1
     out = capsys.readouterr().out
     assert "3 ok, 1 failed, 0 skipped" in out and f"[lrsweep] failed {dead.run_id}" in out
 
@@ -151,7 +155,7 @@ def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_ro
     launcher, rets = launch({"rank": [4, 8, 16, 32]}, points_per_job=2)  # the fault is gone
     assert "4 grid points: 1 to run, 3 already ok" in caplog.text
     assert [[p.cfg.rank for p in j.points] for j in launcher._fake.jobs] == [[32]]
-    assert sweep.report() == 0 and "1 ok, 0 failed, 3 skipped" in capsys.readouterr().out
+    assert sweep.report(launcher.outcome) == 0 and "1 ok, 0 failed, 3 skipped" in capsys.readouterr().out
 
 
 def test_auto_packs_points_that_share_the_dense_model_into_parallelism_jobs(launch):
@@ -190,7 +194,7 @@ def test_dry_run_lists_every_point_and_submits_nothing(launch, tmp_path, capsys)
     lines = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
     assert [(ln[2], ln[3], ln[4]) for ln in lines] == [("ok", "1.0", "rank=4"), ("missing", "1.0", "rank=8")]
     assert "1 ok, 1 missing; to run: about 1 s of job time; nothing was launched" in out
-    assert len(list(read_rows(tmp_path))) == 1 and sweep.report() == 0
+    assert len(list(read_rows(tmp_path))) == 1 and sweep.report(launcher.outcome) == 0
 
 
 def test_slurm_without_sbatch_on_path_is_one_clear_error_before_submitting(launch, tmp_path, monkeypatch):
@@ -247,7 +251,7 @@ def test_slurm_array_writes_its_manifest_and_a_detached_sweep_returns_at_submiss
         (tmp_path / "bin" / name).write_text("#!/bin/sh\n")
         (tmp_path / "bin" / name).chmod(0o755)
     launcher, rets = launch({"rank": [4, 8]}, wait=False)
-    assert rets == [] and sweep.report() == 0
+    assert rets == [] and sweep.report(launcher.outcome) == 0
     out = capsys.readouterr().out
     (manifest,) = read_manifests(tmp_path)
     array = manifest["array_job_id"]
@@ -256,16 +260,16 @@ def test_slurm_array_writes_its_manifest_and_a_detached_sweep_returns_at_submiss
     assert f"[lrsweep] progress: python -m lrsweep.status {tmp_path}" in out
     assert [p["overrides"] for p in manifest["points"]] == [["rank=4"], ["rank=8"]]
     launcher, rets = launch({"rank": [4, 8, 16]})  # waited for this time; 4 and 8 are ok by now
-    assert [r.status.name for r in rets] == ["COMPLETED"] and len(read_manifests(tmp_path)) == 2
+    assert [r.status.name for r in rets] == ["COMPLETED"] * 3 and len(read_manifests(tmp_path)) == 2
 
 
 def test_gpu_partition_passes_preflight(fake_slurm):
-    sweep.preflight({"partition": "gpu", "gpus_per_node": 1}, [])
-    sweep.preflight({"partition": "debug,gpu"}, [])
+    submit.preflight({"partition": "gpu", "gpus_per_node": 1})
+    submit.preflight({"partition": "debug,gpu"})
 
 
 def test_unreachable_controller_is_one_clear_error(fake_slurm, monkeypatch):
     monkeypatch.setenv("SINFO_FAIL", "1")
     with pytest.raises(ConfigError, match="sinfo failed, the SLURM controller is not reachable: "
                                           "slurm_load_partitions: Unable to contact"):
-        sweep.preflight({}, [])
+        submit.preflight({})

@@ -19,6 +19,7 @@ import analysis
 from analysis.plot import better
 from conftest import FAST
 from lrsweep import evaluate, job, lm_eval, models
+from lrsweep import provenance
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
 
@@ -77,7 +78,7 @@ def test_adapter_agrees_with_zeroshot_item_by_item(tiny, compose):
     """Same items, same prompt, same continuation tokens: the same log-likelihoods and predictions."""
     overrides, model, tok = tiny
     cfg = compose(overrides)
-    ctx = evaluate.Context(cfg, tok, "cpu", str(cfg.cache_dir), job.model_key(cfg))
+    ctx = evaluate.Context(cfg, tok, "cpu", str(cfg.cache_dir), provenance.model_key(cfg))
     out = lm_eval.harness(model, ctx, lm_eval.render_local_task(ctx), log_samples=True)
     samples = sorted(out["samples"]["lrsweep_rotten_tomatoes"], key=lambda s: s["doc_id"])
     texts, labels, verbalizers = evaluate.zeroshot_split(ctx)
@@ -112,7 +113,7 @@ def test_row_has_per_task_metrics_dense_and_compressed(tiny, compose, tmp_path):
     # the dense numbers are the zero-shot evaluator's on the same items
     zs_cfg = compose([*overrides, "eval.task=zeroshot"])
     zs = evaluate.TASKS["zeroshot"].prepare(model, evaluate.Context(zs_cfg, tok, "cpu", str(cfg.cache_dir),
-                                                                    job.model_key(zs_cfg)))
+                                                                    provenance.model_key(zs_cfg)))
     assert row.accuracy_dense == zs["accuracy_dense"]
 
 

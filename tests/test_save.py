@@ -12,6 +12,7 @@ import torch
 import lrsweep
 from conftest import FAST
 from lrsweep import evaluate, job, models
+from lrsweep import provenance
 from lrsweep.compress import compress_model
 from lrsweep.save import save_compressed
 
@@ -69,7 +70,7 @@ def test_job_saves_a_model_that_reproduces_its_logged_accuracy(compose, tmp_path
     path = row.extra["saved_model"]
     assert path.endswith(f"models/{row.run_id}")
     model, tok = lrsweep.load_compressed(path)
-    ctx = evaluate.Context(cfg, tok, "cpu", os.environ["LRSWEEP_CACHE"], job.model_key(cfg))
+    ctx = evaluate.Context(cfg, tok, "cpu", os.environ["LRSWEEP_CACHE"], provenance.model_key(cfg))
     task = evaluate.task_for(cfg)
     out = task.evaluate(model, ctx, task.prepare(model, ctx))
     assert out["accuracy"] == pytest.approx(row.accuracy, abs=1e-9)

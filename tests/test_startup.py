@@ -1,10 +1,9 @@
 """What makes a sweep start and finish sooner without changing what it measures: the probe's
 length-sorted batches, points dealt round-robin into packed jobs, W&B runs without system info,
-and the end-of-sweep report's modules imported while the last jobs run."""
+the end-of-sweep report's modules imported while the last jobs run, and one timing at a time."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -92,34 +91,13 @@ def test_offline_wandb_run_records_system_info_only_when_asked(tmp_path, system_
     summary = read_offline_run(run_dir)["summary"]
     assert summary["accuracy"] == 0.75 and summary["run_id"] == "abc123"
     assert (run_dir / "files" / "requirements.txt").exists() is system_info
-    assert out["launch_imported"] is False
 
 
-def test_launch_inputs_still_apply_once_staged(monkeypatch):
-    """The skipped step runs again as soon as wandb's launch inputs module is imported."""
-    pytest.importorskip("wandb")
-    from wandb.sdk import wandb_run
+def test_report_modules_are_imported_once_a_slot_is_free():
+    """submit_local starts the report's imports when no job waits for a slot."""
+    from lrsweep.sweep import submit
 
-    from lrsweep import logger
-
-    calls = []
-    monkeypatch.setattr(wandb_run.Run, "_detect_and_apply_job_inputs", lambda run: calls.append(run))
-    logger._launch_inputs_when_staged()
-    patched = wandb_run.Run._detect_and_apply_job_inputs
-    logger._launch_inputs_when_staged()  # idempotent: not wrapped twice
-    assert wandb_run.Run._detect_and_apply_job_inputs is patched
-    monkeypatch.delitem(sys.modules, "wandb.sdk.launch.inputs.internal", raising=False)
-    patched("run-a")
-    monkeypatch.setitem(sys.modules, "wandb.sdk.launch.inputs.internal", object())
-    patched("run-b")
-    assert calls == ["run-b"]
-
-
-def test_report_modules_are_imported_once_a_slot_is_free(monkeypatch):
-    """submit_local starts the report's imports when no job waits for a slot; report_modules waits for them."""
     started = []
-    monkeypatch.setattr(sweep, "PREFETCH", [])
-    monkeypatch.setattr(sweep, "prefetch_report", lambda: started.append(len(pending_jobs)))
 
     class Job:
         def __init__(self):
@@ -137,28 +115,28 @@ def test_report_modules_are_imported_once_a_slot_is_free(monkeypatch):
             return pending_jobs[-1]
 
     launcher = type("L", (), {"_EXECUTOR": "local", "params": {"parallelism": 2}})()
-    jobs = sweep.submit_local(launcher, Executor(), [((), None, "")] * 3)
+    jobs = submit.submit_local(launcher, Executor(), [((), None, "")] * 3,
+                               while_last=lambda: started.append(len(pending_jobs)))
     assert len(jobs) == 3 and started and started[0] == 3  # only after the third (last) job was submitted
 
 
-def test_prefetch_report_imports_the_summary_in_a_thread(monkeypatch):
-    monkeypatch.setattr(sweep, "PREFETCH", [])
-    sweep.prefetch_report()
-    sweep.prefetch_report()  # once per process
-    assert len(sweep.PREFETCH) == 1
-    sweep.report_modules()
-    assert not sweep.PREFETCH[0].is_alive() and "analysis.summary" in sys.modules
+def test_prefetch_report_imports_the_summary_in_a_thread():
+    prefetch = sweep.Prefetch()
+    prefetch.wait()  # nothing started: returns at once
+    prefetch.start()
+    thread = prefetch.thread
+    prefetch.start()  # once per sweep
+    assert prefetch.thread is thread
+    prefetch.wait()
+    assert not thread.is_alive() and "analysis.summary" in sys.modules
 
 
 def test_timing_lock_does_the_waiting_work_only_while_a_sibling_times(compose, tmp_path):
     import fcntl
     import socket
 
-    from lrsweep import job
-
-    cfg = compose([*FAST, f"cache_dir={tmp_path}"])
     calls = []
-    with job.timing_lock(cfg, "cpu", while_waiting=lambda: calls.append("free")) as lock:
+    with evaluate.timing_lock(tmp_path, "cpu", while_waiting=lambda: calls.append("free")) as lock:
         assert lock["waited_s"] >= 0
     assert calls == []
     with open(tmp_path / "locks" / f"timing-{socket.gethostname()}-cpu.lock", "a") as sibling:
@@ -168,7 +146,7 @@ def test_timing_lock_does_the_waiting_work_only_while_a_sibling_times(compose, t
             calls.append("busy")
             fcntl.flock(sibling, fcntl.LOCK_UN)
 
-        with job.timing_lock(cfg, "cpu", while_waiting=work_then_sibling_done):
+        with evaluate.timing_lock(tmp_path, "cpu", while_waiting=work_then_sibling_done):
             calls.append("timing")
     assert calls == ["busy", "timing"]
 
@@ -198,7 +176,7 @@ def test_a_job_prepares_its_dense_metrics_while_a_sibling_times(compose, tmp_pat
         task = evaluate.task_for(cfg)
         monkeypatch.setitem(evaluate.TASKS, task.name, dataclasses.replace(task, prepare=prepare))
         monkeypatch.setattr(evaluate, "speed", lambda model, ctx: calls.append("timed") or evaluate.Speed(1.0, 1.0, {}, 1))
-        d = job._load_dense(cfg, "cpu", str(tmp_path))
+        d = job.load_dense(cfg, "cpu", str(tmp_path), share=None)
     assert d.state == {"prepared": True} and d.speed.median_ms == 1.0
     assert calls == (["prepare", "timed"] if sibling_times else ["timed", "prepare"])
 
@@ -210,22 +188,27 @@ def test_layers_are_timed_only_when_asked(compose, overrides, times):
     assert evaluate.times_layers(compose([*FAST, *overrides])) is times
 
 
-def test_grid_sweeper_leaves_composing_the_points_to_lrsweep_launchers():
+@pytest.mark.parametrize("ours", [True, False])
+def test_grid_sweeper_leaves_composing_the_points_to_lrsweep_launchers(tmp_path, ours):
     from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
 
     from hydra_plugins.lrsweep_launcher.launcher import GridSweeper, LocalLauncher
 
-    composed = []
+    composed, launched = [], []
     sweeper = GridSweeper(max_batch_size=None)
-    sweeper.config = SimpleNamespace()
-    sweeper.hydra_context = SimpleNamespace(config_loader=SimpleNamespace(
-        load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides)))
-    sweeper.launcher = LocalLauncher.__new__(LocalLauncher)
-    sweeper.validate_batch_is_legal([["rank=4"], ["rank=8"]])
-    assert composed == []  # lrsweep.sweep.plan composes (and validates) each point once
-    sweeper.launcher = SimpleNamespace()  # any other launcher: Hydra's check
-    sweeper.validate_batch_is_legal([["rank=4"], ["rank=8"]])
-    assert composed == [["rank=4"], ["rank=8"]]
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    loader = SimpleNamespace(load_sweep_config=lambda master_config, sweep_overrides: composed.append(sweep_overrides))
+    sweeper.hydra_context = SimpleNamespace(config_loader=loader)
+    sweeper.launcher = LocalLauncher.__new__(LocalLauncher) if ours else SimpleNamespace()
+    sweeper.launcher.launch = lambda batch, initial_job_idx: launched.append(batch) or [
+        JobReturn(status=JobStatus.COMPLETED, _return_value="ok") for _ in batch]
+    sweeper.sweep(["rank=4,8", "seed=0"])
+    assert launched == [[["rank=4", "seed=0"], ["rank=8", "seed=0"]]]
+    # lrsweep.sweep.plan composes (and validates) each point once; any other launcher: Hydra's check first
+    assert composed == ([] if ours else [["rank=4", "seed=0"], ["rank=8", "seed=0"]])
 
 
 def test_the_sweeper_is_lrsweeps_grid_sweeper(compose):
@@ -251,66 +234,3 @@ def test_probe_embeddings_shared_between_jobs_are_the_ones_a_job_computes_alone(
     assert calls  # other texts: other entries, computed
 
 
-def test_jobmain_runs_the_job_module_with_the_collector_off(tmp_path):
-    """What submitit appends to the python command (``-u -m <module> <folder>``) runs that module as
-    ``__main__`` with its arguments, the collector off; the job turns it back on once loaded."""
-    (tmp_path / "fakejob.py").write_text(textwrap.dedent("""
-        import gc, sys
-        import lrsweep.jobmain
-        print("argv", sys.argv[1:], "gc", gc.isenabled(), flush=True)
-        lrsweep.jobmain.startup_done()
-        print("after", gc.isenabled(), gc.get_freeze_count() > 0)
-    """))
-    out = subprocess.run([sys.executable, "-u", "-m", "lrsweep.jobmain", "-u", "-m", "fakejob", "/some/folder/%j"],
-                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["argv ['/some/folder/%j'] gc False", "after True True"]
-    bad = subprocess.run([sys.executable, "-m", "lrsweep.jobmain", "fakejob"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "usage: python -u -m lrsweep.jobmain" in bad.stderr
-
-
-def test_startup_done_turns_on_only_the_collector_jobmain_turned_off():
-    from lrsweep import jobmain
-
-    gc.disable()  # as a user's code might: not jobmain's to undo
-    try:
-        jobmain.startup_done()
-        assert not gc.isenabled()
-        jobmain._PAUSED.append(True)
-        jobmain.startup_done()
-        assert gc.isenabled() and not jobmain._PAUSED
-    finally:
-        gc.enable()
-        gc.unfreeze()
-
-
-@pytest.mark.parametrize("python, expected", [(None, "{exe} -u -m lrsweep.jobmain"), ("apptainer exec img.sif python",
-                                                                                      "apptainer exec img.sif python")])
-def test_jobs_start_through_jobmain_unless_the_python_command_is_the_users(tmp_path, python, expected):
-    import shlex
-
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=tmp_path, cluster="local", **({"local_python": python} if python else {}))
-    sweep.job_command(ex)
-    exe = shlex.quote(sys.executable)
-    assert ex._executor.python == expected.format(exe=exe)
-    assert ex._executor._submitit_command_str.startswith(f"{expected.format(exe=exe)} -u -m submitit.core._submit ")
-
-
-def test_a_job_turns_the_collector_back_on_once_its_dense_model_is_loaded(compose, monkeypatch):
-    from lrsweep import job, jobmain
-
-    loaded = []
-    real = job.models.load
-    monkeypatch.setattr(job.models, "load", lambda *a: loaded.append(gc.isenabled()) or real(*a))
-    monkeypatch.setattr(job, "model_key", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt("stop here")))
-    monkeypatch.setattr(jobmain, "_PAUSED", [True])
-    gc.disable()
-    try:
-        with pytest.raises(KeyboardInterrupt, match="stop here"):  # right after the load: the rest is other tests'
-            job._load_dense(compose([*FAST]), "cpu", "")
-        assert loaded == [False] and gc.isenabled()
-    finally:
-        gc.enable()
-        gc.unfreeze()

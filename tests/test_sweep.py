@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import FAST, REPO, run_cli
-from lrsweep import job
+from lrsweep import atomic, job, shared_latency
+from lrsweep.pack import Pack
 from lrsweep.logger import read_offline_run
 from lrsweep.row import read_rows
 
@@ -114,8 +115,8 @@ def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
     cfgs = {name: [compose([*FAST, *small, BLOCK0, *p.split(), f"results_dir={tmp_path / name}"]) for p in points]
             for name in ("alone", "packed")}
     alone = [job.run(c) for c in cfgs["alone"]]
-    with job.packed(len(points)):
-        packed = [job.run(c) for c in cfgs["packed"]]
+    pack = Pack(len(points), reuse=True)
+    packed = [job.run(c, pack) for c in cfgs["packed"]]
     assert [r.extra["packed"]["dense_reused"] for r in packed] == [False, True, True]
     for a, b in zip(alone, packed):
         assert a.status == b.status == "ok", (a.error, b.error)
@@ -131,27 +132,29 @@ def test_dense_latency_is_timed_once_per_sweep_host_and_threads(compose, tmp_pat
     monkeypatch.setattr(job.evaluate, "speed", lambda model, ctx: timed.append(1) or job.evaluate.Speed(
         len(timed), 2.0, {"b1xt8": {"median": len(timed), "p90": 2.0}}, 100))
     cfg = compose([*FAST, f"cache_dir={tmp_path / 'cache'}"])
-    ctx = type("C", (), {"device": "cpu"})()
+    ctx = type("C", (), {"device": "cpu", "cache_dir": str(tmp_path / "cache")})()
+
+    def dense_speed(cfg, share):
+        return shared_latency.dense_speed(cfg, None, ctx, share, job.dense_key(cfg))
+
     hows = []
     for share in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):
-        with job.packed(2, share):
-            speed, how, _ = job._dense_speed(cfg, None, ctx)
-            hows.append((speed.median_ms, how))
+        speed, how, _ = dense_speed(cfg, share)
+        hows.append((speed.median_ms, how))
     assert len(timed) == 2 and hows[0][0] == hows[1][0] == 1 and hows[2][0] == 2
     assert all("measured once for this sweep's jobs on" in h for _, h in hows)
-    with job.packed(2, tmp_path / "a"):
-        torch.set_num_threads(torch.get_num_threads() + 1)
-        try:
-            job._dense_speed(cfg, None, ctx)
-        finally:
-            torch.set_num_threads(torch.get_num_threads() - 1)
-        job._dense_speed(compose([*FAST, "eval.latency.seq_len=9", f"cache_dir={tmp_path / 'cache'}"]), None, ctx)
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    try:
+        dense_speed(cfg, tmp_path / "a")
+    finally:
+        torch.set_num_threads(torch.get_num_threads() - 1)
+    dense_speed(compose([*FAST, "eval.latency.seq_len=9", f"cache_dir={tmp_path / 'cache'}"]), tmp_path / "a")
     assert len(timed) == 4
-    with job.packed(2):  # no sweep folder (in-process packing): timed in the job
-        assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 5
+    # no sweep folder (in-process packing): timed in the job
+    assert dense_speed(cfg, None)[1] == "measured in this job" and len(timed) == 5
     (tmp_path / "a file").write_text("")
-    with job.packed(2, tmp_path / "a file"):  # a share folder that cannot be made: timed here, unshared
-        assert job._dense_speed(cfg, None, ctx)[1] == "measured in this job" and len(timed) == 6
+    # a share folder that cannot be made: timed here, unshared
+    assert dense_speed(cfg, tmp_path / "a file")[1] == "measured in this job" and len(timed) == 6
 
 
 def _hold_lock(path, ready, release):
@@ -173,28 +176,28 @@ def test_a_job_whose_sibling_times_the_dense_model_goes_on_and_reads_it_when_its
         7.0, 8.0, {}, 100))
     cfg = compose([*FAST, f"cache_dir={tmp_path / 'cache'}"])
     ctx = type("C", (), {"device": "cpu", "cache_dir": str(tmp_path / "cache")})()
-    with job.packed(2, tmp_path / "share"):
-        path = job._speed_path(cfg, ctx, tmp_path / "share")
-        path.parent.mkdir(parents=True)
-        fork = mp.get_context("fork")
-        ready, release = fork.Event(), fork.Event()
-        sibling = fork.Process(target=_hold_lock, args=(f"{path}.lock", ready, release))
-        sibling.start()
-        try:
-            assert ready.wait(30)
-            assert job._dense_speed(cfg, "dense model", ctx) == (None, "pending", 0.0) and not timed
-            job.atomic.write_json(path, {"speed": {"median_ms": 5.0, "p90_ms": 6.0, "shapes": {}, "model_bytes": 9},
-                                         "job": "41", "host": "h", "threads": 1})
-        finally:
-            release.set()
-            sibling.join()
-        d = type("D", (), {"speed": None, "how": "pending"})()
-        job.pending_dense_speed(cfg, d, ctx)
-        assert d.speed.median_ms == 5.0 and "by job 41" in d.how and not timed
-        path.unlink()  # the sibling died before writing it
-        monkeypatch.setattr(job.models, "load", lambda *a: ("fresh dense copy", None))
-        job.pending_dense_speed(cfg, d, ctx)
-        assert timed == ["fresh dense copy"] and d.speed.median_ms == 7.0 and path.exists()
+    share, key = tmp_path / "share", job.dense_key(cfg)
+    path = shared_latency._path(ctx, share, key)
+    path.parent.mkdir(parents=True)
+    fork = mp.get_context("fork")
+    ready, release = fork.Event(), fork.Event()
+    sibling = fork.Process(target=_hold_lock, args=(f"{path}.lock", ready, release))
+    sibling.start()
+    try:
+        assert ready.wait(30)
+        assert shared_latency.dense_speed(cfg, "dense model", ctx, share, key) == (None, "pending", 0.0)
+        assert not timed
+        atomic.write_json(path, {"speed": {"median_ms": 5.0, "p90_ms": 6.0, "shapes": {}, "model_bytes": 9},
+                                 "job": "41", "host": "h", "threads": 1})
+    finally:
+        release.set()
+        sibling.join()
+    speed, how = shared_latency.pending(cfg, ctx, share, key)
+    assert speed.median_ms == 5.0 and "by job 41" in how and not timed
+    path.unlink()  # the sibling died before writing it
+    monkeypatch.setattr(shared_latency.models, "load", lambda *a: ("fresh dense copy", None))
+    speed, how = shared_latency.pending(cfg, ctx, share, key)
+    assert timed == ["fresh dense copy"] and speed.median_ms == 7.0 and path.exists()
 
 
 @pytest.mark.e2e

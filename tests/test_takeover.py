@@ -1,4 +1,4 @@
-"""Auto-packed jobs share their points (lrsweep.sweep.run_pack with peers): a job done with its own
+"""Auto-packed jobs share their points (lrsweep.sweep.worker.run_pack with peers): a job done with its own
 points takes over its siblings' unstarted ones, waits for its own points a sibling holds, and the
 launcher never writes a dead job's failed row for a point a live sibling is running. Siblings are
 forked processes holding a point's claim; a point's run is a fake that writes its row."""
@@ -13,6 +13,8 @@ import submitit
 from omegaconf import OmegaConf
 
 from lrsweep import sweep
+from lrsweep.pack import Pack
+from lrsweep.sweep import returns, worker
 from lrsweep.row import ResultRow, now, read_row, row_path, write_row
 
 FORK = mp.get_context("fork")
@@ -34,11 +36,11 @@ def job(monkeypatch):
     """run_pack in this process as job 0 of the launch; returns the points it ran, in order."""
     ran = []
 
-    def fake_run(launcher, p, since, job_id):
+    def fake_run(launcher, pack, p, job_id, since):
         ran.append(p.index)
-        return ok_row(p, "me")
+        return returns.job_return(p, ok_row(p, "me"), job_id)
 
-    monkeypatch.setattr(sweep, "_run_point", fake_run)
+    monkeypatch.setattr(worker, "run_point", fake_run)
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="7"))
     monkeypatch.setattr("lrsweep.job.dense_key", lambda cfg: str(cfg.model))
     return ran
@@ -46,7 +48,7 @@ def job(monkeypatch):
 
 def hold(p: sweep.Point, since: str, ready, release, write: bool) -> None:
     """A sibling job running ``p``: holds its claim until released, writes its row unless it 'dies'."""
-    with sweep.claimed(p, since, wait=True):
+    with worker.claimed(p, since, wait=True):
         ready.set()
         release.wait(30)
         if write:
@@ -65,12 +67,12 @@ def test_a_job_done_with_its_points_takes_over_its_siblings_unstarted_ones_last_
     since = now()
     jobs = [[point(tmp_path, 0), point(tmp_path, 2)], [point(tmp_path, 1), point(tmp_path, 3), point(tmp_path, 5)],
             [point(tmp_path, 4, model="other")]]
-    peers = sweep.share_points(jobs)
+    peers = worker.share_points(jobs)
     assert peers[2] is None and [len(sib) for _, sib in peers[:2]] == [1, 1]
     ok_row(jobs[1][0], "earlier", finished_at="2026-01-01T00:00:00")  # not this launch's row: run again
     proc, release = sibling(jobs[1][1], since)  # job 1 is running its second point
     try:
-        out = sweep.run_pack(SimpleNamespace(params={"timeout_min": 60}), jobs[0], since, peers[0])
+        out = worker.run_pack(SimpleNamespace(params={"timeout_min": 60}), Pack(), jobs[0], since, peers[0])
     finally:
         release.set()
         proc.join()
@@ -83,14 +85,14 @@ def test_a_job_done_with_its_points_takes_over_its_siblings_unstarted_ones_last_
 def test_no_takeover_past_the_jobs_time_limit_or_without_siblings(tmp_path, job):
     since = now()
     jobs = [[point(tmp_path, 0)], [point(tmp_path, 1)]]
-    sweep.run_pack(SimpleNamespace(params={"timeout_min": 0}), jobs[0], since, sweep.share_points(jobs)[0])
+    worker.run_pack(SimpleNamespace(params={"timeout_min": 0}), Pack(), jobs[0], since, worker.share_points(jobs)[0])
     assert job == [0]
-    assert sweep.share_points([[point(tmp_path, 2)], [point(tmp_path, 3, model="other")]]) == [None, None]
+    assert worker.share_points([[point(tmp_path, 2)], [point(tmp_path, 3, model="other")]]) == [None, None]
 
 
 def test_a_job_knows_the_points_of_at_most_three_siblings_in_a_ring(tmp_path, job):
     jobs = [[point(tmp_path, i)] for i in range(6)]
-    peers = sweep.share_points(jobs)
+    peers = worker.share_points(jobs)
     assert [[job[0].index for job in sib] for _, sib in peers] == [
         [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 0], [5, 0, 1], [0, 1, 2]]
     assert {largest for largest, _ in peers} == {1}
@@ -102,7 +104,7 @@ def test_an_own_point_a_sibling_holds_is_waited_for_then_run_here_only_without_a
     pts = [point(tmp_path, 0), point(tmp_path, 1)]
     proc, release = sibling(pts[0], since, write=writes)
     FORK.Process(target=lambda: (__import__("time").sleep(0.5), release.set())).start()
-    out = sweep.run_pack(SimpleNamespace(params={"timeout_min": 60}), pts, since)
+    out = worker.run_pack(SimpleNamespace(params={"timeout_min": 60}), Pack(), pts, since)
     proc.join()
     assert job == ([1] if writes else [1, 0]) and [r.status.name for r in out] == ["COMPLETED"] * 2
     assert read_row(row_path(pts[0].results_dir, "run00")).extra["by"] == ("sibling" if writes else "me")
@@ -111,12 +113,11 @@ def test_an_own_point_a_sibling_holds_is_waited_for_then_run_here_only_without_a
 def test_a_dead_jobs_point_a_live_sibling_runs_gets_its_row_not_a_failed_one(tmp_path, monkeypatch):
     since = now()
     pts = [point(tmp_path, 0), point(tmp_path, 1)]
-    dead = SimpleNamespace(done=lambda: True, results=lambda: (_ for _ in ()).throw(RuntimeError("killed")))
+    dead = SimpleNamespace(job_id="9", done=lambda: True, results=lambda: (_ for _ in ()).throw(RuntimeError("killed")))
     written = []
-    monkeypatch.setattr(sweep, "dead_row", lambda launcher, p, job, error: written.append(p.index) or ResultRow(
-        run_id=p.run_id, status="failed"))
+    dead_row = lambda p, job, error: written.append(p.index) or ResultRow(run_id=p.run_id, status="failed")  # noqa: E731
     proc, release = sibling(pts[0], since)
     FORK.Process(target=lambda: (__import__("time").sleep(0.5), release.set())).start()
-    out = sweep.collect(None, pts, dead, since)
+    out = returns.collect(pts, dead, since, dead_row, worker.claimed)
     proc.join()
     assert written == [1] and [r.status.name for r in out] == ["COMPLETED", "FAILED"]

@@ -1,24 +1,34 @@
-"""Hydra launchers for lrsweep sweeps: hydra-submitit-launcher's, adapted to lrsweep.sweep.
+"""Hydra launchers and sweeper for lrsweep's app (``python -m lrsweep -m ...``).
 
-Hydra imports every module under hydra_plugins/ for every Hydra app in the environment, so
-this one imports nothing heavy (no torch, no lrsweep, no submitit: they load when a sweep
-launches, as upstream's launcher does; Hydra's basic sweeper is a core plugin, loaded anyway) and no ``from __future__ import annotations`` (Hydra's
-scan executes the module before it is in sys.modules, where dataclasses look string
-annotations up). The parameter mapping (launcher config -> submitit executor) is upstream's:
-:meth:`SweepLauncher.executor` runs upstream's ``launch`` up to its submission. Planning,
-skipping, packing, dead-job rows and manifests are in :mod:`lrsweep.sweep`.
+Hydra imports every module under hydra_plugins/ for every Hydra app in the environment, so this
+one imports nothing heavy (no torch, no lrsweep, no submitit: they load when a sweep launches, as
+hydra-submitit-launcher's do) and no ``from __future__ import annotations`` (Hydra's scan executes
+the module before it is in sys.modules, where dataclasses look string annotations up).
+
+The launchers take hydra-submitit-launcher's queue parameters plus lrsweep's own (packing, the
+local launcher's parallelism, detached SLURM sweeps); :mod:`lrsweep.sweep` plans, submits and
+collects. They serve lrsweep's app only: another app that picks them is told, in one line, to use
+``submitit_local`` or ``submitit_slurm``. :class:`GridSweeper` is Hydra's basic sweeper's grid (the
+same cartesian product of the command line's sweeps, ``max_batch_size``, ``params``, the sweep's
+``multirun.yaml``) on Hydra's public Sweeper interface; it leaves composing and checking each point to
+the launcher, which composes every point once (lrsweep.sweep.plan).
 """
 
-import gc
+import itertools
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn
+from hydra.errors import HydraException
+from hydra.plugins.sweeper import Sweeper
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -28,7 +38,7 @@ class LrsweepLocalConf(LocalQueueConf):
     # grid points per job: an int, or auto (the points sharing model, data and calibration in `parallelism` jobs)
     points_per_job: Any = 1
     # submitit sends USR2 30 s before timeout_min; a timed-out point then fails (it would time out again
-    # if rerun from scratch), a preempted one (USR2 before that, e.g. job._interrupt()) is requeued
+    # if rerun from scratch), a preempted one (USR2 before that) is requeued
     max_num_timeout: int = 0
 
 
@@ -41,91 +51,69 @@ class LrsweepSlurmConf(SlurmQueueConf):
 
 
 @dataclass
-class LrsweepSweeperConf(BasicSweeperConf):
+class GridSweeperConf:
     _target_: str = "hydra_plugins.lrsweep_launcher.launcher.GridSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_local", node=LrsweepLocalConf, provider="lrsweep")
 ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_slurm", node=LrsweepSlurmConf, provider="lrsweep")
-ConfigStore.instance().store(group="hydra/sweeper", name="lrsweep", node=LrsweepSweeperConf, provider="lrsweep")
+ConfigStore.instance().store(group="hydra/sweeper", name="lrsweep", node=GridSweeperConf, provider="lrsweep")
 
-# launcher keys that are lrsweep's, not submitit's
-OWN_KEYS = ("parallelism", "points_per_job", "wait", "extra")
+CONF = Path(__file__).resolve().parents[2] / "conf"  # lrsweep's config dir: its app is the one these launchers serve
 
 
-class _Built(Exception):
-    """Stops upstream's launch at its submission, carrying the executor it built."""
-
-    def __init__(self, executor: Any):
-        super().__init__("executor built")
-        self.executor = executor
+def _serves(config: Any) -> bool:
+    """Whether the app composing ``config`` is lrsweep's: its primary config comes from lrsweep's conf/."""
+    sources = OmegaConf.select(config, "hydra.runtime.config_sources") or []
+    return any(s.get("provider") == "main" and Path(str(s.get("path")).split("://")[-1]).resolve() == CONF
+               for s in sources)
 
 
 class SweepLauncher(BaseSubmititLauncher):
     """Hydra's side of a sweep: lrsweep.sweep plans and runs it, this class talks to Hydra and submitit."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if not _serves(self.config):
+            name = "submitit_slurm" if self._EXECUTOR == "slurm" else "submitit_local"
+            print(f"hydra/launcher=lrsweep_{self._EXECUTOR} serves lrsweep's app (python -m lrsweep); "
+                  f"for this app use hydra/launcher={name}", file=sys.stderr)
+            sys.exit(2)
         from lrsweep import sweep
 
-        gc.freeze()  # the CLI's modules (torch & co.) are imported: Python's full collections skip their objects
-        return sweep.launch(self, job_overrides, initial_job_idx)
+        prefetch = sweep.Prefetch()
+        outcome = sweep.launch(self, job_overrides, initial_job_idx, prefetch)
+        sweep.report(outcome, prefetch)
+        return outcome.returns
 
-    def executor(self, job_overrides: Sequence[Sequence[str]], per_job_points: int = 1) -> Any:
-        """The submitit executor upstream's ``launch`` builds from this launcher's parameters
-        (``timeout_min`` is per grid point: a job of N points gets N times it).
+    def executor(self, per_job_points: int = 1) -> Any:
+        """The submitit executor of this launcher's parameters (lrsweep.sweep.submit.executor)."""
+        from lrsweep.sweep import submit
 
-        Upstream maps the parameters and submits in one method; it is run here with its
-        ``map_array`` stopped, so the mapping stays upstream's (it logs the sweep dir and points).
-        Its copy of Hydra's state for every point (``Singleton.get_state``, ~8 ms each: 8 s for
-        1,000 points) is skipped too: what it builds is dropped, the jobs get lrsweep's one copy."""
-        import submitit
+        return submit.executor(self, per_job_points)
 
-        def stop(executor: Any, *args: Any, **kwargs: Any) -> None:
-            raise _Built(executor)
-
-        own = {k: self.params.pop(k) for k in OWN_KEYS if k in self.params}
-        own["timeout_min"] = self.params["timeout_min"]
-        self.params["timeout_min"] = int(own["timeout_min"]) * per_job_points
-        real, state = submitit.AutoExecutor.map_array, Singleton.__dict__["get_state"]
-        submitit.AutoExecutor.map_array = stop  # type: ignore[method-assign]
-        Singleton.get_state = staticmethod(lambda: None)  # type: ignore[method-assign]
-        try:
-            BaseSubmititLauncher.launch(self, job_overrides, 0)
-        except _Built as built:
-            return built.executor
-        finally:
-            submitit.AutoExecutor.map_array = real  # type: ignore[method-assign]
-            Singleton.get_state = state  # type: ignore[method-assign]
-            self.params.update(own)
-        raise RuntimeError("hydra-submitit-launcher's launch() did not submit")
-
-    def __call__(self, pack: List[Any], singleton_state: Dict[Any, Any], since: str,  # type: ignore[override]
+    def __call__(self, points: List[Any], singleton_state: Dict[Any, Any], since: str,  # type: ignore[override]
                  peers: Any = None) -> List[JobReturn]:
-        """In the job: run its grid points (lrsweep.sweep.run_pack), one row each; ``peers``: its
-        siblings' points it may take over (lrsweep.sweep.share_points)."""
-        from lrsweep import sweep
+        """In the job: run its grid points (lrsweep.sweep.worker.run_pack), one row each; ``peers``:
+        its siblings' points it may take over."""
+        from hydra.core.utils import setup_globals
+
+        from lrsweep.pack import Pack
+        from lrsweep.sweep import worker
 
         Singleton.set_state(singleton_state)
-        return sweep.run_pack(self, pack, since, peers)
+        setup_globals()
+        self._pack = Pack(len(points), worker.launch_folder(points[0], since), reuse=True)
+        return worker.run_pack(self, self._pack, points, since, peers)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """On USR2 in the job: save the running point's stage, then let submitit requeue the job
+        """On USR2 in the job: save the running point's attempt, then let submitit requeue the job
         (which skips the points whose row was written since the launch)."""
-        from lrsweep import checkpoint
-
-        checkpoint.save("USR2: preempted or near the time limit")
+        pack, self._pack = getattr(self, "_pack", None), None  # the requeued copy starts without it
+        if pack is not None and pack.attempt is not None:
+            pack.attempt.save("USR2: preempted or near the time limit")
         return super().checkpoint(*args, **kwargs)
-
-
-class GridSweeper(BasicSweeper):
-    """Hydra's basic sweeper (the same grid, batches and overrides) that leaves composing every point
-    before the launch to lrsweep's launchers, which compose and validate each point once
-    (lrsweep.sweep.plan: a point that does not compose fails the sweep before anything runs, as
-    in Hydra's own check); with any other launcher it checks the batch as Hydra does."""
-
-    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        if not isinstance(self.launcher, SweepLauncher):
-            super().validate_batch_is_legal(batch)
 
 
 class LocalLauncher(SweepLauncher):
@@ -134,3 +122,53 @@ class LocalLauncher(SweepLauncher):
 
 class SlurmLauncher(SweepLauncher):
     _EXECUTOR = "slurm"
+
+
+class GridSweeper(Sweeper):
+    """The cartesian product of the command line's sweeps (``a=1,2 b=range(3)``), launched in batches
+    of ``max_batch_size`` (all at once by default); a failed point's JobReturn raises its error after
+    its batch, as Hydra's basic sweeper does."""
+
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
+        self.max_batch_size, self.params = max_batch_size, dict(params or {})
+        self.config: Any = None
+        self.hydra_context: Any = None
+        self.launcher: Any = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def grid(self, arguments: List[str]) -> List[List[str]]:
+        """Every point's overrides, in Hydra's order (the last sweep varies fastest)."""
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        axes: Dict[str, List[str]] = {}
+        for o in parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments]):
+            key = o.get_key_element()
+            if o.is_sweep_override():
+                if not o.is_discrete_sweep():
+                    raise HydraException(f"{type(self).__name__} does not support sweep type : {o.value_type.name}")
+                axes[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            else:
+                axes[key] = [f"{key}={o.get_value_element_as_str()}"]
+        return [list(point) for point in itertools.product(*axes.values())]
+
+    def sweep(self, arguments: List[str]) -> Any:
+        points = self.grid(arguments)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        size = self.max_batch_size if self.max_batch_size not in (None, -1) else max(1, len(points))
+        returns = []
+        for start in range(0, len(points), size):
+            batch = points[start:start + size]
+            if not isinstance(self.launcher, SweepLauncher):  # lrsweep's launchers compose and check each point
+                self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=start)
+            for r in results:
+                _ = r.return_value  # raises the error of a failed point
+            returns.append(results)
+        return returns

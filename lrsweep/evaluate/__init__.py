@@ -64,11 +64,11 @@ TASKS["lm_eval"] = Task("lm_eval", _lm_eval.prepare, _lm_eval.evaluate, kinds=("
 
 # ---------------------------------------------------------------- names other modules use from here
 from lrsweep.evaluate.latency import (Speed, as_dense, check_inference, layer_fallback,  # noqa: E402
-                                      peak_memory_mb, reset_peak, speed, timed, times_layers)
+                                      peak_memory_mb, reset_peak, speed, timed, times_layers, timing_lock)
 from lrsweep.evaluate.ppl import perplexity, ppl_windows  # noqa: E402
 from lrsweep.evaluate.probe import embed  # noqa: E402
 from lrsweep.evaluate.zeroshot import continuation_logprob, zeroshot_predictions, zeroshot_split  # noqa: E402
 
 __all__ = ["Context", "DEFAULT_TASK", "Speed", "TASKS", "Task", "as_dense", "check_inference", "continuation_logprob",
            "embed", "layer_fallback", "peak_memory_mb", "perplexity", "ppl", "ppl_windows", "probe", "reset_peak", "speed",
-           "task_for", "timed", "times_layers", "zeroshot", "zeroshot_predictions", "zeroshot_split"]
+           "task_for", "timed", "times_layers", "timing_lock", "zeroshot", "zeroshot_predictions", "zeroshot_split"]

@@ -4,16 +4,22 @@
                   model's bytes in memory;
   peak_memory_mb  the process's peak memory (CUDA allocations on a GPU, resident set on CPU);
   layer_fallback  each compressed layer timed against its dense equivalent; with
-                  ``inference.fallback=auto`` the faster one stays.
+                  ``inference.fallback=auto`` the faster one stays;
+  timing_lock     one timing at a time per host and device, across the jobs of every sweep.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import resource
+import socket
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -153,3 +159,27 @@ def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str
     if mode == "auto":
         out["fallback_layers"] = fell_back
     return out
+
+
+@contextmanager
+def timing_lock(cache_dir: str | os.PathLike, device: str, while_waiting: Callable[[], None] | None = None
+                ) -> Iterator[dict[str, float]]:
+    """Hold this host's and device's timing lock (``<cache_dir>/locks``): no sibling job times at once.
+    When a sibling holds it, ``while_waiting`` (work this job does later anyway) runs before waiting.
+    Yields ``{"waited_s": seconds waited}``."""
+    d = Path(os.path.abspath(str(cache_dir))) / "locks"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {"waited_s": 0.0}
+    with open(d / f"timing-{socket.gethostname()}-{device.replace(':', '')}.lock", "a") as f:
+        t0 = time.perf_counter()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if while_waiting is not None:
+                while_waiting()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        out["waited_s"] = time.perf_counter() - t0
+        try:
+            yield out
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

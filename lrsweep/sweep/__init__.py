@@ -1,0 +1,110 @@
+"""A sweep, from Hydra's job overrides to one row per grid point.
+
+The launcher (hydra_plugins/lrsweep_launcher) hands the grid to :func:`launch`:
+
+1. plan (:mod:`.plan`): every point is composed (:mod:`.compose`) and validated before anything is
+   submitted (a single bad point launches nothing: exit code 2) and looked up in the results dir;
+   points whose row says ``ok`` are skipped;
+2. pack and submit (:mod:`.submit`): the rest go into jobs (``hydra.launcher.points_per_job``: 1, K,
+   or ``auto``: the points that share model, data and calibration in as many jobs as there are
+   parallel slots) and to submitit, local processes with bounded parallelism or one SLURM array
+   (with a manifest for ``python -m lrsweep.status``);
+3. in each job (:mod:`.worker`): its points one after another through Hydra's run_job, sharing the
+   dense model; with ``auto`` a job done with its own points takes over its siblings' unstarted ones;
+4. collect (:mod:`.returns`): every point's JobReturn, in grid order; a job that dies without writing
+   its points' rows gets ``failed`` rows from here for those points only;
+5. report (:mod:`.outcome`): the table, the plot path and the summary line.
+
+``dry_run=true`` lists the points with their status and estimated time, and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+
+from lrsweep import identity
+from lrsweep.job import PointFailed
+from lrsweep.row import now, row_status
+from lrsweep.sweep import submit
+from lrsweep.sweep.returns import collect, dead_row, job_return, row_of
+from lrsweep.sweep.plan import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name
+from lrsweep.sweep.outcome import Outcome, Prefetch, dry_run, report
+from lrsweep.sweep.worker import claimed, share_points
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Outcome", "Point", "PointFailed", "Prefetch", "dry_run", "launch", "report"]
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+           prefetch: Prefetch | None = None) -> Outcome:
+    """Plan, skip what is ok, pack, submit, wait and account for every point (the Outcome's returns:
+    one JobReturn per point, in grid order). ``prefetch`` starts importing the report's modules while
+    the last jobs run."""
+    prefetch = prefetch or Prefetch()
+    with identity.auto_device(auto_device(launcher)):
+        points = plan(launcher, job_overrides, initial_job_idx)
+    per_job = points_per_job(launcher.params.get("points_per_job", 1))
+    slurm = launcher._EXECUTOR == "slurm"
+    if slurm:
+        submit.preflight(launcher.params)
+    check_gpus(launcher.params, points)
+    active = submit.active(points) if slurm else {}
+    results_dir = points[0].results_dir if points else ""
+    if points and points[0].cfg.get("dry_run"):
+        dry_run(points, active)
+        return Outcome(results_dir, [p.run_id for p in points], dry_run=True)
+    for p in points:
+        if p.run_id in active and not p.cfg.get("force"):
+            log.info(f"[lrsweep]   #{p.index} {p.run_id}: still queued or running as job {active[p.run_id]}, "
+                     "not submitted again")
+    points = [p for p in points if p.run_id not in active or p.cfg.get("force")]
+    todo = [p for p in points if p.cfg.get("force") or row_status(p.results_dir, p.run_id) != "ok"]
+    out = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo))
+    log.info(f"[lrsweep] {len(points)} grid points: {len(todo)} to run, {len(points) - len(todo)} already ok")
+    returns = {p.index: job_return(p, row_of(p), "an earlier launch") for p in points if p not in todo}
+    if todo:
+        jobs = pack(todo, per_job, slots(launcher))
+        if len(jobs) < len(todo):
+            log.info(f"[lrsweep] {len(todo)} points in {len(jobs)} jobs (points_per_job={per_job})")
+        returns.update(_run(launcher, out, jobs, per_job, prefetch))
+    out.returns = [returns[i] for i in sorted(returns)]
+    return out
+
+
+def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | str, prefetch: Prefetch
+         ) -> dict[int, Any]:
+    """Submit the jobs, wait for them (unless detached) and collect their points' JobReturns by index."""
+    slurm = launcher._EXECUTOR == "slurm"
+    ex = launcher.executor(per_job_points=max(len(j) for j in jobs))
+    os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
+    since = now()
+    state = Singleton.get_state()
+    peers = share_points(jobs) if per_job == "auto" else [None] * len(jobs)
+    args = [(job, state, since, shared) for job, shared in zip(jobs, peers)]
+    if slurm:
+        submitted = submit.submit_slurm(launcher, ex, args, sweep_name(launcher))
+    else:
+        submitted = submit.submit_local(launcher, ex, args, while_last=prefetch.start)
+    out.job_ids = [str(j.job_id) for j in submitted]
+    out.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
+    if not launcher.params.get("wait", True):
+        out.detached = True
+        return {}
+    if slurm:  # the jobs run on the cluster's nodes
+        prefetch.start()
+
+    def dead(p: Point, job: Any, error: BaseException):
+        prefetch.wait()  # the main thread imports while writing the row
+        return dead_row(p, job, error, slurm)
+
+    returns = {}
+    for job, j in zip(jobs, submitted):
+        for p, ret in zip(job, collect(job, j, since, dead, claimed)):
+            returns[p.index] = ret
+    return returns
