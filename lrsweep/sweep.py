@@ -109,7 +109,7 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
         except ConfigError as e:
             errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov[:-1]))}): {e}")
             continue
-        rid = identity.run_id(cfg)
+        rid = identity.run_id(cfg, auto_device(launcher))
         if rid not in seen:  # two override lists, one experiment: run it once
             seen.add(rid)
             points.append(Point(initial_job_idx + i, ov, cfg, rid))
@@ -162,7 +162,7 @@ def gpus_requested(params: Any) -> int:
 
 
 def auto_device(launcher: Any) -> str | None:
-    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.auto_device):
+    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.run_id):
     a job sees the GPUs its launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none
     without; a local job's are this machine's (None: cuda when available here), a SLURM job's cuda."""
     if not gpus_requested(launcher.params):
@@ -173,8 +173,7 @@ def auto_device(launcher: Any) -> str | None:
 # ---------------------------------------------------------------- launching
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """Plan, skip what is ok, pack, submit, wait and account for every point: one JobReturn per point run."""
-    with identity.auto_device(auto_device(launcher)):
-        return _launch(launcher, job_overrides, initial_job_idx)
+    return _launch(launcher, job_overrides, initial_job_idx)
 
 
 def _launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
