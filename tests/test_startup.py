@@ -70,7 +70,6 @@ LOG_ROW = """
 import json, sys
 from pathlib import Path
 from hydra import compose, initialize_config_dir
-import lrsweep.methods  # registers the methods' structured configs
 from lrsweep.logger import log_row
 from lrsweep.row import ResultRow
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
