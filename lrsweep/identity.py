@@ -1,11 +1,14 @@
-"""Run identity: a short hash of the config fields that define the experiment.
+"""Run identity: a short hash of the config that defines the experiment, and what a packed job shares.
 
-Launcher, logger and paths are excluded, so the same experiment run locally or on SLURM, with
-or without W&B, has the same ``run_id`` (and is not run twice). The device enters as its type
-(cpu / cuda: latency and memory are measured on it; the GPU's name stays in the row), and only
-when it is not cpu, so rows written before the device type was part of the id keep theirs.
-``device=auto`` counts as the type the job will use: this machine's (cuda when available), or,
-while a sweep plans jobs that run elsewhere (:func:`auto_device`), what the launcher requests.
+The run_id hashes every top-level key of the config but those in :data:`NOT_EXPERIMENT`, with the
+row schema's version (lrsweep.row.SCHEMA_VERSION), so the same experiment run locally or on SLURM,
+with or without W&B, has the same ``run_id`` and is not run twice. The device enters as its type
+(cpu / cuda: latency and memory are measured on it; which GPU stays in the row). ``device=auto`` is
+the type the job will use: ``auto_device`` when the caller knows it (a sweep planning jobs that run
+elsewhere passes what its launcher requests), else this machine's (cuda when available).
+
+Rows written under another schema version are moved to their run_id now by
+``python -m lrsweep.rekey <results_dir>`` (lrsweep.rekey).
 """
 
 from __future__ import annotations
@@ -13,100 +16,79 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lrsweep.row import SCHEMA_VERSION
 
-# top-level keys that do not change what is measured (device: only its type, see device_type)
-EXCLUDED_KEYS = frozenset({"hydra", "logger", "launch", "results_dir", "cache_dir", "device", "verbose", "threads",
-                           "sweep_name", "progress", "force", "dry_run"})
+# What is not part of an experiment: keys whose value changes nothing a row measures, each with why.
+# Dotted keys are nested ones (calib.fisher: under the condition its reason gives).
+NOT_EXPERIMENT: dict[str, str] = {
+    "hydra": "Hydra's own settings: output dirs, launcher, sweeper",
+    "logger": "where the row is sent besides its file (W&B or nowhere)",
+    "results_dir": "where the row is written",
+    "cache_dir": "where models, data and calibration statistics are cached",
+    "threads": "torch threads of the job (by default the launcher's cpus_per_task): local and SLURM runs are one experiment",
+    "sweep_name": "the W&B group the launcher names the sweep by",
+    "progress": "progress bars",
+    "verbose": "tracebacks of config errors",
+    "force": "reruns a point whose row is ok",
+    "dry_run": "lists the points and runs none",
+    "save_compressed": "also writes the compressed model's factors next to the row",
+    "calib.fisher": "the Fisher estimator, for methods that use no Fisher (part of the experiment of those that do)",
+}
 
-# top-level keys that change no measurement but were hashed when rows were first written: hashed at
-# this value whatever they are set to, so the id neither changes with them nor for the rows written before
-NEUTRAL_KEYS: dict[str, Any] = {"save_compressed": False}  # the factors saved next to the row
-
-
-# keys (dotted paths) added after rows were first written, with the default that means "as before":
-# left out of the hash while at that default, so existing rows keep their run_id
-LATER_KEYS: dict[str, Any] = {"param_ratio": None,
-                              "eval.ppl_drop_last": False, "eval.ppl_bos": False,  # perplexity protocol
-                              "calib.sampling": "stream", "calib.bos": False,  # calibration protocol
-                              "calib.fisher": "batch",  # the Fisher estimator before per-sample became the default
-                              "allocation": "uniform",  # rank allocation across layers
-                              "method.solver": "exact",  # asvd: torch.svd_lowrank as in ASVD's code
-                              "method.side": "output", "method.power": 0.5}  # fwsvd: the weighted side
-
-
-def _drop_later_defaults(out: dict[str, Any]) -> None:
-    for path, default in LATER_KEYS.items():
-        *parents, leaf = path.split(".")
-        node: Any = out
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == default:
-            del node[leaf]
-
-
-# what device=auto resolves to for the ids of this process; None: this machine's device
-_AUTO: list[str | None] = [None]
-
-
-@contextmanager
-def auto_device(kind: str | None) -> Iterator[None]:
-    """Resolve ``device=auto`` to ``kind`` (cpu / cuda) meanwhile: a sweep plans on one machine for jobs
-    that see the devices their launcher requests."""
-    _AUTO.append(kind)
-    try:
-        yield
-    finally:
-        _AUTO.pop()
+# What does not change the dense model (its weights, data, calibration and what is measured on it):
+# points differing only in these share one dense model in a packed job (dense_key). So do the keys
+# that are not part of the experiment, but threads (the dense model is timed with them) and cache_dir
+# (it is read from there); the device counts with its index (the job's one device).
+NOT_DENSE_MODEL: dict[str, str] = {
+    "method": "how the dense weights are compressed",
+    "rank": "the rank of the factors",
+    "bits": "the bits of stored factor entries",
+    "budget": "bits per weight, which set each layer's rank",
+    "param_ratio": "the fraction of each layer's parameters kept, which sets its rank",
+    "allocation": "how ranks are spread across layers",
+    "heal": "the fine-tune after compression",
+    "inference": "how compressed layers run (falling back to dense)",
+    "stream": "whether blocks are compressed one at a time",
+    **{key: why for key, why in NOT_EXPERIMENT.items() if "." not in key and key not in ("threads", "cache_dir")},
+}
 
 
-def device_type(cfg: DictConfig) -> str:
-    """cpu or cuda: the type of device the grid point runs on (cuda:1 is cuda)."""
+def device_type(cfg: DictConfig, auto_device: str | None = None) -> str:
+    """cpu or cuda: the type of device the grid point runs on (cuda:1 is cuda); ``device=auto`` is
+    ``auto_device`` when given, else this machine's."""
     device = str(cfg.get("device", "cpu"))
     if device == "auto":
-        if _AUTO[-1] is not None:
-            return _AUTO[-1]
+        if auto_device is not None:
+            return auto_device
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device.split(":")[0]
 
 
-def experiment_config(cfg: DictConfig) -> dict[str, Any]:
-    out = {}
-    for key in cfg:
-        if key in EXCLUDED_KEYS:
-            continue
-        node = cfg[key]
-        out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    for key, value in NEUTRAL_KEYS.items():
-        if key in out:
-            out[key] = value
-    _drop_later_defaults(out)
-    if device_type(cfg) != "cpu":  # cpu is the identity rows had before the device type was part of it
-        out["device"] = device_type(cfg)
-    if isinstance(out.get("method"), dict):
-        _name_builtin_target(out["method"])
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def experiment_config(cfg: DictConfig, auto_device: str | None = None) -> dict[str, Any]:
+    """The config as the run_id hashes it: without :data:`NOT_EXPERIMENT`, the device as its type, a
+    built-in method by its name (a ``_target_`` naming the built-in's own function is that built-in)."""
+    out = {key: _plain(cfg[key]) for key in cfg if key not in NOT_EXPERIMENT}
+    out["device"] = device_type(cfg, auto_device)
+    method = out.get("method")
+    if isinstance(method, dict) and "_target_" in method:
+        from lrsweep.methods import REGISTRY
+
+        spec = REGISTRY.get(str(method.get("name")))
+        if spec is not None and spec.builtin and method["_target_"] == spec.target:
+            del method["_target_"]
     if isinstance(out.get("calib"), dict) and "fisher" not in _needs(cfg):
-        out["calib"].pop("fisher", None)  # the Fisher estimator identifies only runs that use a Fisher
+        out["calib"].pop("fisher", None)
     return out
-
-
-def _name_builtin_target(method: dict[str, Any]) -> None:
-    """Hash a built-in method config (``name`` and options, no ``_target_``) with the ``_target_`` it
-    carried until built-ins were known by name alone: the import path of the built-in's function,
-    so ids computed before stay valid (and a row written before, which records that ``_target_``,
-    keeps its id)."""
-    from lrsweep.methods import REGISTRY
-
-    spec = REGISTRY.get(str(method.get("name")))
-    if spec is not None and spec.builtin and "_target_" not in method:
-        method["_target_"] = spec.target
 
 
 def _needs(cfg: DictConfig) -> tuple[str, ...]:
@@ -126,11 +108,11 @@ def digest(experiment: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def run_id(cfg: DictConfig) -> str:
-    return digest(experiment_config(cfg))
+def run_id(cfg: DictConfig, auto_device: str | None = None) -> str:
+    return digest(experiment_config(cfg, auto_device))
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: DictConfig, auto_device: str | None = None) -> str:
     """A readable name: model-method-(r<rank>|bpw<budget>|p<param_ratio>)-b<bits>-s<seed>-<run_id>."""
     parts = [str(cfg.model.name), str(cfg.method.name)]
     if cfg.get("budget") is not None:
@@ -141,5 +123,11 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"r{cfg.rank}")
     if cfg.get("allocation", "uniform") != "uniform":
         parts.append(str(cfg.allocation))
-    parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg)]
+    parts += [f"b{cfg.bits}", f"s{cfg.seed}", run_id(cfg, auto_device)]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts))
+
+
+def dense_key(cfg: DictConfig) -> str:
+    """What the dense model, its metrics and calibration depend on: points with the same key share them."""
+    return json.dumps({key: _plain(cfg[key]) for key in cfg if key not in NOT_DENSE_MODEL}, sort_keys=True,
+                      default=str)

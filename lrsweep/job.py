@@ -68,17 +68,7 @@ def write_failed(cfg: DictConfig, error: BaseException, message: str | None = No
     return row
 
 
-# top-level keys that differ between the points of one packed job (the rest must match: dense_key)
-POINT_KEYS = frozenset({"method", "rank", "bits", "budget", "param_ratio", "allocation", "heal", "inference",
-                        "stream", "save_compressed"})
-
-
-def dense_key(cfg: DictConfig) -> str:
-    """What the dense model, its metrics and calibration depend on: points with the same key share them."""
-    keep = {k: cfg[k] for k in cfg if k not in POINT_KEYS
-            and (k not in identity.EXCLUDED_KEYS or k in ("device", "threads", "cache_dir"))}
-    return json.dumps({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                       for k, v in keep.items()}, sort_keys=True, default=str)
+dense_key = identity.dense_key  # what the points of one packed job share (lrsweep.identity.NOT_DENSE_MODEL)
 
 
 def load_dense(cfg: DictConfig, device: str, cache_dir: str, share: str | os.PathLike | None) -> Dense:

@@ -1,64 +1,100 @@
-"""``python -m lrsweep.rekey <results_dir>``: give rows written under the earlier run identity their run_id now.
+"""``python -m lrsweep.rekey <results_dir>``: move rows written under an earlier identity to their run_id now.
 
-Before the device type was part of the identity, a GPU run had its CPU run's id, and
-``save_compressed=true`` changed the id. A row whose id is that earlier one (its recorded config
-hashed without the device, with save_compressed as set) moves to its id now
-(:func:`lrsweep.identity.run_id` of the config on the row's device); CPU rows without
-save_compressed have the same id under both and stay. A row is not moved onto an existing one,
-nor when its device is unknown (failed before choosing it on ``device=auto``). ``--dry-run``
-lists the moves.
+A row's run_id hashes its config with the row schema's version (lrsweep.identity), so a new version
+changes every run_id and a sweep would rerun the rows written before. This migration gives each row
+of an earlier schema its config as written now (:data:`SCHEMA_1`) and the run_id that config has
+now (the device type that ran it, for ``device=auto``), moves the row there and sets its
+schema_version. A row is not moved onto an existing one, nor when its device is unknown (it failed
+before choosing one on ``device=auto``); a row already keyed by its config stays. ``--dry-run``
+lists the moves. Running it again changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from lrsweep import identity
-from lrsweep.row import ResultRow, read_row, row_path, rows_dir, write_row
+from lrsweep.row import SCHEMA_VERSION, ResultRow, read_row, row_path, rows_dir, write_row
+
+# What a schema-1 row's config meant by a key it lacks (keys added while rows had schema 1, each with
+# the value that ran as before it existed); method options only for the methods that take them.
+SCHEMA_1: dict[str, Any] = {"param_ratio": None, "allocation": "uniform",
+                            "eval.ppl_drop_last": False, "eval.ppl_bos": False,
+                            "calib.sampling": "stream", "calib.bos": False, "calib.fisher": "batch",
+                            "method.solver": "exact", "method.side": "output", "method.power": 0.5}
+
+KEPT, UNKNOWN = "kept: a row with the new id exists", "left: device=auto and no device recorded"
 
 
-def earlier_id(cfg: DictConfig) -> str:
-    """The run_id before the device type was part of it and save_compressed was not."""
-    experiment = identity.experiment_config(OmegaConf.merge(cfg, {"device": "cpu"}))
-    if "save_compressed" in cfg:
-        experiment["save_compressed"] = cfg.save_compressed
-    return identity.digest(experiment)
+def current_config(row: ResultRow) -> dict[str, Any]:
+    """The row's config as written under the current schema."""
+    config = copy.deepcopy(row.config)
+    if row.schema_version < 2:
+        options = _method_options(config.get("method"))
+        for path, value in SCHEMA_1.items():
+            *parents, leaf = path.split(".")
+            node: Any = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or leaf in node or (parents == ["method"] and leaf not in options):
+                continue
+            node[leaf] = value
+    return config
 
 
-def new_id(row: ResultRow) -> str | None:
-    """The row's run_id now when it is keyed by the earlier identity and that differs; else None."""
-    device = row.device or str(row.config.get("device", ""))
-    if not row.config or device in ("", "auto"):
+def _method_options(method: Any) -> set[str]:
+    """The option keys of a row's method config (none when its method cannot be resolved here)."""
+    from lrsweep.methods import resolve
+
+    try:
+        spec = resolve(str(method.get("name")), method.get("_target_"))
+    except (KeyError, ImportError, AttributeError, ValueError):
+        return set()
+    return spec.options() or set()
+
+
+def current_id(row: ResultRow, config: dict[str, Any]) -> str | None:
+    """The run_id of ``config`` (the row's, as written now) on the device that ran it; None when unknown."""
+    cfg = OmegaConf.create(config)
+    device = row.device.split(":")[0] or None
+    if str(cfg.get("device", "cpu")) == "auto" and device is None:
         return None
-    cfg = OmegaConf.create({**row.config, "device": device})
-    if earlier_id(cfg) != row.run_id:
-        return None
-    new = identity.run_id(cfg)
-    return None if new == row.run_id else new
+    return identity.run_id(cfg, auto_device=device)
 
 
 def rekey(results_dir: str | os.PathLike, dry_run: bool = False) -> list[tuple[str, str, str]]:
-    """(old id, new id, what happened) for every row keyed by the earlier identity."""
-    out = []
-    for path in sorted(rows_dir(results_dir).glob("*.json")) if rows_dir(results_dir).is_dir() else []:
+    """(old id, new id, what happened) for every row whose run_id is not its config's now."""
+    out, taken = [], set()
+    paths = sorted(rows_dir(results_dir).glob("*.json")) if rows_dir(results_dir).is_dir() else []
+    for path in paths:
         row = read_row(path)
-        new = new_id(row)
+        if not row.config:
+            continue
+        config = current_config(row)
+        new, old = current_id(row, config), row.run_id
         if new is None:
+            out.append((old, "?", UNKNOWN))
             continue
-        old = row.run_id
-        if row_path(results_dir, new).exists():
-            out.append((old, new, "kept: a row with the new id exists"))
+        if new == old and row.schema_version == SCHEMA_VERSION:
             continue
+        if new != old and (row_path(results_dir, new).exists() or new in taken):
+            out.append((old, new, KEPT))
+            continue
+        taken.add(new)
         if not dry_run:
             row.run_id, row.run_name = new, row.run_name.removesuffix(old) + new
+            row.config, row.schema_version = config, SCHEMA_VERSION
             write_row(results_dir, row)
-            Path(path).unlink()
-        out.append((old, new, "would move" if dry_run else "moved"))
+            if new != old:
+                Path(path).unlink()
+        out.append((old, new, ("would move" if dry_run else "moved") if new != old else "schema updated"))
     return out
 
 
@@ -70,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     moves = rekey(args.results_dir, args.dry_run)
     for old, new, what in moves:
         print(f"{old} -> {new}: {what}")
-    moved = sum(what != "kept: a row with the new id exists" for _, _, what in moves)
+    moved = sum(what in ("moved", "would move") for _, _, what in moves)
     print(f"{moved} rows {'to move' if args.dry_run else 'moved'}, the others keep their run_id")
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from lrsweep import atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # a new version changes every run_id: python -m lrsweep.rekey moves the rows
 STATUSES = ("ok", "failed")
 
 

@@ -47,8 +47,6 @@ def compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import lrsweep.methods  # noqa: F401  (stores the built-in method configs, method/base/<name>, in Hydra's ConfigStore)
-
     def _compose(overrides: list[str] | None = None, hydra_cfg: bool = False):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

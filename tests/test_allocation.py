@@ -209,7 +209,7 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
 
 def test_uniform_is_unchanged(compose):
     base = compose()
-    assert run_id(compose(["allocation=uniform"])) == run_id(base)  # rows written before the key keep their id
+    assert run_id(compose(["allocation=uniform"])) == run_id(base)  # its default is the run without it (rekey: schema-1 rows)
     assert run_id(compose(["allocation=spectrum", "param_ratio=0.5"])) != run_id(compose(["param_ratio=0.5"]))
     assert "-spectrum-" in run_name(compose(["allocation=spectrum", "param_ratio=0.5"]))
     assert allocate.allocate(None, {}, type("C", (), {"cfg": base})(), None) == (None, {})

@@ -8,7 +8,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import lrsweep.methods  # noqa: F401  (method/base/<name> in Hydra's ConfigStore)
 from lrsweep.sweep.compose import sweep_configs
 from conftest import CONF
 

@@ -75,22 +75,13 @@ def test_run_name_is_readable_and_safe(compose):
 
 
 # run_ids computed by lrsweep before param_ratio, allocation, the protocol keys and the Fisher estimator
-# existed (commit 5190cb6): rows written then are still found (identity.LATER_KEYS)
+# existed (commit 5190cb6, schema 1): rows written then lack those keys and name a built-in by `_target_`
 EARLIER_RUN_IDS = {"": "521f5d9592f6", "model=smollm2": "34f9ea320546", "method=svdllm": "7ad16b06a136",
                    "method=asvd": "e3c5cc707190", "method=drone": "462a4d5939d9", "method=lplr bits=4": "65e0dfa8f47c",
                    "model=smollm2 method=svdllm": "22dad3642870", "budget=4": "bb6264e0792a",
                    "method=fwsvd calib.fisher=batch": "6058c996b53e"}
 
-
-@pytest.mark.parametrize("overrides", sorted(EARLIER_RUN_IDS))
-def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # these ids were computed on CPU (device=auto)
-    assert run_id(compose(overrides.split())) == EARLIER_RUN_IDS[overrides]
-    assert run_id(compose([*overrides.split(), "device=cpu", "save_compressed=true"])) == EARLIER_RUN_IDS[overrides]
-
-
-# run_ids of main at 47fdb06, when a built-in's config still carried `_target_` (its own function): the
-# identity hashes a built-in known by name with that `_target_` (identity._name_builtin_target)
+# run_ids of main at 47fdb06 (schema 1), when a built-in's config still carried `_target_` (its own function)
 TARGET_RUN_IDS = {"method=asvd": "e3c5cc707190", "method=caldera": "e637ee3b8883", "method=drone": "462a4d5939d9",
                   "method=dsvd": "ebae4bff768c", "method=fwsvd": "bd43625e86da", "method=gptq": "662fe97c41ae",
                   "method=kronecker": "e104e454f756", "method=losparse": "b6525a1d4a97", "method=lplr": "1c69a472e89b",
@@ -104,27 +95,94 @@ TARGET_RUN_IDS = {"method=asvd": "e3c5cc707190", "method=caldera": "e637ee3b8883
                   "method=svd method._target_=lrsweep_testplugins.fails_above": "7b911a2365cc",
                   "method=custom method._target_=lrsweep.methods.svd.svd": "abff58fe697f"}
 
+# schema 1's rule for those keys: left out of the hash at these values (what ran before each existed)
+SCHEMA_1_LATER = {"param_ratio": None, "eval.ppl_drop_last": False, "eval.ppl_bos": False, "calib.sampling": "stream",
+                  "calib.bos": False, "calib.fisher": "batch", "allocation": "uniform", "method.solver": "exact",
+                  "method.side": "output", "method.power": 0.5}
 
-def test_every_method_keeps_its_run_id_without_target(compose, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert {f"method={m}" for m in METHODS} <= set(TARGET_RUN_IDS)
-    for overrides, expected in TARGET_RUN_IDS.items():
-        cfg = compose(overrides.split())
-        assert ("_target_" in cfg.method) == ("_target_" in overrides), overrides
-        assert run_id(cfg) == expected, overrides
+
+def _at(config, path):
+    *parents, leaf = path.split(".")
+    for part in parents:
+        config = config.get(part) if isinstance(config, dict) else None
+    return config, leaf
+
+
+def schema_1_row(compose, overrides, drop_later):
+    """The config of a grid point as a schema-1 lrsweep wrote it on CPU, and the run_id it computed then:
+    built-ins with their `_target_`; without the later keys (``drop_later``) at the values that mean
+    what ran before them."""
+    import copy
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    from lrsweep.identity import _needs
+    from lrsweep.methods import REGISTRY
+
+    cfg = compose(overrides)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if config["method"]["name"] in REGISTRY:
+        config["method"].setdefault("_target_", REGISTRY[config["method"]["name"]].target)
+    exp = {k: copy.deepcopy(v) for k, v in config.items() if k not in {"hydra", "logger", "launch", "results_dir", "cache_dir", "device",
+                                                        "verbose", "threads", "sweep_name", "progress", "force",
+                                                        "dry_run"}}
+    exp["save_compressed"] = False
+    for path, value in SCHEMA_1_LATER.items():
+        node, leaf = _at(exp, path)
+        if isinstance(node, dict) and node.get(leaf, not value) == value:
+            del node[leaf]
+            if drop_later:
+                del _at(config, path)[0][leaf]
+    if "fisher" not in _needs(cfg) and isinstance(exp.get("calib"), dict):
+        exp["calib"].pop("fisher", None)
+    payload = json.dumps({"schema_version": 1, **exp}, sort_keys=True, default=str)
+    return config, hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize("overrides, earlier", [*[(o, True) for o in sorted(EARLIER_RUN_IDS)],
+                                                *[(o, False) for o in sorted(TARGET_RUN_IDS)]])
+def test_rekey_moves_schema_1_rows_where_the_sweep_finds_them(compose, overrides, earlier, monkeypatch, tmp_path):
+    """A row written under schema 1 (pinned ids of earlier commits: without the later keys, or with a
+    built-in's `_target_`) is moved by ``python -m lrsweep.rekey`` to the run_id its grid point has now,
+    so the sweep finds it ok and does not run it again; its config gets the later keys it ran with."""
+    from conftest import PLUGINS
+    from lrsweep import job, rekey
+    from lrsweep.row import ResultRow, read_row, row_path, row_status, write_row
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # these ids were computed on CPU (device=auto)
+    pinned = (EARLIER_RUN_IDS if earlier else TARGET_RUN_IDS)[overrides]
+    config, computed = schema_1_row(compose, overrides.split(), drop_later=earlier)
+    assert computed == pinned  # the row is what schema-1 lrsweep wrote under that id
+    write_row(tmp_path, ResultRow(run_id=pinned, status="ok", device="cpu", run_name=f"minilm-x-{pinned}",
+                                  config=config, schema_version=1))
+    now = run_id(compose(overrides.split()))
+    assert now != pinned and row_status(tmp_path, now) is None  # a new schema: every run_id changes
+    assert rekey.rekey(tmp_path) == [(pinned, now, "moved")]
+    assert row_status(tmp_path, now) == "ok" and not row_path(tmp_path, pinned).exists()
+    row = read_row(row_path(tmp_path, now))
+    assert row.schema_version == 2 and row.run_name == f"minilm-x-{now}"
+    cfg = compose([*overrides.split(), f"results_dir={tmp_path}"])
+    assert job.run(cfg).started_at == row.started_at  # the job skips it: already ok
+    assert rekey.rekey(tmp_path) == []  # idempotent
+
+
+def test_built_in_method_configs_have_no_target(compose):
+    for overrides in TARGET_RUN_IDS:
+        assert ("_target_" in compose(overrides.split()).method) == ("_target_" in overrides), overrides
 
 
 def test_run_id_has_the_device_type_but_not_the_gpu_index(compose, monkeypatch):
-    from lrsweep import identity
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cpu, cuda = run_id(compose(["device=cpu"])), run_id(compose(["device=cuda"]))
     assert cpu != cuda and run_id(compose(["device=cuda:1"])) == cuda  # a CPU row does not block the GPU rerun
     assert run_id(compose(["device=auto"])) == cpu  # auto: what this machine has
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert run_id(compose(["device=auto"])) == cuda
-    with identity.auto_device("cpu"):  # a sweep planning jobs that see no GPU
-        assert run_id(compose(["device=auto"])) == cpu and run_id(compose(["device=cuda"])) == cuda
+    # a sweep planning jobs that see no GPU
+    assert run_id(compose(["device=auto"]), auto_device="cpu") == cpu and run_id(compose(["device=cuda"]), "cpu") == cuda
     assert run_name(compose(["device=auto"])).endswith(cuda)
 
 
@@ -133,27 +191,99 @@ def test_save_compressed_changes_no_run_id(compose):
         assert run_id(compose([*base, "save_compressed=true"])) == run_id(compose([*base, "save_compressed=false"]))
 
 
-def test_rekey_moves_gpu_and_save_compressed_rows_to_their_id_now(compose, tmp_path, capsys):
+def test_rekey_moves_rows_of_the_earlier_schema_and_leaves_current_ones(compose, tmp_path, capsys):
+    """GPU rows get the device type in their id, CPU rows too; a row whose id is current stays; a row
+    is not moved onto an existing one, nor when its device is unknown; a second run changes nothing."""
     from omegaconf import OmegaConf
 
     from lrsweep import rekey
     from lrsweep.row import ResultRow, read_rows, write_row
 
-    def row(overrides, earlier, device):  # a row as written before the device type was in run_id
+    def row(overrides, rid, device, schema=1):
         config = OmegaConf.to_container(compose(overrides), resolve=True)
-        return ResultRow(run_id=earlier, status="ok", device=device, run_name=f"minilm-svd-{earlier}", config=config)
+        return ResultRow(run_id=rid, status="ok", device=device, run_name=f"minilm-svd-{rid}", config=config,
+                         schema_version=schema)
 
-    gpu = row([], "521f5d9592f6", "cuda:0")  # the default config's id before (tests: EARLIER_RUN_IDS)
+    gpu = row([], "521f5d9592f6", "cuda:0")  # the default config's id under schema 1 (EARLIER_RUN_IDS)
     saved = row(["save_compressed=true", "bits=8"], "f425b6e1bb01", "cpu")  # id of main at 4b3c400
-    cpu = row(["bits=4"], run_id(compose(["bits=4", "device=cpu"])), "cpu")
+    cpu = row(["bits=4"], "0123456789ab", "cpu")
+    twin = row(["bits=4", "save_compressed=true"], "ba9876543210", "cpu")  # the same experiment as cpu
     failed = row(["save_compressed=true"], "55a32ca50a66", "")  # no device recorded, config says auto
-    for r in (gpu, saved, cpu, failed):
+    current = row(["bits=2"], run_id(compose(["bits=2", "device=cpu"])), "cpu", schema=2)
+    for r in (gpu, saved, cpu, twin, failed, current):
         write_row(tmp_path, r)
-    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "2 rows to move" in capsys.readouterr().out
+    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "3 rows to move" in capsys.readouterr().out
+    assert {r.run_id for r in read_rows(tmp_path)} == {"521f5d9592f6", "f425b6e1bb01", "0123456789ab",
+                                                      "ba9876543210", "55a32ca50a66", current.run_id}
     moves = rekey.rekey(tmp_path)
     new_gpu, new_saved = run_id(compose(["device=cuda"])), run_id(compose(["bits=8", "device=cpu"]))
-    assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved")])
+    new_cpu = run_id(compose(["bits=4", "device=cpu"]))
+    assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved"),
+                                    ("0123456789ab", new_cpu, "moved"), ("ba9876543210", new_cpu, rekey.KEPT),
+                                    ("55a32ca50a66", "?", rekey.UNKNOWN)])
     rows = {r.run_id: r for r in read_rows(tmp_path)}
-    assert set(rows) == {new_gpu, new_saved, cpu.run_id, "55a32ca50a66"}
+    assert set(rows) == {new_gpu, new_saved, new_cpu, "ba9876543210", "55a32ca50a66", current.run_id}
     assert rows[new_gpu].run_name == f"minilm-svd-{new_gpu}" and rows[new_gpu].device == "cuda:0"
-    assert rekey.rekey(tmp_path) == []  # idempotent
+    assert rows[new_gpu].schema_version == 2 and rows["55a32ca50a66"].schema_version == 1
+    files = {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()}
+    assert sorted(what for _, _, what in rekey.rekey(tmp_path)) == sorted([rekey.KEPT, rekey.UNKNOWN])
+    assert {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()} == files  # idempotent
+
+
+# ---- the identity's declaration: what is not part of an experiment, what a packed job's points share ----
+
+def _changed(value):
+    """Another value of the same kind."""
+    if isinstance(value, dict):
+        return {**value, "_probe": 1}
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    return 1 if value is None else f"{value}x"
+
+
+def test_every_key_left_out_has_a_one_line_reason():
+    from lrsweep.identity import NOT_DENSE_MODEL, NOT_EXPERIMENT
+
+    for declared in (NOT_EXPERIMENT, NOT_DENSE_MODEL):
+        for key, why in declared.items():
+            assert isinstance(why, str) and len(why.split()) >= 2 and "\n" not in why, key
+    assert set(NOT_DENSE_MODEL) >= {k for k in NOT_EXPERIMENT if "." not in k} - {"threads", "cache_dir"}
+
+
+def test_run_id_ignores_each_key_that_is_not_part_of_the_experiment_and_follows_every_other(compose):
+    from omegaconf import OmegaConf
+
+    from lrsweep.identity import NOT_EXPERIMENT
+
+    config = OmegaConf.to_container(compose(), resolve=True)
+    base = run_id(OmegaConf.create(config), auto_device="cpu")
+    for key in [k for k in NOT_EXPERIMENT if "." not in k]:  # absent ones (hydra) added
+        assert run_id(OmegaConf.create({**config, key: _changed(config.get(key))}), "cpu") == base, key
+    others = [k for k in config if k not in NOT_EXPERIMENT]
+    assert {"model", "method", "data", "eval", "rank", "bits", "seed", "device", "calib", "stream"} <= set(others)
+    for key in others:
+        assert run_id(OmegaConf.create({**config, key: _changed(config[key])}), "cpu") != base, key
+
+
+def test_the_fisher_estimator_is_part_of_the_experiment_of_methods_that_use_a_fisher(compose):
+    for method, uses in (("svdllm", False), ("asvd", False), ("fwsvd", True)):
+        ids = {run_id(compose([f"method={method}", f"calib.fisher={f}"]), "cpu") for f in ("sample", "batch")}
+        assert len(ids) == (2 if uses else 1), method
+
+
+def test_dense_key_ignores_what_points_of_one_job_may_differ_in_and_follows_every_other(compose):
+    from omegaconf import OmegaConf
+
+    from lrsweep.identity import NOT_DENSE_MODEL, dense_key
+
+    config = OmegaConf.to_container(compose(["+calib=default"]), resolve=True)
+    base = dense_key(OmegaConf.create(config))
+    for key in NOT_DENSE_MODEL:
+        assert dense_key(OmegaConf.create({**config, key: _changed(config.get(key))})) == base, key
+    others = [k for k in config if k not in NOT_DENSE_MODEL]
+    assert {"model", "data", "calib", "eval", "seed", "device", "threads", "cache_dir"} <= set(others)
+    for key in others:
+        assert dense_key(OmegaConf.create({**config, key: _changed(config[key])})) != base, key
+    assert dense_key(compose(["device=cuda:0"])) != dense_key(compose(["device=cuda:1"]))  # the job's one device

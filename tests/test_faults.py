@@ -196,8 +196,6 @@ def twin_runs(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import lrsweep.methods  # noqa: F401  (the built-in method configs)
-
     root = tmp_path_factory.mktemp("twins")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base="1.3"):

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from conftest import CONF, FAST
 from lrsweep import sweep
@@ -273,3 +274,17 @@ def test_unreachable_controller_is_one_clear_error(fake_slurm, monkeypatch):
     with pytest.raises(ConfigError, match="sinfo failed, the SLURM controller is not reachable: "
                                           "slurm_load_partitions: Unable to contact"):
         submit.preflight({})
+
+
+def test_plan_keys_device_auto_by_the_device_its_jobs_get(compose, monkeypatch, tmp_path):
+    """Planned here (no GPU), a point with device=auto has the run_id of the device type its jobs see:
+    cuda on GPU nodes of SLURM, cpu in local jobs that request no GPU (lrsweep.sweep.auto_device)."""
+    from lrsweep.identity import run_id
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = [*FAST, BLOCK0, f"results_dir={tmp_path}"]
+    for executor, params, device in (("slurm", {"gpus_per_node": 1}, "cuda"), ("local", {}, "cpu")):
+        launcher = FakeLauncher(compose, base, **params)
+        launcher._EXECUTOR = executor
+        [point] = sweep.plan(launcher, [["rank=4"]], 0)
+        assert point.run_id == run_id(compose([*base, "rank=4", f"device={device}"])), executor

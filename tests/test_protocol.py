@@ -133,11 +133,22 @@ def test_stream_sampler_default_is_todays_windows():
     assert torch.equal(calib.sources._stream_windows(TEXT, tok, _calib(), None), expected)
 
 
-def test_new_keys_at_their_defaults_keep_run_ids(compose):
+def test_rows_written_before_the_protocol_keys_are_rekeyed_to_them_at_their_defaults(compose):
+    """A schema-1 row without the protocol keys ran with them at their defaults: python -m lrsweep.rekey
+    gives it the config, and so the run_id, of that grid point now; another protocol is another run."""
+    from omegaconf import OmegaConf
+
+    from lrsweep import rekey
+    from lrsweep.row import ResultRow
+
     cfg = compose(["model=smollm2", "method=svdllm"])
     assert cfg.eval.ppl_bos is False and cfg.calib.sampling == "stream"
-    config = identity.experiment_config(cfg)
-    assert "ppl_bos" not in config["eval"] and "sampling" not in config["calib"]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for group, key in (("eval", "ppl_bos"), ("eval", "ppl_drop_last"), ("calib", "sampling"), ("calib", "bos")):
+        del config[group][key]
+    row = ResultRow(run_id="0123456789ab", device="cpu", config=config, schema_version=1)
+    assert rekey.current_config(row) == OmegaConf.to_container(cfg, resolve=True)
+    assert rekey.current_id(row, rekey.current_config(row)) == identity.run_id(cfg, "cpu")
     changed = compose(["model=smollm2", "method=svdllm", "calib.sampling=offsets"])
     assert identity.run_id(changed) != identity.run_id(cfg)
 

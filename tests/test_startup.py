@@ -69,7 +69,6 @@ LOG_ROW = """
 import json, sys
 from pathlib import Path
 from hydra import compose, initialize_config_dir
-import lrsweep.methods  # registers the methods' structured configs
 from lrsweep.logger import log_row
 from lrsweep.row import ResultRow
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
@@ -207,7 +206,7 @@ def test_grid_sweeper_leaves_composing_the_points_to_lrsweep_launchers(tmp_path,
         JobReturn(status=JobStatus.COMPLETED, _return_value="ok") for _ in batch]
     sweeper.sweep(["rank=4,8", "seed=0"])
     assert launched == [[["rank=4", "seed=0"], ["rank=8", "seed=0"]]]
-    # lrsweep.sweep.plan composes (and validates) each point once; any other launcher: Hydra's check first
+    # lrsweep.sweep.planning composes (and validates) each point once; any other launcher: Hydra's check first
     assert composed == ([] if ours else [["rank=4", "seed=0"], ["rank=8", "seed=0"]])
 
 

@@ -322,14 +322,13 @@ def test_points_differing_only_in_how_they_compress_share_the_dense_model(compos
 def test_device_auto_of_a_sweep_is_what_its_jobs_see(compose, executor, params, auto):
     from types import SimpleNamespace
 
-    from lrsweep import identity, sweep
+    from lrsweep import sweep
     from lrsweep.identity import run_id
 
     launcher = SimpleNamespace(_EXECUTOR=executor, params=params)
     assert sweep.auto_device(launcher) == auto
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    with identity.auto_device(sweep.auto_device(launcher)):
-        assert run_id(compose(["device=auto"])) == run_id(compose([f"device={auto or here}"]))
+    assert run_id(compose(["device=auto"]), sweep.auto_device(launcher)) == run_id(compose([f"device={auto or here}"]))
 
 
 def test_device_cuda_in_jobs_without_gpus_is_a_config_error(compose):

@@ -11,7 +11,7 @@ collects. They serve lrsweep's app only: another app that picks them is told, in
 ``submitit_local`` or ``submitit_slurm``. :class:`GridSweeper` is Hydra's basic sweeper's grid (the
 same cartesian product of the command line's sweeps, ``max_batch_size``, ``params``, the sweep's
 ``multirun.yaml``) on Hydra's public Sweeper interface; it leaves composing and checking each point to
-the launcher, which composes every point once (lrsweep.sweep.plan).
+the launcher, which composes every point once (lrsweep.sweep.planning).
 """
 
 import itertools

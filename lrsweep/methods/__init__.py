@@ -3,9 +3,9 @@
 A built-in method is a function ``fn(W, o, *, rank, bits, seed, stats=None) -> Factorization`` whose
 options ``o`` are an instance of its options dataclass (quantizing methods extend
 :class:`QuantizerOptions`). ``@register(name, Options, ...)`` records both; the dataclass is the one
-place of every default: it gives the method config (stored in Hydra's ConfigStore as
-``method/base/<name>``, which conf/method/<name>.yaml extends: ``name`` and the options; a built-in
-is known by its name), the valid option keys (:meth:`MethodSpec.options`) and the types checked
+place of every default: it gives the method config (:func:`config_node`: ``name`` and the options;
+a built-in is known by its name), which Hydra loads as ``method/base/<name>`` through lrsweep's config
+source (hydra_plugins/lrsweep_methods) and conf/method/<name>.yaml extends, the valid option keys (:meth:`MethodSpec.options`) and the types checked
 before launch (:meth:`MethodSpec.parse`).
 The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``) take the same ``o``
 last; the spec calls every one of them with options as keywords (a config's dict), missing ones at
@@ -210,15 +210,19 @@ CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that a
 BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
 
 
-def _config_node(spec: MethodSpec) -> DictConfig:
-    """The method config of a typed method: what conf/method/<name>.yaml extends (``defaults:
-    [base/<name>@_here_]``; a subgroup, so that ``method=`` lists only the yamls).
+def config_node(name: str) -> DictConfig:
+    """The method config of the typed method ``name`` (KeyError: none registered): Hydra's
+    ``method/base/<name>``, which conf/method/<name>.yaml extends (``defaults: [base/<name>@_here_]``;
+    a subgroup, so that ``method=`` lists only the yamls).
 
     A built-in is known by ``name``; a method registered outside the package also carries its
     ``_target_``, which imports it where the config is read (a job on another node). The node is
     open (not struct), so ``method._target_=mypkg.fn`` swaps in another function under the
     method's name and options, as for ``method=custom``; an option the method does not take is
     still refused before launch, by :meth:`MethodSpec.parse` (exit 2, naming it and the valid ones)."""
+    spec = REGISTRY[name]
+    if spec.option_type is None:
+        raise KeyError(name)
     node = OmegaConf.create({"name": spec.name, **({} if spec.builtin else {"_target_": spec.target}),
                              **spec.defaults()})
     OmegaConf.set_struct(node, False)
@@ -249,10 +253,6 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
                               _typed(params, options), options)
             BY_OPTIONS[options] = name
-            from hydra.core.config_store import ConfigStore
-
-            ConfigStore.instance().store(group="method/base", name=name, node=_config_node(spec),
-                                         provider="lrsweep")
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
         return spec.fn

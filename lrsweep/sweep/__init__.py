@@ -2,7 +2,7 @@
 
 The launcher (hydra_plugins/lrsweep_launcher) hands the grid to :func:`launch`:
 
-1. plan (:mod:`.plan`): every point is composed (:mod:`.compose`) and validated before anything is
+1. plan (:mod:`.planning`): every point is composed (:mod:`.compose`) and validated before anything is
    submitted (a single bad point launches nothing: exit code 2) and looked up in the results dir;
    points whose row says ``ok`` are skipped;
 2. pack and submit (:mod:`.submit`): the rest go into jobs (``hydra.launcher.points_per_job``: 1, K,
@@ -27,12 +27,11 @@ from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 
-from lrsweep import identity
 from lrsweep.job import PointFailed
 from lrsweep.row import now, row_status
 from lrsweep.sweep import submit
 from lrsweep.sweep.returns import collect, dead_row, job_return, row_of
-from lrsweep.sweep.plan import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name
+from lrsweep.sweep.planning import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name  # noqa: F401
 from lrsweep.sweep.outcome import Outcome, Prefetch, dry_run, report
 from lrsweep.sweep.worker import claimed, share_points
 
@@ -47,8 +46,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     one JobReturn per point, in grid order). ``prefetch`` starts importing the report's modules while
     the last jobs run."""
     prefetch = prefetch or Prefetch()
-    with identity.auto_device(auto_device(launcher)):
-        points = plan(launcher, job_overrides, initial_job_idx)
+    points = plan(launcher, job_overrides, initial_job_idx)
     per_job = points_per_job(launcher.params.get("points_per_job", 1))
     slurm = launcher._EXECUTOR == "slurm"
     if slurm:

@@ -13,7 +13,7 @@ from hydra.core.utils import JobReturn
 from omegaconf import DictConfig
 
 from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status
-from lrsweep.sweep.plan import Point
+from lrsweep.sweep.planning import Point
 
 
 @dataclass

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from lrsweep.job import PointFailed
 from lrsweep.row import ResultRow, read_row, row_path
-from lrsweep.sweep.plan import Point
+from lrsweep.sweep.planning import Point
 
 
 def row_of(p: Point) -> ResultRow | None:

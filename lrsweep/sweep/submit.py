@@ -20,7 +20,7 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 from lrsweep.errors import ConfigError, did_you_mean
-from lrsweep.sweep.plan import Point, gpus_requested, slots
+from lrsweep.sweep.planning import Point, gpus_requested, slots
 
 log = logging.getLogger(__name__)
 

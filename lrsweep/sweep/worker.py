@@ -24,7 +24,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from lrsweep.pack import Pack
 from lrsweep.sweep.returns import job_return, written_since
-from lrsweep.sweep.plan import Point
+from lrsweep.sweep.planning import Point
 
 log = logging.getLogger(__name__)
 

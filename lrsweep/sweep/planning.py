@@ -60,7 +60,7 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
         except ConfigError as e:
             errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov))}): {e}")
             continue
-        rid = identity.run_id(cfg)
+        rid = identity.run_id(cfg, auto_device(launcher))
         if rid not in seen:  # two override lists, one experiment: run it once
             seen.add(rid)
             points.append(Point(initial_job_idx + i, list(ov), cfg, rid))
@@ -114,7 +114,7 @@ def gpus_requested(params: Any) -> int:
 
 
 def auto_device(launcher: Any) -> str | None:
-    """What ``device=auto`` is in this sweep's jobs (for their run_ids): a job sees the GPUs its
+    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.run_id): a job sees the GPUs its
     launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none without; a local job's
     are this machine's (None: cuda when available here), a SLURM job's cuda."""
     if not gpus_requested(launcher.params):
