@@ -1,4 +1,4 @@
-"""The documentation site builds under ``mkdocs build --strict``.
+"""The documentation site builds under ``mkdocs build --strict``, and ruff passes.
 
 Strict mode turns every warning into a failure: a link to a missing page or anchor, a page outside
 the nav, an API reference (``::: lrsweep.x``) that does not resolve, a docstring mkdocstrings cannot
@@ -8,6 +8,8 @@ third (a config that stopped validating links would pass the full build silently
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,11 @@ def test_docs_build_fails_on_a_broken_reference(in_repo, tmp_path, text, ok):
     else:
         with pytest.raises(MkDocsException):
             _build(tmp_path / "site", **overrides)
+
+
+@pytest.mark.lint
+def test_ruff_clean():
+    """ruff with pyproject's configuration (its per-file-ignores list the rules still pending)."""
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
