@@ -36,12 +36,14 @@ def test_docs_build_strict(in_repo, tmp_path):
     site = tmp_path / "site"
     for page in ("guide/installation", "guide/slurm", "guide/own-method", "guide/protocols",
                  "reference/compress", "reference/options", "reference/row", "reference/analysis",
-                 "architecture", "benchmarks"):
+                 "architecture", "benchmarks", "contributing", "changelog"):
         assert (site / page / "index.html").is_file(), page
     api = (site / "reference/compress/index.html").read_text()
     assert "compress_matrix" in api and "Parameters:" in api  # rendered from the docstrings
     options = (site / "reference/options/index.html").read_text()
     assert "gesvda" in options  # a field's trailing comment became its description (docs/_ext)
+    changelog = (site / "changelog/index.html").read_text()
+    assert "Keep a Changelog" in changelog  # CHANGELOG.md of the repository root, included
 
 
 def _one_page_site(tmp_path: Path, text: str) -> dict:
