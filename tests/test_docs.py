@@ -8,6 +8,7 @@ third (a config that stopped validating links would pass the full build silently
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,23 @@ def test_ruff_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README names a file of the repository (and a heading there, for
+    an anchor into docs/), and the README links each goal a newcomer has straight into the docs."""
+    readme = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    for link in links:
+        if "://" in link:
+            continue
+        path, _, anchor = link.partition("#")
+        assert (REPO / path).is_file(), link
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (REPO / path).read_text(), re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
+            assert anchor in slugs, link
+    goals = ("docs/guide/installation.md", "docs/guide/slurm.md", "docs/guide/analysis.md#paper",
+             "docs/guide/own-method.md", "docs/reference/compress.md")  # first sweep ... API
+    for goal in goals:
+        assert any(link.startswith(goal) for link in links), goal
