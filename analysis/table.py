@@ -112,7 +112,8 @@ def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
     best = mean.max() if direction == "max" else mean.min()
     bold = mean.eq(best, axis=1) & mean.notna()
     cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) + (dagger if k > 1 else "")
-                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c], strict=True)]
+                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c],
+                                                    strict=True)]
                           for c in mean.columns}, index=mean.index)
     cells.columns = mean.columns
     dense_col = f"{metric}_dense"

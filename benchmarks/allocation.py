@@ -47,7 +47,8 @@ def main() -> None:
                    help="calibration windows per sensitivity pass (default: allocate.SENSITIVITY_SAMPLES)")
     args = p.parse_args()
     if args.sensitivity_samples:
-        allocate.SENSITIVITY_SAMPLES = dict.fromkeys(allocate.SENSITIVITY_SAMPLES, args.sensitivity_samples)
+        allocate.SENSITIVITY_SAMPLES = dict.fromkeys(allocate.SENSITIVITY_SAMPLES,
+                                                     args.sensitivity_samples)
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 

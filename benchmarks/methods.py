@@ -98,7 +98,9 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     for name in methods:
         spec = REGISTRY[name]
         b, opts = (q_bits, {"scheme": "group"}) if stores_q(spec, n, d) else (bits, {})  # Q: groups of 128
-        call = lambda: spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts)  # noqa: B023, E731 (timed at once)
+        def call(spec=spec, b=b, opts=opts):  # the loop's values, bound now
+            return spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts)
+
         t, f = timed(call, device, repeats)
         err = float(torch.linalg.norm(W - f.reconstruct())) / norm
         label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "") + \

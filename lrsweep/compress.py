@@ -182,7 +182,8 @@ class LayerResult:
         rel_err: ||W - W_hat||_F / ||W||_F.
         seconds: time of this layer's compression.
         factorization: the factorization itself (with ``keep=True``), else None.
-        info: the method's details (solver, shift, ...; ``tied``: the other modules of a tied group).
+        info: the method's details (solver, shift, ...; ``tied``: the other modules of its
+            tied group).
         params: stored weight entries (``Factorization.params``).
         exceeds_break_even: whether the factorization stores at least as many bits as W.
     """

@@ -71,7 +71,8 @@ class Factorization:
         return W_hat if self.dtype is None else W_hat.to(self.dtype)
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        """A module computing ``x @ W_hat.T + bias`` from the stored tensors (in ``dtype``, default W's)."""
+        """A module computing ``x @ W_hat.T + bias`` from the stored tensors, in ``dtype`` (default:
+        W's)."""
         raise NotImplementedError
 
     def as_embedding(self, dtype: torch.dtype | None = None) -> nn.Module:
