@@ -37,9 +37,8 @@ def layer_types(names: Sequence[str]) -> dict[str, str]:
 
 def _split(name: str) -> tuple[int | None, str]:
     """(block number, name after it); (None, name) without a number."""
-    m = None
-    for m in re.finditer(r"(?:^|\.)(\d+)\.", name):
-        pass
+    matches = list(re.finditer(r"(?:^|\.)(\d+)\.", name))
+    m = matches[-1] if matches else None
     return (int(m.group(1)), name[m.end():]) if m else (None, name)
 
 
@@ -55,7 +54,7 @@ def comparison_levels(df: pd.DataFrame, reference: str | None = "quant", tol: fl
     cfgs = aggregate(df, keys, "bits_per_weight").rename(columns={"mean": "bits_per_weight"})
     cfgs = cfgs[keys + ["bits_per_weight"]]
     out = []
-    for model, m in cfgs.groupby("model", sort=False):
+    for _model, m in cfgs.groupby("model", sort=False):
         refs = m[m["method"] == reference] if reference else m.iloc[:0]
         if refs.empty:  # greedy bins along bits per weight
             m = m.sort_values("bits_per_weight")
@@ -151,7 +150,7 @@ def layer_plot(df: pd.DataFrame, out: str | Path, reference: str | None = "quant
                     ax.tick_params(labelsize=6)
             handles, labels = {}, []
             for ax in axes.flat:
-                for h, lab in zip(*ax.get_legend_handles_labels()):
+                for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
                     if lab not in handles:
                         handles[lab] = h
                         labels.append(lab)

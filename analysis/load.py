@@ -164,7 +164,25 @@ def wandb_rows(project: str, api: Any = None) -> list[ResultRow]:
 
 
 def load(*sources: str | os.PathLike) -> pd.DataFrame:
-    """All rows of results dirs and/or ``wandb:<entity>/<project>``; one line per run_id."""
+    """All rows of results dirs and/or ``wandb:<entity>/<project>``; one line per run_id.
+
+    Args:
+        *sources: results dirs (their ``rows/``; a dir without rows is read from its offline W&B
+            runs in ``wandb/``) or ``wandb:<entity>/<project>`` (skipped with a warning when W&B
+            is offline or unreachable).
+
+    Returns:
+        One line per run_id (the newest ok row, else the newest failed one): the ``ResultRow``
+        fields typed (``Int64``, ``float64``, ``boolean``, UTC times), the config flattened as
+        ``config.<dotted.key>``, ``task.<task>.<metric>`` columns of ``eval=lm_eval`` rows, and
+        ``ok``, ``error_line``, ``speedup`` (dense over compressed latency) and ``source``.
+
+    Example:
+        ```python
+        df = load("results")
+        df[df.ok].groupby(["method", "rank"])["accuracy"].mean()
+        ```
+    """
     frames = []
     for src in sources:
         src = str(src)

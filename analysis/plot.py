@@ -34,7 +34,7 @@ def _facets(df: pd.DataFrame, col: str | None, nrows_per: int = 1, height: float
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height * nrows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    return fig, list(zip(keys, axes.flat))
+    return fig, list(zip(keys, axes.flat, strict=False))  # the grid may have more axes than panels
 
 
 def _dense(df: pd.DataFrame, y: str) -> float | None:
@@ -104,7 +104,7 @@ def _finish_panel(ax, key, part: pd.DataFrame, x: str, y: str, xs, ys, logx, log
 def _legend(fig, panels) -> None:
     handles, labels = {}, []
     for _, ax in panels:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)

@@ -49,7 +49,7 @@ def levels(values: pd.Series, tol: float = 0.05, decimals: int = 2) -> pd.Series
         start = v if start is None or v > start * (1 + tol) else start
         bins[v] = start
     labels = pd.Series(uniq).groupby(pd.Series(uniq).map(bins)).transform("mean").round(decimals)
-    return values.map(dict(zip(uniq, labels)))
+    return values.map(dict(zip(uniq, labels, strict=True)))
 
 
 def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
@@ -112,7 +112,8 @@ def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
     best = mean.max() if direction == "max" else mean.min()
     bold = mean.eq(best, axis=1) & mean.notna()
     cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) + (dagger if k > 1 else "")
-                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c])]
+                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c],
+                                                    strict=True)]
                           for c in mean.columns}, index=mean.index)
     cells.columns = mean.columns
     dense_col = f"{metric}_dense"
@@ -129,7 +130,7 @@ def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
 
 def _column_names(columns: pd.Index, cols: Sequence[str]) -> list[str]:
     if isinstance(columns, pd.MultiIndex):
-        return [" / ".join(f"{c}={v}" for c, v in zip(cols, key)) for key in columns]
+        return [" / ".join(f"{c}={v}" for c, v in zip(cols, key, strict=True)) for key in columns]
     return [f"{cols[0]}={v}" for v in columns]
 
 

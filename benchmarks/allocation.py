@@ -26,7 +26,6 @@ import argparse
 import logging
 import time
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tabulate import tabulate
@@ -48,7 +47,8 @@ def main() -> None:
                    help="calibration windows per sensitivity pass (default: allocate.SENSITIVITY_SAMPLES)")
     args = p.parse_args()
     if args.sensitivity_samples:
-        allocate.SENSITIVITY_SAMPLES = {k: args.sensitivity_samples for k in allocate.SENSITIVITY_SAMPLES}
+        allocate.SENSITIVITY_SAMPLES = dict.fromkeys(allocate.SENSITIVITY_SAMPLES,
+                                                     args.sensitivity_samples)
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 

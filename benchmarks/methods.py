@@ -98,7 +98,10 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     for name in methods:
         spec = REGISTRY[name]
         b, opts = (q_bits, {"scheme": "group"}) if stores_q(spec, n, d) else (bits, {})  # Q: groups of 128
-        t, f = timed(lambda: spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts), device, repeats)
+        def call(spec=spec, b=b, opts=opts):  # the loop's values, bound now
+            return spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts)
+
+        t, f = timed(call, device, repeats)
         err = float(torch.linalg.norm(W - f.reconstruct())) / norm
         label = name + (f" [{f.info['solver']}]" if "solver" in f.info else "") + \
             (f" [Q {b} bits, {f.bits_per_weight:.2f} bits/weight]" if stores_q(spec, n, d) else "")

@@ -129,8 +129,33 @@ def compress_matrix(W: torch.Tensor, method: Any = "svd", rank: int | None = Non
                     inputs: torch.Tensor | None = None,
                     fisher: torch.Tensor | None = None, stats: LayerStats | None = None,
                     target: str | None = None, **options: Any) -> Factorization:
-    """Compress one weight matrix W (n x d) with ``method``: a name (see README for the options of each
-    method) or an options dataclass (``SVDOptions(driver="gesvd")``)."""
+    """Compress one weight matrix W (n x d) with ``method``, keeping W's dtype.
+
+    Args:
+        W: the weight, n x d (out x in, as ``nn.Linear`` stores it).
+        method: a registered name (``"svd"``, ``"lplr"``, ...) with its options as keyword
+            ``options``, or an options dataclass (``SVDOptions(driver="gesvd")``; keyword options
+            replace its fields). The methods and their options: docs/guide/methods.md.
+        rank: the rank; or give ``budget`` (bits per weight) or ``param_ratio`` (fraction of the
+            parameters kept) and the largest rank that fits is taken.
+        bits: bits of each stored entry: 2..15 integer codes, 16 = fp16, 32 = fp32.
+        budget: target bits per weight, quantizer metadata included.
+        param_ratio: fraction of W's parameters kept (SVD-LLM's rule for two factors).
+        seed: seed of the method's random draws.
+        inputs: layer inputs X (N x d), for the data-aware methods (their ``xtx`` and ``absmean``).
+        fisher: accumulated squared gradients of W (n x d), for ``fwsvd``.
+        stats: precomputed calibration statistics instead of ``inputs`` / ``fisher``.
+        target: the import path of a method outside the package, run under the name ``method``.
+        **options: the method's options.
+
+    Returns:
+        The factorization: ``reconstruct()``, ``storage_bits``, ``rank``, ``as_module(bias)``.
+
+    Raises:
+        lrsweep.errors.ConfigError: an unknown method or option, a value of the wrong type, or a
+            rank, budget or ratio that does not fit W.
+        ValueError: a data-aware method without the statistic it needs.
+    """
     spec, options = method_of(method, target, **options)
     if stats is None and (inputs is not None or fisher is not None):
         stats = LayerStats.from_inputs(inputs) if inputs is not None else LayerStats()
@@ -146,6 +171,23 @@ def compress_matrix(W: torch.Tensor, method: Any = "svd", rank: int | None = Non
 
 @dataclass
 class LayerResult:
+    """What :func:`compress_` did to one weight.
+
+    Attributes:
+        name: the module's qualified name (of the first module of a tied group).
+        shape: (n, d) of the weight.
+        rank: the rank used.
+        storage_bits: bits the factorization stores, quantizer metadata included.
+        dense_bits: bits of the dense weight in its dtype.
+        rel_err: ||W - W_hat||_F / ||W||_F.
+        seconds: time of this layer's compression.
+        factorization: the factorization itself (with ``keep=True``), else None.
+        info: the method's details (solver, shift, ...; ``tied``: the other modules of its
+            tied group).
+        params: stored weight entries (``Factorization.params``).
+        exceeds_break_even: whether the factorization stores at least as many bits as W.
+    """
+
     name: str
     shape: tuple[int, int]
     rank: int
@@ -204,6 +246,27 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
     Modules holding the same weight (tied embeddings, see :mod:`lrsweep.tying`) are compressed once,
     by the first of them in ``targets``, and all replaced by modules sharing the new parameters: one
     result, whose ``info["tied"]`` names the others.
+
+    Args:
+        model: the model, changed in place.
+        method: an options dataclass or a registered name (see :func:`compress_matrix`).
+        targets: a regex over qualified module names (full match, as ``model.targets``), a list of
+            names, or name -> module; None: every ``nn.Linear``.
+        rank: the rank of every layer (or ``budget`` / ``param_ratio`` / ``ranks``).
+        bits: bits of each stored entry: 2..15 integer codes, 16 = fp16, 32 = fp32.
+        budget: target bits per weight of every layer.
+        param_ratio: fraction of every layer's parameters kept.
+        seed: the run's seed (layer i gets ``seed * 100003 + i``).
+        stats: calibration statistics (``LayerStats``) by layer name.
+        ranks: each layer's rank by name (from a rank allocation).
+        keep: keep each layer's factorization in its result.
+        progress: show a progress bar.
+        target: the import path of a method outside the package.
+        offload: where each replaced module goes once its replacement is in (``"cpu"``).
+        **options: the method's options.
+
+    Returns:
+        One result per compressed weight, in model order.
     """
     from tqdm.auto import tqdm
 

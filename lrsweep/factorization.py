@@ -26,6 +26,13 @@ INDEX_KEYS = ("S_col", "S_crow", "perm")
 
 @dataclass
 class Factorization:
+    """A method's result for one weight W (n x d): the tensors it stores and what they give.
+
+    ``compress_matrix`` returns one; ``compress_`` installs ``as_module()`` (or ``as_embedding()``)
+    in place of each target module. Subclasses: ``LowRank`` (L R), ``Dense`` (a quantized W),
+    ``LowRankSparse``, ``Kronecker``, ``QuantLowRank`` (Q + L R).
+    """
+
     shape: tuple[int, int]  # (n, d) of the original weight
     rank: int
     stored: dict[str, QTensor]
@@ -40,6 +47,7 @@ class Factorization:
 
     @property
     def storage_bits(self) -> int:
+        """Bits of the stored tensors, quantizer metadata (scales, indices) included."""
         return sum(q.storage_bits for q in self.stored.values())
 
     @property
@@ -49,6 +57,7 @@ class Factorization:
 
     @property
     def bits_per_weight(self) -> float:
+        """``storage_bits`` per entry of W."""
         return self.storage_bits / (self.shape[0] * self.shape[1])
 
     def values(self) -> torch.Tensor:
@@ -62,6 +71,8 @@ class Factorization:
         return W_hat if self.dtype is None else W_hat.to(self.dtype)
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+        """A module computing ``x @ W_hat.T + bias`` from the stored tensors, in ``dtype`` (default:
+        W's)."""
         raise NotImplementedError
 
     def as_embedding(self, dtype: torch.dtype | None = None) -> nn.Module:
@@ -82,6 +93,7 @@ class Factorization:
         return {}
 
     def rel_error(self, W: torch.Tensor) -> float:
+        """||W - W_hat||_F / ||W||_F, computed in fp32."""
         W = W.float()
         return float(torch.linalg.norm(W - self.values().float()) / torch.linalg.norm(W))
 

@@ -30,6 +30,15 @@ def now() -> str:
 
 @dataclass
 class ResultRow:
+    """One grid point's result: what ran, what it stores, how good and fast it is, where it ran.
+
+    Written as ``<results_dir>/rows/<run_id>.json`` (:func:`write_row`), logged as the W&B run's
+    summary (:meth:`summary`) and read back as one DataFrame line by ``analysis.load``. Fields
+    come in groups: identity (run_id ... sweep), size, rank allocation, quality, healing, speed,
+    provenance. Sizes count the stored tensors of the compressed layers, quantizer metadata
+    included. A failed row has ``status == "failed"`` and ``error``; its measurements may be empty.
+    """
+
     # identity
     run_id: str
     status: str = "failed"  # "ok" | "failed"

@@ -54,6 +54,7 @@ class LayerStats:
 
     @classmethod
     def from_inputs(cls, X: torch.Tensor) -> LayerStats:
+        """``xtx`` and ``absmean`` of layer inputs X (..., d), in fp64."""
         X = X.reshape(-1, X.shape[-1]).double()
         return cls(xtx=X.T @ X, absmean=X.abs().mean(0), n_tokens=X.shape[0])
 
