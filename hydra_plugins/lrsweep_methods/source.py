@@ -33,7 +33,7 @@ def _package_dir() -> Optional[Path]:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]).resolve()
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def _file_dir(path: str) -> Optional[Path]:

@@ -152,10 +152,11 @@ def run_point(launcher: Any, pack: Pack, p: Point, job_id: str, since: str) -> J
     ret = run_job(hydra_context=launcher.hydra_context, task_function=functools.partial(job.sweep_point, pack=pack),
                   config=config, job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     if written_since(p, since) is None:  # raised before any row was written: the point's failed row
-        try:
-            ret.return_value
-            error: BaseException = RuntimeError("no row written")
-        except Exception as e:  # noqa: BLE001
-            error = e
+        error: BaseException = RuntimeError("no row written")
+        if ret.status.name == "FAILED":
+            try:
+                ret.return_value  # noqa: B018  (raises the task's exception)
+            except Exception as e:  # noqa: BLE001
+                error = e
         job.write_failed(p.cfg, error)
     return ret
