@@ -48,7 +48,7 @@ def main() -> None:
                    help="calibration windows per sensitivity pass (default: allocate.SENSITIVITY_SAMPLES)")
     args = p.parse_args()
     if args.sensitivity_samples:
-        allocate.SENSITIVITY_SAMPLES = {k: args.sensitivity_samples for k in allocate.SENSITIVITY_SAMPLES}
+        allocate.SENSITIVITY_SAMPLES.update(dict.fromkeys(allocate.SENSITIVITY_SAMPLES, args.sensitivity_samples))
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 
