@@ -30,7 +30,7 @@ def test_reused_truncation_is_bitwise_the_fresh_one():
         assert torch.equal(a, b)
     assert torch.equal(first[1], fresh[1][:3])
     assert not torch.equal(other[1], fresh[1])
-    assert not svd_mod._SCOPES
+    assert not svd_mod.in_scope()
 
 
 def test_content_key_hashes_a_storage_once_and_sees_in_place_changes(monkeypatch):
