@@ -31,7 +31,7 @@ from omegaconf import open_dict
 from tabulate import tabulate
 
 import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers the launcher configs compose reads)
-from lrsweep import allocate, calib, evaluate, models, schedule, tying
+from lrsweep import allocate, calib, evaluate, models, tying
 from lrsweep.compress import layer_seed, method_options, method_spec, resolve_rank
 from lrsweep.job import model_key
 from lrsweep.methods import svd
@@ -47,8 +47,8 @@ def main() -> None:
                    help="calibration windows per sensitivity pass (default: allocate.SENSITIVITY_SAMPLES)")
     args = p.parse_args()
     if args.sensitivity_samples:
-        allocate.SENSITIVITY_SAMPLES = dict.fromkeys(allocate.SENSITIVITY_SAMPLES,
-                                                     args.sensitivity_samples)
+        allocate.SENSITIVITY_SAMPLES.update(dict.fromkeys(allocate.SENSITIVITY_SAMPLES,
+                                                          args.sensitivity_samples))
     logging.basicConfig(level=logging.WARNING)
     from pathlib import Path
 
@@ -67,7 +67,7 @@ def main() -> None:
         spec, opts = method_spec(cfg.method), method_options(cfg.method)
         stats = calib.layer_stats(model, layers, ctx, spec.needs)[0] if spec.needs else None
         leaders = list(tying.groups(model, layers))
-        block = [n for n in leaders if n.startswith(next(iter(schedule.blocks(layers))) + ".")]
+        block = [n for n in leaders if n.startswith(next(iter(models.blocks(layers))) + ".")]
         t0 = time.perf_counter()
         for n in block:
             spec.fn(layers[n].weight.detach(), rank=64, bits=int(cfg.bits), stats=(stats or {}).get(n), **opts)

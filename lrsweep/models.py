@@ -160,6 +160,16 @@ def target_modules(model: nn.Module, pattern: str) -> dict[str, nn.Linear | nn.E
     return {name: m for name, m in model.named_modules() if isinstance(m, TARGET_TYPES) and regex.fullmatch(name)}
 
 
+def blocks(layers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``); a
+    layer without one (an embedding, ``lm_head``) is its own block."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, lin in layers.items():
+        m = re.match(r"(.*?\.\d+)\.", name)
+        out.setdefault(m.group(1) if m else name, {})[name] = lin
+    return out
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -3,7 +3,7 @@
   whole       every target layer at once: with the statistics of the dense model (computed once,
               cached: :mod:`lrsweep.calib`) for a method that ``needs`` some, with no calibration
               at all for one that needs none;
-  sequential  (``calib.sequential=true``, methods with statistics) block by block (:func:`blocks`),
+  sequential  (``calib.sequential=true``, methods with statistics) block by block (:func:`lrsweep.models.blocks`),
               each block's statistics taken from the model whose earlier blocks are already
               compressed (as SVD-LLM / GPTQ do); those depend on the method, so they are not cached;
   streamed    (``stream=true``) the model waits on CPU and one block at a time is on ``ctx.device``;
@@ -15,7 +15,6 @@ compressed model is on ``ctx.device`` afterwards.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -28,16 +27,7 @@ from lrsweep.allocate import scope as allocation_scope
 from lrsweep.compress import LayerResult, compress_model, method_spec
 from lrsweep.context import Context
 from lrsweep.evaluate.latency import reset_peak
-
-
-def blocks(layers: dict[str, nn.Module]) -> dict[str, dict[str, nn.Module]]:
-    """Layers grouped by block: the name up to its first numeric component (``model.layers.3``); a
-    layer without one (an embedding, ``lm_head``) is its own block."""
-    out: dict[str, dict[str, nn.Module]] = {}
-    for name, lin in layers.items():
-        m = re.match(r"(.*?\.\d+)\.", name)
-        out.setdefault(m.group(1) if m else name, {})[name] = lin
-    return out
+from lrsweep.models import blocks
 
 
 def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,

@@ -58,7 +58,7 @@ def test_exact_knapsack_is_optimal_and_within_budget(seed):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_greedy_knapsack_within_budget_and_one_step_of_optimal(monkeypatch, seed):
-    monkeypatch.setattr(allocate, "EXACT_CELLS", 0)
+    monkeypatch.setattr(allocate.solve, "EXACT_CELLS", 0)
     choices = random_choices(seed)
     low, high = sum(int(c.cost[0]) for c in choices), sum(int(c.cost[-1]) for c in choices)
     cap = (low + high) // 2
@@ -283,7 +283,7 @@ def test_rank_plot(tmp_path):
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 def test_sensitivity_gains_share_each_units_measured_loss(monkeypatch, granularity):
     """Predicted loss at the reference ranks (the gains left out) equals each unit's measured increase."""
-    monkeypatch.setattr(allocate, "GRANULARITY", granularity)
+    monkeypatch.setattr(allocate.values, "GRANULARITY", granularity)
     g = torch.Generator().manual_seed(3)
     names = [f"model.layers.{b}.{t}" for b in range(2) for t in ("q", "up")]
     spectra = {n: allocate.spectrum(torch.randn(12, 8, generator=g), methods.REGISTRY["svd"], None, {})

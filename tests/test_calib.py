@@ -176,7 +176,7 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     assert len(block0) == len(block1) == 6
     assert all(results[True][n] == pytest.approx(results[False][n], rel=1e-6) for n in block0)
     assert any(abs(results[True][n] - results[False][n]) > 1e-4 for n in block1)
-    assert list(schedule.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
+    assert list(models.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
 
 
 def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):

@@ -18,8 +18,8 @@ import yaml
 import analysis
 from analysis.plot import better
 from conftest import FAST
-from lrsweep import evaluate, job, lm_eval, models
-from lrsweep import provenance
+from lrsweep import evaluate, job, models, provenance
+from lrsweep.evaluate import lm_eval
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate
 

@@ -12,7 +12,7 @@ from torch import nn
 from lrsweep import cache, data
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
-from lrsweep.evaluate import TASKS, Task
+from lrsweep.evaluate.tasks import TASKS, Task
 
 
 def ppl_windows(seq_len: int, max_length: int, stride: int, drop_last: bool = False) -> list[tuple[int, int, int]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from lrsweep import cache, data, linear_probe
 from lrsweep.context import Context
-from lrsweep.evaluate import TASKS, Task
+from lrsweep.evaluate.tasks import TASKS, Task
 
 
 @dataclass

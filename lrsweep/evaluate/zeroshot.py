@@ -12,7 +12,7 @@ from torch import nn
 from lrsweep import cache, data
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
-from lrsweep.evaluate import TASKS, Task
+from lrsweep.evaluate.tasks import TASKS, Task
 
 
 @torch.no_grad()

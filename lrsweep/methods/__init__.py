@@ -7,14 +7,20 @@ place of every default: it gives the method config (:func:`config_node`: ``name`
 a built-in is known by its name), which Hydra loads as ``method/base/<name>`` through lrsweep's config
 source (hydra_plugins/lrsweep_methods) and conf/method/<name>.yaml extends, the valid option keys (:meth:`MethodSpec.options`) and the types checked
 before launch (:meth:`MethodSpec.parse`).
-The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``) take the same ``o``
-last; the spec calls every one of them with options as keywords (a config's dict), missing ones at
-their defaults.
+The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``, ``metric``) take the
+same ``o`` last; the spec calls every one of them with options as keywords (a config's dict), missing
+ones at their defaults.
+
+``metric(W, stats, o) -> Metric`` says which matrix the method truncates: M, whose rank-r truncated
+SVD is the method's rank-r fit in its own error metric (dropping M's i-th singular value costs σ_i² of
+that error), and how a matrix in M's space maps back to W's. A rank allocation ranks layers by M's
+singular values; a method without the hook truncates W itself (its error is ‖W - Ŵ‖_F).
 
 A method outside the package is a plain function ``fn(W, *, rank, bits, seed, stats=None, **options)``
 named in config by ``method._target_=mypkg.mymethod`` and resolved with :func:`resolve` (it may carry
-``needs``, ``storage_bits`` and ``params`` attributes, its hooks taking options as keywords), or
-registered with ``@register(name)`` and no dataclass: its keyword-only arguments are its options.
+``needs``, ``storage_bits``, ``params`` and ``metric`` attributes, its hooks taking options as
+keywords), or registered with ``@register(name)`` and no dataclass: its keyword-only arguments are its
+options.
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ def require(stats: LayerStats | None, kind: str, method: str) -> torch.Tensor:
         raise ValueError(f"method {method} needs the calibration statistic {kind!r}, which is missing "
                          f"(pass {how}; in a sweep configure calib=...)")
     return value
+
+
+@dataclass
+class Metric:
+    """The matrix a method truncates and the way back to the weight's space (the ``metric`` hook).
+
+    ``matrix()`` makes M (n x k), whose rank-r truncated SVD is the method's rank-r fit: dropping its
+    i-th singular value costs σ_i² of the method's error. ``back(A)`` maps a matrix in M's space (a
+    truncation of M) to W's (n x d), with ``back(M) = W``. ``whitened``: M = W C with C C^T = X^T X,
+    so that each right singular vector of M carries unit input energy (Σ_t (v_i^T C^-1 x_t)² = 1)."""
+
+    matrix: Callable[[], torch.Tensor]
+    back: Callable[[torch.Tensor], torch.Tensor]
+    whitened: bool = False
 
 
 @dataclass
@@ -158,6 +178,7 @@ class MethodSpec:
     # (n, d, rank, **opts) -> stored parameters, used by param_ratio; None: param_ratio does not apply
     params: Callable[..., int] | None = lowrank_params
     option_type: type | None = None  # the options dataclass (None: a method outside the package)
+    metric: Callable[..., Metric] | None = None  # (W, stats, **opts) -> the matrix it truncates; None: W
 
     @property
     def target(self) -> str:
@@ -233,7 +254,8 @@ def config_node(name: str) -> DictConfig:
 def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
              storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
-             check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params):
+             check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
+             metric: Callable[..., Metric] | None = None):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
 
@@ -243,7 +265,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
     def deco(fn: Callable[..., Factorization]) -> Callable[..., Factorization]:
         if options is None:
             spec = MethodSpec(name, fn, tuple(needs), storage_bits or _plain_lowrank_bits, has_rank, max_rank,
-                              rank_rule, check, params)
+                              rank_rule, check, params, metric=metric)
         else:
             @functools.wraps(fn)
             def call(W: torch.Tensor, o: Any = None, /, **kw: Any) -> Factorization:
@@ -252,7 +274,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
 
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
-                              _typed(params, options), options)
+                              _typed(params, options), options, _typed(metric, options))
             BY_OPTIONS[options] = name
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
@@ -271,9 +293,9 @@ def spec_of(options: Any) -> MethodSpec:
 
 
 def resolve(name: str, target: str | None = None) -> MethodSpec:
-    """The spec for a method config: the registered ``name``, or the callable at ``target`` (a
-    registered method's function under another name included; rows written before built-in configs
-    lost their ``_target_`` name the built-in's own function, which is that built-in)."""
+    """The spec for a method config: the registered ``name``, or the callable at ``target``; a target
+    that is a registered method's function (under any name, as a config carrying a built-in's
+    ``_target_`` names it) is that registered method."""
     spec = REGISTRY.get(name)
     if target and (spec is None or target != spec.target):
         from hydra.utils import get_method
@@ -283,7 +305,7 @@ def resolve(name: str, target: str | None = None) -> MethodSpec:
             if spec.fn is fn:
                 return spec
         return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", _plain_lowrank_bits),
-                          params=getattr(fn, "params", lowrank_params))
+                          params=getattr(fn, "params", lowrank_params), metric=getattr(fn, "metric", None))
     if spec is None:
         raise KeyError(name)
     return spec

@@ -21,7 +21,7 @@ import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
-from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods import LayerStats, Metric, register, require
 from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 SOLVERS = ("exact", "lowrank")
@@ -56,13 +56,25 @@ def scale(absmean: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
     return s.clamp_min(eps * s.max()).float()
 
 
-@register("asvd", ASVDOptions, needs=("absmean",), check=check)
+def layer_scales(W: torch.Tensor, stats: LayerStats | None, o: ASVDOptions) -> tuple[tuple, torch.Tensor]:
+    """(key, s): :func:`scale` of the layer's absmean on W's device, derived once per statistic in a
+    :func:`~lrsweep.methods.svd.reuse` scope."""
+    absmean = require(stats, "absmean", "asvd")
+    return from_statistic("asvd scales", absmean, lambda: scale(absmean.to(W.device), o.alpha, o.eps),
+                          str(W.device), o.alpha, o.eps)
+
+
+def metric(W: torch.Tensor, stats: LayerStats | None, o: ASVDOptions) -> Metric:
+    """M = W diag(s), whose truncation error is ‖(W - Ŵ) diag(s)‖_F (Ŵ = M_r diag(s)^-1)."""
+    _, s = layer_scales(W, stats, o)
+    return Metric(lambda: W.float() * s, lambda A: A / s)
+
+
+@register("asvd", ASVDOptions, needs=("absmean",), check=check, metric=metric)
 def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
-    absmean = require(stats, "absmean", "asvd")
-    scales, s = from_statistic("asvd scales", absmean, lambda: scale(absmean.to(W.device), o.alpha, o.eps),
-                               str(W.device), o.alpha, o.eps)
+    scales, s = layer_scales(W, stats, o)
     if o.solver == "lowrank":
         U, S, Vh, used = lowrank_svd(W.float() * s, rank, seed)
     else:  # keyed by W and the scales, not hashed

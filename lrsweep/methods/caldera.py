@@ -20,11 +20,11 @@ import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
-from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods import LayerStats, Metric, register, require
 from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, quantized_part
 from lrsweep.methods.lplr import least_squares
 from lrsweep.methods.lqer import check_lr_bits, in_w_order, qlr_bits
-from lrsweep.methods.svdllm import svdllm
+from lrsweep.methods.svdllm import svdllm, whitened
 from lrsweep.quant import FLOAT_BITS, QTensor, quantize
 
 
@@ -83,7 +83,13 @@ def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, 
     return *best, init.info
 
 
-@register("caldera", CalderaOptions, needs=("xtx",), storage_bits=qlr_bits, check=check, params=None)
+def metric(W: torch.Tensor, stats: LayerStats | None, o: CalderaOptions) -> Metric:
+    """The output error in the H = X^T X metric (SVD-LLM's whitening)."""
+    return whitened(W, stats, o.shift, "caldera")
+
+
+@register("caldera", CalderaOptions, needs=("xtx",), storage_bits=qlr_bits, check=check, params=None,
+          metric=metric)
 def caldera(W: torch.Tensor, o: CalderaOptions, *, rank: int, bits: int = 2, seed: int = 0,
             stats: LayerStats | None = None) -> QuantLowRank:
     xtx = require(stats, "xtx", "caldera").to(W.device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods import LayerStats, Metric, register, require
 from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 
@@ -38,12 +38,25 @@ class DroneOptions(SVDOptions):
     rtol: float = 1e-12  # eigenvalues of X^T X below rtol * max are treated as zero (pseudo-inverse)
 
 
-@register("drone", DroneOptions, needs=("xtx",))
+def layer_basis(W: torch.Tensor, stats: LayerStats | None, o: DroneOptions) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """(key, V, s): :func:`input_basis` of the layer's X^T X on W's device, derived once per statistic
+    in a :func:`~lrsweep.methods.svd.reuse` scope."""
+    xtx = require(stats, "xtx", "drone")
+    key, (V, s) = from_statistic("drone basis", xtx, lambda: input_basis(xtx.to(W.device), o.rtol),
+                                 str(W.device), o.rtol)
+    return key, V, s
+
+
+def metric(W: torch.Tensor, stats: LayerStats | None, o: DroneOptions) -> Metric:
+    """M = W V S, whose truncation error is ‖(W - Ŵ) X^T‖_F (Ŵ = M_r S^+ V^T, W on X's row space)."""
+    _, V, s = layer_basis(W, stats, o)
+    return Metric(lambda: W.double() @ V * s, lambda A: ((A.double() / s) @ V.T).to(A.dtype), whitened=True)
+
+
+@register("drone", DroneOptions, needs=("xtx",), metric=metric)
 def drone(W: torch.Tensor, o: DroneOptions, *, rank: int, bits: int = 16, seed: int = 0,
           stats: LayerStats | None = None) -> LowRank:
-    xtx = require(stats, "xtx", "drone")
-    basis, (V, s) = from_statistic("drone basis", xtx, lambda: input_basis(xtx.to(W.device), o.rtol),
-                                   str(W.device), o.rtol)
+    basis, V, s = layer_basis(W, stats, o)
     U, S, Vh, solver = truncated_svd(lambda: W.double() @ V * s, rank, o.driver,  # keyed by W and X^T X, not hashed
                                      key=lambda: (content_key(W), basis))
     L, R = balanced(U, S, (Vh / s) @ V.T)

@@ -25,7 +25,7 @@ import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import LowRank
-from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods import LayerStats, Metric, register, require
 from lrsweep.methods.svd import SVDOptions, balanced, compute_dtype, content_key, from_statistic, truncated_svd
 
 SIDES = ("output", "input")
@@ -53,15 +53,30 @@ def check(n: int, d: int, o: FWSVDOptions) -> None:
         raise ConfigError("method.power", f"{o.power!r} must be a positive number (0.5: the paper)")
 
 
-@register("fwsvd", FWSVDOptions, needs=("fisher",), check=check)
+def layer_weights(W: torch.Tensor, stats: LayerStats | None, o: FWSVDOptions) -> tuple[tuple, torch.Tensor]:
+    """(key, w): :func:`importance` of the layer's Fisher statistic on W's device in W's compute dtype,
+    derived once per statistic in a :func:`~lrsweep.methods.svd.reuse` scope."""
+    fisher = require(stats, "fisher", "fwsvd")
+    dtype = compute_dtype(W)
+    return from_statistic("fwsvd weights", fisher,
+                          lambda: importance(fisher.to(W.device), o.side, o.power, o.eps).to(dtype),
+                          str(W.device), dtype, o.side, o.power, o.eps)
+
+
+def metric(W: torch.Tensor, stats: LayerStats | None, o: FWSVDOptions) -> Metric:
+    """M = diag(w) W (side output) or W diag(w) (side input), whose truncation error is the weighted
+    ‖diag(w) (W - Ŵ)‖_F or ‖(W - Ŵ) diag(w)‖_F."""
+    _, w = layer_weights(W, stats, o)
+    scale = w[:, None] if o.side == "output" else w
+    return Metric(lambda: W.to(w.dtype) * scale, lambda A: A / scale)
+
+
+@register("fwsvd", FWSVDOptions, needs=("fisher",), check=check, metric=metric)
 def fwsvd(W: torch.Tensor, o: FWSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
           stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
-    fisher = require(stats, "fisher", "fwsvd")
     Wc = W.to(compute_dtype(W))
-    weights, w = from_statistic("fwsvd weights", fisher,
-                                lambda: importance(fisher.to(W.device), o.side, o.power, o.eps).to(Wc.dtype),
-                                str(W.device), Wc.dtype, o.side, o.power, o.eps)
+    weights, w = layer_weights(W, stats, o)
     scale = w[:, None] if o.side == "output" else w
     U, S, Vh, solver = truncated_svd(lambda: Wc * scale, rank, o.driver,  # keyed by W and the weights, not hashed
                                      key=lambda: (content_key(W), weights))  # W as stored: a bf16 W hashed once

@@ -17,15 +17,17 @@ import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
-from lrsweep.methods import LayerStats, lowrank_bits, register, require
-from lrsweep.methods.asvd import asvd
+from lrsweep.methods import LayerStats, Metric, lowrank_bits, register, require
+from lrsweep.methods.asvd import ASVDOptions, asvd
+from lrsweep.methods.asvd import metric as scaled
 from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, q_bits, quantized_part
 from lrsweep.methods.gptq import check as check_quantizer
-from lrsweep.methods.svdllm import svdllm
+from lrsweep.methods.svdllm import svdllm, whitened
 from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize
 
 QUANTIZERS = ("rtn", "gptq")
 METRICS = ("qera", "lqer")
+LQER_SCALES = ASVDOptions(alpha=1.0)  # metric lqer: ASVD's scales with alpha = 1 (s_j = mean |x_j|)
 
 
 @dataclass
@@ -68,7 +70,13 @@ def in_w_order(Q: QTensor, perm: torch.Tensor | None) -> torch.Tensor:
     return Q.value if perm is None else Q.value[:, torch.argsort(perm)]
 
 
-@register("lqer", LQEROptions, needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, params=None)
+def metric(W: torch.Tensor, stats: LayerStats | None, o: LQEROptions) -> Metric:
+    """The residual fit's metric: qera's X^T X whitening or lqer's columns scaled by mean |x|."""
+    return whitened(W, stats, o.shift, "lqer") if o.metric == "qera" else scaled(W, stats, LQER_SCALES)
+
+
+@register("lqer", LQEROptions, needs=("xtx", "absmean"), storage_bits=qlr_bits, check=check, params=None,
+          metric=metric)
 def lqer(W: torch.Tensor, o: LQEROptions, *, rank: int, bits: int = 4, seed: int = 0,
          stats: LayerStats | None = None) -> QuantLowRank:
     xtx = require(stats, "xtx", "lqer") if o.quantizer == "gptq" or o.metric == "qera" else None
@@ -79,6 +87,6 @@ def lqer(W: torch.Tensor, o: LQEROptions, *, rank: int, bits: int = 4, seed: int
         fit = svdllm(E, rank=rank, bits=o.lr_bits, stats=stats, shift=o.shift, **quantizer)
     else:
         require(stats, "absmean", "lqer")
-        fit = asvd(E, rank=rank, bits=o.lr_bits, stats=stats, alpha=1.0, **quantizer)
+        fit = asvd(E, LQER_SCALES, rank=rank, bits=o.lr_bits, stats=stats, **quantizer)
     return QuantLowRank.of({**quantized_part(Q, perm), **fit.stored}, quantizer=o.quantizer, metric=o.metric,
                            lr_bits=o.lr_bits, **info, **fit.info)

@@ -89,11 +89,25 @@ def active() -> dict[str, Any]:
     return _SCOPES[-1]
 
 
+def in_scope() -> bool:
+    """Whether a :func:`reuse` scope is active."""
+    return bool(_SCOPES)
+
+
+def decomposed(call: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
+    """Run ``call()`` in the innermost :func:`reuse` scope; the full (U, S, Vh, solver) of the last matrix
+    :func:`truncated_svd` truncated during it (kept in the scope), or None when it truncated none."""
+    scope = active()
+    scope["last"] = None
+    call()
+    return None if scope["last"] is None else scope["svds"][scope["last"]]
+
+
 def content_key(W: torch.Tensor) -> str:
     """The matrix's shape, dtype, device and a hash of its bytes. Inside a :func:`reuse` scope a
     tensor's storage is hashed once: a later call on the same storage, view and fingerprint (sum, norm
-    and a strided sample's sum) returns the kept key (a weight is read several times while its
-    rank is allocated; hashing costs ~3 ms per MB on a slow core)."""
+    and a strided sample's sum) returns the kept key: a weight is read several times while its
+    rank is allocated, and hashing reads every byte, the fingerprint a few sums."""
     if not _SCOPES:
         return _hash(W)
     seen = _SCOPES[-1].setdefault("content", {})
@@ -158,12 +172,6 @@ def balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.
     """L = U S^1/2, R = S^1/2 Vh (fp32)."""
     root = S.sqrt()
     return (U * root).float(), (root[:, None] * Vh).float()
-
-
-def split_svd(W: torch.Tensor, rank: int, driver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced rank-``rank`` factors (L, R) of the truncated SVD of W (computed in fp32+)."""
-    U, S, Vh, _ = truncated_svd(W, rank, driver)
-    return balanced(U, S, Vh)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lrsweep.factorization import LowRank
-from lrsweep.methods import LayerStats, register, require
+from lrsweep.methods import LayerStats, Metric, register, require
 from lrsweep.methods.svd import SVDOptions, balanced, content_key, from_statistic, truncated_svd
 
 
@@ -30,17 +30,37 @@ def cholesky_shifted(xtx: torch.Tensor, shift: float, tries: int = 12) -> tuple[
     raise ValueError(f"svdllm: X^T X is not positive definite even after a shift of {added:.3g}")
 
 
+def cholesky_factor(W: torch.Tensor, stats: LayerStats | None, shift: float,
+                    method: str = "svdllm") -> tuple[tuple, torch.Tensor, float]:
+    """(key, C, added): :func:`cholesky_shifted` of the layer's X^T X on W's device, derived once per
+    statistic and shift in a :func:`~lrsweep.methods.svd.reuse` scope."""
+    xtx = require(stats, "xtx", method)
+    key, (C, added) = from_statistic("svdllm cholesky", xtx, lambda: cholesky_shifted(xtx.to(W.device), shift),
+                                     str(W.device), shift)
+    return key, C, added
+
+
+def whitened(W: torch.Tensor, stats: LayerStats | None, shift: float, method: str = "svdllm") -> Metric:
+    """The output-error metric: M = W C, whose truncation error is ‖(W - Ŵ) X^T‖_F (Ŵ = M_r C^-1)."""
+    _, C, _ = cholesky_factor(W, stats, shift, method)
+    return Metric(lambda: W.double() @ C,
+                  lambda A: torch.linalg.solve_triangular(C, A.double(), upper=False, left=False).to(A.dtype),
+                  whitened=True)
+
+
 @dataclass
 class SVDLLMOptions(SVDOptions):
     shift: float = 1e-6  # on non-PD X^T X add shift * mean(diag) (x10 per retry); recorded in the row
 
 
-@register("svdllm", SVDLLMOptions, needs=("xtx",))
+def metric(W: torch.Tensor, stats: LayerStats | None, o: SVDLLMOptions) -> Metric:
+    return whitened(W, stats, o.shift)
+
+
+@register("svdllm", SVDLLMOptions, needs=("xtx",), metric=metric)
 def svdllm(W: torch.Tensor, o: SVDLLMOptions, *, rank: int, bits: int = 16, seed: int = 0,
            stats: LayerStats | None = None) -> LowRank:
-    xtx = require(stats, "xtx", "svdllm")
-    factor, (C, added) = from_statistic("svdllm cholesky", xtx, lambda: cholesky_shifted(xtx.to(W.device), o.shift),
-                                        str(W.device), o.shift)
+    factor, C, added = cholesky_factor(W, stats, o.shift)
     U, S, Vh, solver = truncated_svd(lambda: W.double() @ C, rank, o.driver,  # W C keyed by W and C, not hashed
                                      key=lambda: (content_key(W), factor))
     Vh = torch.linalg.solve_triangular(C, Vh.double(), upper=False, left=False)

@@ -27,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import atomic, cache
 from lrsweep.errors import ConfigError, did_you_mean
+from lrsweep.evaluate.tasks import TASKS, Task
+from lrsweep.evaluate.zeroshot import zeroshot_split
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,7 +53,7 @@ def _tasks(cfg: DictConfig) -> list[str]:
 def task_yaml(name: str, data_file: str, template: str, verbalizers: list[str]) -> dict[str, Any]:
     """An lm-eval multiple-choice task: context = ``template`` with the doc's text, choices = the
     verbalizers verbatim (``target_delimiter: ""``: the continuation is exactly the verbalizer, as
-    in ``evaluate.zeroshot_predictions``), target = the label index."""
+    in :func:`lrsweep.evaluate.zeroshot.zeroshot_predictions`), target = the label index."""
     return {
         "task": name,
         "dataset_path": "json",
@@ -70,8 +72,6 @@ def task_yaml(name: str, data_file: str, template: str, verbalizers: list[str]) 
 def render_local_task(ctx: Context) -> Path:
     """Write the offline task (yaml + test.jsonl) under the cache dir; return its folder."""
     import yaml
-
-    from lrsweep.evaluate import zeroshot_split
 
     texts, labels, verbalizers = zeroshot_split(ctx)
     docs = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels))
@@ -223,3 +223,6 @@ def check(cfg: DictConfig) -> None:
         if t not in known:
             raise ConfigError("eval.lm_eval.tasks", f"{t!r} is not an lm-eval task{did_you_mean(t, [local, *known])}",
                               [local, f"the {len(known)} tasks of `lm-eval ls tasks`"])
+
+
+TASKS["lm_eval"] = Task("lm_eval", prepare, evaluate, kinds=("causal_lm",), requires="lm_eval", config_check=check)
