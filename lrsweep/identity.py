@@ -37,7 +37,8 @@ LATER_KEYS: dict[str, Any] = {"param_ratio": None,
                               "calib.fisher": "batch",  # the Fisher estimator before per-sample became the default
                               "allocation": "uniform",  # rank allocation across layers
                               "method.solver": "exact",  # asvd: torch.svd_lowrank as in ASVD's code
-                              "method.side": "output", "method.power": 0.5}  # fwsvd: the weighted side
+                              "method.side": "output", "method.power": 0.5,  # fwsvd: the weighted side
+                              "method.grid": "narrow", "method.observer": "absmax"}  # the quantizer's scales
 
 
 def _drop_later_defaults(out: dict[str, Any]) -> None:

@@ -4,9 +4,11 @@ Before the device type was part of the identity, a GPU run had its CPU run's id,
 ``save_compressed=true`` changed the id. A row whose id is that earlier one (its recorded config
 hashed without the device, with save_compressed as set) moves to its id now
 (:func:`lrsweep.identity.run_id` of the config on the row's device); CPU rows without
-save_compressed have the same id under both and stay. A row is not moved onto an existing one,
-nor when its device is unknown (failed before choosing it on ``device=auto``). ``--dry-run``
-lists the moves.
+save_compressed have the same id under both and stay. Rows written before the quantizer's grid rule
+(``method.grid``) was an option keep the id of ``method.grid=narrow``, which they computed; those
+with ``method.scheme=uniform``, whose numbers no grid rule changes, move to the id at the default.
+A row is not moved onto an existing one, nor when its device is unknown (failed before choosing it
+on ``device=auto``). ``--dry-run`` lists the moves.
 """
 
 from __future__ import annotations
@@ -36,10 +38,25 @@ def new_id(row: ResultRow) -> str | None:
     if not row.config or device in ("", "auto"):
         return None
     cfg = OmegaConf.create({**row.config, "device": device})
-    if earlier_id(cfg) != row.run_id:
+    if row.run_id not in (earlier_id(cfg), identity.run_id(cfg)):
         return None
-    new = identity.run_id(cfg)
+    new = identity.run_id(default_grid(cfg))
     return None if new == row.run_id else new
+
+
+def default_grid(cfg: DictConfig) -> DictConfig:
+    """``cfg`` at the quantizer's default grid rule and observer when it was written before they were
+    options (no ``method.grid``: the narrow grid) and its numbers cannot depend on them (scheme
+    ``uniform``: per-tensor min/max, untouched by the symmetric grid's rule); else ``cfg`` itself."""
+    from lrsweep.methods import REGISTRY, QuantizerOptions
+
+    method = cfg.get("method")
+    spec = REGISTRY.get(str(method.get("name"))) if isinstance(method, DictConfig) else None
+    if (spec is None or spec.option_type is None or not issubclass(spec.option_type, QuantizerOptions)
+            or "grid" in method or method.get("scheme") != "uniform"):
+        return cfg
+    defaults = spec.option_type()
+    return OmegaConf.merge(cfg, {"method": {"grid": defaults.grid, "observer": defaults.observer}})
 
 
 def rekey(results_dir: str | os.PathLike, dry_run: bool = False) -> list[tuple[str, str, str]]:

@@ -82,11 +82,29 @@ EARLIER_RUN_IDS = {"": "521f5d9592f6", "model=smollm2": "34f9ea320546", "method=
                    "method=fwsvd calib.fisher=batch": "6058c996b53e"}
 
 
+def narrow_grid(cfg):
+    """``cfg`` at the quantizer's grid before ``method.grid`` existed (narrow: rows written then are its runs)."""
+    if "grid" in cfg.method:
+        cfg.method.grid = "narrow"
+    return cfg
+
+
 @pytest.mark.parametrize("overrides", sorted(EARLIER_RUN_IDS))
 def test_rows_written_before_later_keys_keep_their_run_id(compose, overrides, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # these ids were computed on CPU (device=auto)
-    assert run_id(compose(overrides.split())) == EARLIER_RUN_IDS[overrides]
-    assert run_id(compose([*overrides.split(), "device=cpu", "save_compressed=true"])) == EARLIER_RUN_IDS[overrides]
+    assert run_id(narrow_grid(compose(overrides.split()))) == EARLIER_RUN_IDS[overrides]
+    assert run_id(narrow_grid(compose([*overrides.split(), "device=cpu", "save_compressed=true"]))) == \
+        EARLIER_RUN_IDS[overrides]
+
+
+def test_the_default_grid_rule_changes_the_run_id_of_every_quantizing_method(compose, monkeypatch):
+    """Rows made on the narrow grid (all rows before method.grid) are never found for the default grid."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for overrides in [*sorted(EARLIER_RUN_IDS), *(f"method={m}" for m in METHODS)]:
+        cfg = compose(overrides.split())
+        if "grid" in cfg.method:
+            assert cfg.method.grid == "auto" and run_id(cfg) != run_id(narrow_grid(compose(overrides.split())))
+    assert run_id(compose(["method.observer=mse"])) != run_id(compose([]))
 
 
 # run_ids of main at 47fdb06, when a built-in's config still carried `_target_` (its own function): the
@@ -111,7 +129,7 @@ def test_every_method_keeps_its_run_id_without_target(compose, monkeypatch):
     for overrides, expected in TARGET_RUN_IDS.items():
         cfg = compose(overrides.split())
         assert ("_target_" in cfg.method) == ("_target_" in overrides), overrides
-        assert run_id(cfg) == expected, overrides
+        assert run_id(narrow_grid(cfg)) == expected, overrides
 
 
 def test_run_id_has_the_device_type_but_not_the_gpu_index(compose, monkeypatch):
@@ -139,21 +157,30 @@ def test_rekey_moves_gpu_and_save_compressed_rows_to_their_id_now(compose, tmp_p
     from lrsweep import rekey
     from lrsweep.row import ResultRow, read_rows, write_row
 
-    def row(overrides, earlier, device):  # a row as written before the device type was in run_id
+    def row(overrides, earlier, device, before_grid=True):  # a row as written before the device type was in run_id
         config = OmegaConf.to_container(compose(overrides), resolve=True)
+        if before_grid:  # and before method.grid / method.observer
+            config["method"] = {k: v for k, v in config["method"].items() if k not in ("grid", "observer")}
         return ResultRow(run_id=earlier, status="ok", device=device, run_name=f"minilm-svd-{earlier}", config=config)
 
     gpu = row([], "521f5d9592f6", "cuda:0")  # the default config's id before (tests: EARLIER_RUN_IDS)
     saved = row(["save_compressed=true", "bits=8"], "f425b6e1bb01", "cpu")  # id of main at 4b3c400
-    cpu = row(["bits=4"], run_id(compose(["bits=4", "device=cpu"])), "cpu")
+    cpu = row(["bits=4"], run_id(compose(["bits=4", "device=cpu"])), "cpu", before_grid=False)  # written now
     failed = row(["save_compressed=true"], "55a32ca50a66", "")  # no device recorded, config says auto
-    for r in (gpu, saved, cpu, failed):
+    # before method.grid: the uniform scheme's numbers do not depend on the grid rule (moves to the
+    # default's id), the group scheme's do (keeps the id of method.grid=narrow, which it computed)
+    lplr = row(["method=lplr", "bits=4"], "65e0dfa8f47c", "cpu")
+    grouped = ["method=lplr", "bits=4", "method.scheme=group"]
+    group = row(grouped, run_id(narrow_grid(compose([*grouped, "device=cpu"]))), "cpu")
+    for r in (gpu, saved, cpu, failed, lplr, group):
         write_row(tmp_path, r)
-    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "2 rows to move" in capsys.readouterr().out
+    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "3 rows to move" in capsys.readouterr().out
     moves = rekey.rekey(tmp_path)
     new_gpu, new_saved = run_id(compose(["device=cuda"])), run_id(compose(["bits=8", "device=cpu"]))
-    assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved")])
+    new_lplr = run_id(compose(["method=lplr", "bits=4", "device=cpu"]))
+    assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved"),
+                                    ("65e0dfa8f47c", new_lplr, "moved")])
     rows = {r.run_id: r for r in read_rows(tmp_path)}
-    assert set(rows) == {new_gpu, new_saved, cpu.run_id, "55a32ca50a66"}
+    assert set(rows) == {new_gpu, new_saved, cpu.run_id, "55a32ca50a66", new_lplr, group.run_id}
     assert rows[new_gpu].run_name == f"minilm-svd-{new_gpu}" and rows[new_gpu].device == "cuda:0"
     assert rekey.rekey(tmp_path) == []  # idempotent
