@@ -82,7 +82,7 @@ def test_a_target_on_a_built_in_is_that_function_under_its_name(compose, monkeyp
         assert spec.name == "svd" and spec.fn.__name__ == "fails_above" and spec.option_type is None
     assert method_spec(compose(["method=svd", "method._target_=lrsweep.methods.svd.svd"]).method) is REGISTRY["svd"]
     assert config_error("method=svd", "method.alpha=0.5", f"results_dir={tmp_path}", "logger=none") == \
-        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, group_size, scheme)"
+        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, grid, group_size, observer, scheme)"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -109,7 +109,7 @@ def test_parse_checks_keys_and_types():
     spec = REGISTRY["kronecker"]
     assert spec.parse({"a_shape": [8, 4], "scheme": "group"}) == KroneckerOptions(a_shape=[8, 4], scheme="group")
     with pytest.raises(ConfigError, match=r"^method.alpha: is not an option of method kronecker "
-                                          r"\(valid: a_shape, driver, group_size, scheme\)$"):
+                                          r"\(valid: a_shape, driver, grid, group_size, observer, scheme\)$"):
         spec.parse({"alpha": 0.5})
     with pytest.raises(ConfigError, match=r"^method.a_shape: \[8, 'x'\] is not a list of integers or null$"):
         spec.parse({"a_shape": [8, "x"]})
@@ -190,9 +190,10 @@ def test_a_typed_method_registered_outside_the_package_keeps_its_target(monkeypa
     spec = methods.REGISTRY["typed_test"]
     assert not spec.builtin and all(s.builtin for s in REGISTRY.values())
     node = OmegaConf.to_container(ConfigStore.instance().load("method/base/typed_test.yaml").node)
-    assert node == {"name": "typed_test", "_target_": spec.target, "scheme": "uniform", "group_size": 128, "shrink": 1.0}
-    cfg = compose(["method=base/typed_test"])
-    assert experiment_config(cfg)["method"] == node
+    assert node == {"name": "typed_test", "_target_": spec.target, "scheme": "uniform", "group_size": 128, "grid": "auto",
+                    "observer": "absmax", "shrink": 1.0}
+    cfg = compose(["method=base/typed_test"])  # observer=absmax: as before it was an option (identity.LATER_KEYS)
+    assert experiment_config(cfg)["method"] == {k: v for k, v in node.items() if k != "observer"}
 
 
 # ---- compress_: a model's layers in place, no Hydra ---------------------------------------------------
