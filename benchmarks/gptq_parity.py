@@ -1,23 +1,31 @@
-"""gptq's output error next to llm-compressor's GPTQ on real SmolLM2 layers and calibration statistics.
+"""gptq's output error next to llm-compressor's GPTQ on real SmolLM2 layers and calibration statistics,
+and the quantizer's grid rules and observers (``lrsweep.quant``) on the same layers.
 
 llm-compressor must not enter lrsweep's environment (it pins transformers <= 5.17): install it in a
 throwaway venv that sees our packages, and point this script at lrsweep's caches:
 
-    python -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install llmcompressor==0.14.0.1
+    python3.11 -m venv /tmp/llmc && echo "$PWD/.venv/lib/python3.11/site-packages" \\
+        > /tmp/llmc/lib/python3.11/site-packages/lrsweep-venv.pth && /tmp/llmc/bin/pip install llmcompressor==0.14.0.1
     python -m lrsweep model=smollm2 method=gptq bits=4 calib.n_samples=32 ...   # fills the calib cache
-    PYTHONPATH=$PWD /tmp/llmc/bin/python benchmarks/gptq_parity.py <calib .safetensors> <model.safetensors>
+    PYTHONPATH=$PWD /tmp/llmc/bin/python benchmarks/gptq_parity.py <calib .safetensors> <model.safetensors> \
+        [bits] [group]
 
-Both run at the same bits, group size (64: SmolLM2 widths 576 and 1536 are not multiples of 128; symmetric int), damping (0.01) and
-no act-order; output error = tr(D H D^T) / tr(W H W^T) with H = X^T X of the calibration tokens.
-llm-compressor takes its group scales once from W (observer: absmax / 7.5 at 4 bits); ours are
-absmax / 7 of the updated weights when a group starts (``lrsweep.methods.gptq``). The last column
-compares ours with llm-compressor's GPTQ run on our grid (absmax / 7 of W, fp16 scales): the algorithm
-alone.
+Both run at the same bits, group size (default 64: SmolLM2 widths 576 and 1536 are not multiples of
+128; symmetric int), damping (0.01) and no act-order. Two tables:
+
+- weight error ||W - Q||_F / ||W||_F of round-to-nearest: lrsweep's grid before (``narrow``: absmax /
+  (2^(b-1) - 1)), llm-compressor's observer (absmax / (2^(b-1) - 0.5), what ``full`` computes), the
+  default (``auto``) and the default with the ``mse`` observer; the ratios to ``narrow``;
+- output error tr(D H D^T) / tr(W H W^T) (H = X^T X of the calibration tokens) of gptq on the
+  narrow grid, the default and the default with mse, of llm-compressor's default GPTQ (its observer
+  takes the group scales once from W), and of llm-compressor's GPTQ run on our default grid's scales
+  of W (the algorithm alone: its last column); seconds of gptq with and without mse.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 from compressed_tensors.quantization import QuantizationArgs
@@ -35,7 +43,7 @@ XTX_OF = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # lay
 
 
 def theirs(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp: float, our_grid: bool = False) -> torch.Tensor:
-    """llm-compressor's GPTQ with its observer's scales, or (``our_grid``) with quantize()'s scales of W."""
+    """llm-compressor's GPTQ with its observer's scales, or (``our_grid``) with quantize()'s default scales of W."""
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
     Wg = W.reshape(W.shape[0], -1, group)
     scale, zero = calculate_qparams(Wg.amin(-1), Wg.amax(-1), args)
@@ -47,26 +55,57 @@ def theirs(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp: float,
     return Q[0]
 
 
+def their_rtn(W: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Round-to-nearest on llm-compressor's default observer's grid (its scales, clamped to its code range)."""
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
+    Wg = W.reshape(W.shape[0], -1, group)
+    scale, _ = calculate_qparams(Wg.amin(-1), Wg.amax(-1), args)
+    s = scale.unsqueeze(-1).float()
+    return (torch.clamp(torch.round(Wg / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s).reshape(W.shape)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 def main(calib_path: str, model_path: str, bits: int = 4, group: int = 64, damp: float = 0.01) -> None:
-    rows = []
+    wrows, orows = [], []
     with safe_open(calib_path, "pt") as c, safe_open(model_path, "pt") as m:
         for name in LAYERS:
             prefix, _, leaf = name.rpartition(".")
             H = c.get_tensor(f"{prefix}.{XTX_OF.get(leaf, leaf)}:xtx").double()
             W = m.get_tensor(f"{name}.weight").float()
-            total = output_error(W, H)
-            ours, _, _ = gptq_quantize(W, H, bits, "group", group, damp, act_order=False)
+            norm, total = float(W.norm()), output_error(W, H)
+            rtn = {"narrow": quantize(W, bits, "group", group, grid="narrow").value,
+                   "llm-compressor": their_rtn(W, bits, group)}
+            rtn["auto"], t_rtn = timed(lambda: quantize(W, bits, "group", group).value)
+            rtn["auto, mse"], t_rtn_mse = timed(lambda: quantize(W, bits, "group", group, observer="mse").value)
+            werr = {k: float((W - v).norm()) / norm for k, v in rtn.items()}
+            ratios = [werr[k] / werr["narrow"] for k in ("llm-compressor", "auto", "auto, mse")]
+            wrows.append([name, f"{W.shape[0]}x{W.shape[1]}", *werr.values(), *ratios, t_rtn, t_rtn_mse])
+            (narrow, _, _) = gptq_quantize(W, H, bits, "group", group, damp, act_order=False, grid="narrow")
+            (auto, _, _), t_auto = timed(lambda: gptq_quantize(W, H, bits, "group", group, damp, act_order=False))
+            (mse, _, _), t_mse = timed(lambda: gptq_quantize(W, H, bits, "group", group, damp, act_order=False,
+                                                              observer="mse"))
             errs = {k: output_error(W - v, H) / total for k, v in (
-                ("rtn", quantize(W, bits, "group", group).value), ("lrsweep gptq", ours.value),
-                ("llm-compressor gptq", theirs(W, H, bits, group, damp)),
-                ("llm-compressor gptq, our grid", theirs(W, H, bits, group, damp, our_grid=True)))}
-            rows.append([name, f"{W.shape[0]}x{W.shape[1]}", *errs.values(),
-                         100 * (errs["lrsweep gptq"] / errs["llm-compressor gptq, our grid"] - 1)])
-    print(f"# output error tr(D H D^T)/tr(W H W^T) at {bits} bits, group {group}, damp {damp}, no act-order")
-    print(tabulate(rows, headers=["layer", "shape", "rtn", "lrsweep gptq", "llm-compressor gptq",
-                                  "llm-compressor gptq, our grid", "ours vs theirs (same grid) %"],
-                   floatfmt=("", "", ".5f", ".5f", ".5f", ".5f", "+.1f"), tablefmt="github"))
+                ("narrow", narrow.value), ("auto", auto.value), ("auto, mse", mse.value),
+                ("llmc", theirs(W, H, bits, group, damp)), ("llmc, our grid", theirs(W, H, bits, group, damp, True)))}
+            orows.append([name, f"{W.shape[0]}x{W.shape[1]}", *errs.values(), errs["auto"] / errs["llmc"],
+                          errs["auto, mse"] / errs["llmc"], 100 * (errs["auto"] / errs["llmc, our grid"] - 1),
+                          t_auto, t_mse])
+    print(f"# round-to-nearest weight error ||W - Q|| / ||W|| at {bits} bits, group {group}")
+    print(tabulate(wrows, headers=["layer", "shape", "narrow (before)", "llm-compressor", "auto (default)", "auto, mse",
+                                   "llmc / narrow", "auto / narrow", "mse / narrow", "s auto", "s mse"],
+                   floatfmt=("", "", ".5f", ".5f", ".5f", ".5f", ".3f", ".3f", ".3f", ".3f", ".3f"), tablefmt="github"))
+    print(f"\n# gptq output error tr(D H D^T)/tr(W H W^T) at {bits} bits, group {group}, damp {damp}, no act-order")
+    print(tabulate(orows, headers=["layer", "shape", "gptq narrow (before)", "gptq auto (default)", "gptq auto, mse",
+                                   "llm-compressor gptq", "llm-compressor gptq, our grid", "auto / llmc", "mse / llmc",
+                                   "ours vs theirs (same grid) %", "s auto", "s mse"],
+                   floatfmt=("", "", ".5f", ".5f", ".5f", ".5f", ".5f", ".3f", ".3f", "+.1f", ".2f", ".2f"),
+                   tablefmt="github"))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3], *(int(a) for a in sys.argv[3:4]))
+    main(*sys.argv[1:3], *(int(a) for a in sys.argv[3:5]))

@@ -17,6 +17,11 @@ storage at rank 0 is not zero) get Q at ``--q-bits`` (default 4, absmax groups o
 defaults (lqer fp16, caldera 4 bits); they store far more than rank r, so they sit below the optimum.
 
     python benchmarks/methods.py --quick --methods quant,gptq,lqer,caldera
+    python benchmarks/methods.py --quick --methods quant,gptq,lqer,caldera --grid narrow   # the grid before
+    python benchmarks/methods.py --quick --methods quant,gptq,lqer,caldera --observer mse
+
+``--grid`` and ``--observer`` go to every method (lrsweep.quant: the symmetric grid's scale rule and
+how scales are chosen).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from tabulate import tabulate
 
 from lrsweep.methods import REGISTRY, LayerStats
+from lrsweep.quant import GRIDS, OBSERVERS
 
 
 def sync(device: torch.device) -> None:
@@ -74,7 +80,7 @@ def stores_q(spec, n: int, d: int) -> bool:
 
 
 def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device: torch.device,
-                repeats: int, q_bits: int = 4) -> list[list]:
+                repeats: int, q_bits: int = 4, quantizer: dict | None = None) -> list[list]:
     W = weight(n, d, device)
     norm = float(torch.linalg.norm(W))
     stats = statistics_for(n, d, device) if any(REGISTRY[m].needs for m in methods) else None
@@ -98,6 +104,8 @@ def bench_shape(n: int, d: int, rank: int, bits: int, methods: list[str], device
     for name in methods:
         spec = REGISTRY[name]
         b, opts = (q_bits, {"scheme": "group"}) if stores_q(spec, n, d) else (bits, {})  # Q: groups of 128
+        opts = {**opts, **(quantizer or {})}
+
         def call(spec=spec, b=b, opts=opts):  # the loop's values, bound now
             return spec.fn(W, rank=rank, bits=b, seed=0, stats=stats, **opts)
 
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--q-bits", type=int, default=4, help="bits of Q for methods that quantize W itself (default 4)")
     p.add_argument("--methods", default=",".join(sorted(m for m in REGISTRY if REGISTRY[m].has_rank)),
                    help="comma-separated (default: every method with a rank)")
+    p.add_argument("--grid", default="auto", choices=GRIDS, help="the symmetric grid's scale rule (default auto)")
+    p.add_argument("--observer", default="absmax", choices=OBSERVERS, help="how scales are chosen (default absmax)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, help="timed runs per method at least (default 3; 1 with --quick)")
     args = p.parse_args(argv)
@@ -135,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for s in shapes.split(","):
         n, d = (int(v) for v in s.lower().split("x"))
-        rows += bench_shape(n, d, rank, args.bits, methods, device, repeats, args.q_bits)
+        rows += bench_shape(n, d, rank, args.bits, methods, device, repeats, args.q_bits,
+                            {"grid": args.grid, "observer": args.observer})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# methods at rank {rank}, bits {args.bits}, on {name}, torch {torch.__version__}, fastest of >= {repeats} runs")
+    print(f"# methods at rank {rank}, bits {args.bits}, grid {args.grid}, observer {args.observer}, on {name}, "
+          f"torch {torch.__version__}, fastest of >= {repeats} runs")
     print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%", "out err"],
                    floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f", ".4f"), tablefmt="github", missingval="-"))
 

@@ -11,6 +11,7 @@ Supported ``bits``: 2..15 (integer codes), 16 (fp16), 32 (fp32, i.e. unquantized
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -18,6 +19,22 @@ FLOAT_BITS = (16, 32)
 INT_BITS = tuple(range(2, 16))
 SUPPORTED_BITS = INT_BITS + FLOAT_BITS
 SCHEMES = ("uniform", "channel", "group")
+
+# The symmetric integer grid (schemes channel and group): codes -2^(b-1) .. 2^(b-1) - 1 times one
+# fp16 scale per group; the grid rule says how the scale follows from the group's values (q = 2^(b-1) - 1):
+#   narrow: absmax / q              (lrsweep before; code -2^(b-1) is never used)
+#   full:   absmax / (q + 0.5)      (llm-compressor's and GPTQ's symmetric default: all 2^b codes,
+#                                    the extremes clipped by half a step)
+#   tight:  max(max+ / q, max- / (q + 1))  (the smallest scale that clips nothing: all 2^b codes
+#                                    when the negative extreme is the larger one)
+#   auto:   full at 2-3 bits, tight from 4 bits (measured on SmolLM2 weights: AUTO_FULL_BITS)
+GRIDS = ("auto", "full", "tight", "narrow")
+AUTO_FULL_BITS = 3  # auto is ``full`` up to this many bits, ``tight`` above
+# How the scale is chosen: absmax (the grid rule on the group's extremes) or mse (the clipping
+# ratio p of the grid rule's range, on MSE_STEPS steps from 1 down to MSE_LOWEST, with the least
+# squared error of the group; uniform: the tensor's min/max range shrunk by p about its midpoint).
+OBSERVERS = ("absmax", "mse")
+MSE_STEPS, MSE_LOWEST = 100, 0.5
 
 
 @dataclass
@@ -50,24 +67,40 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits} is not supported; valid: 2..15, 16, 32")
 
 
-def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128) -> QTensor:
+def check_rule(grid: str, observer: str) -> None:
+    if grid not in GRIDS:
+        raise ValueError(f"quantizer grid={grid!r} is unknown; valid: {', '.join(GRIDS)}")
+    if observer not in OBSERVERS:
+        raise ValueError(f"quantizer observer={observer!r} is unknown; valid: {', '.join(OBSERVERS)}")
+
+
+def grid_rule(grid: str, bits: int) -> str:
+    """The rule (full, tight or narrow) that ``grid`` stands for at ``bits``."""
+    if grid == "auto":
+        return "full" if bits <= AUTO_FULL_BITS else "tight"
+    return grid
+
+
+def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128, grid: str = "auto",
+             observer: str = "absmax") -> QTensor:
     """Quantize ``x`` (2-D) at ``bits`` bits with the given scheme.
 
     - ``uniform``: per-tensor min/max grid with 2^b levels (the LPLR paper's quantizer);
-    - ``channel``: symmetric absmax per output row;
-    - ``group``: symmetric absmax per group of ``group_size`` consecutive entries of a row.
+    - ``channel``: symmetric integer grid per output row, its scale by the ``grid`` rule (GRIDS);
+    - ``group``: the same per group of ``group_size`` consecutive entries of a row.
+    ``observer``: ``absmax`` (the range of the values) or ``mse`` (the clipped range with the least
+    squared error, per group; per tensor for ``uniform``).
     """
     check_bits(bits)
+    check_rule(grid, observer)
     x = x.float()
     if bits in FLOAT_BITS:
         dtype = torch.float16 if bits == 16 else torch.float32
         q = QTensor(value=x.to(dtype).float(), bits=bits)
     elif scheme == "uniform":
-        q = _uniform(x, bits)
-    elif scheme == "channel":
-        q = _absmax(x, bits, group=x.shape[-1])
-    elif scheme == "group":
-        q = _absmax(x, bits, group=min(group_size, x.shape[-1]))
+        q = _uniform(x, bits, observer)
+    elif scheme in ("channel", "group"):
+        q = _absmax(x, bits, x.shape[-1] if scheme == "channel" else min(group_size, x.shape[-1]), grid, observer)
     else:
         raise ValueError(f"quantizer scheme={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
     q.scheme, q.group_size = scheme, group_size
@@ -76,8 +109,9 @@ def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: in
 
 def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
     """``x`` (new values of the stored tensor ``q``, e.g. after training) quantized onto ``q``'s grid:
-    the same bits, scheme and metadata (minimum and step, or the absmax scales), codes clamped to
-    the grid's range. The storage is that of ``q``; only the codes change."""
+    the same bits, scheme and metadata (minimum and step, or the symmetric grid's scales), codes
+    clamped to the grid's range (all 2^b codes, whatever rule and observer chose the scales). The
+    storage is that of ``q``; only the codes change."""
     if q.scheme is None:
         raise ValueError("this stored tensor was not made by quantize(); it cannot be re-quantized")
     x = x.detach().float().reshape(q.value.shape)
@@ -85,16 +119,14 @@ def requantize(q: QTensor, x: torch.Tensor) -> QTensor:
         return quantize(x, q.bits, q.scheme, q.group_size)
     if "step" in q.meta:  # uniform: codes * step + min
         lo, step = q.meta["min"].to(x.device), q.meta["step"].to(x.device)
-        codes = torch.clamp(torch.round((x - lo) / step), 0, 2**q.bits - 1)
-        value, stored = codes * step + lo, codes
-    else:  # absmax: one scale per group of a row, codes offset by 2^(b-1)
+        stored, value = _uniform_round(x, lo, step, 2**q.bits - 1)
+    else:  # symmetric: one scale per group of a row, codes offset by 2^(b-1)
         n, d = x.shape
         scale = q.meta["scale"].float().to(x.device)
         group = d if q.scheme == "channel" else min(q.group_size, d)
-        xp = torch.nn.functional.pad(x, (0, (-d) % group)).reshape(n, -1, group)
+        codes, value = symmetric_round(_groups(x, group), scale.unsqueeze(-1), q.bits)
         qmax = 2 ** (q.bits - 1) - 1
-        codes = torch.clamp(torch.round(xp / scale.unsqueeze(-1)), -qmax - 1, qmax)
-        value = (codes * scale.unsqueeze(-1)).reshape(n, -1)[:, :d]
+        value = value.reshape(n, -1)[:, :d]
         stored = (codes + qmax + 1).reshape(n, -1)[:, :d]
     return QTensor(value=value, bits=q.bits, codes=stored.to(_codes_dtype(q.bits)), meta=dict(q.meta),
                    scheme=q.scheme, group_size=q.group_size)
@@ -104,30 +136,92 @@ def _codes_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int16
 
 
-def _uniform(x: torch.Tensor, bits: int) -> QTensor:
+def _uniform(x: torch.Tensor, bits: int, observer: str = "absmax") -> QTensor:
     lo, hi = x.min(), x.max()
     levels = 2**bits - 1
+    if observer == "mse" and hi > lo:  # the range shrunk by p about its midpoint, p with the least error
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        p = _best_ratio(lambda p: _uniform_round(x, mid - p * half, 2 * p * half / levels, levels)[1].sub(x)
+                        .square().sum().reshape(1))
+        lo, hi = mid - p * half, mid + p * half
     step = (hi - lo) / levels
     if step == 0:  # constant tensor: every code is 0
         step = torch.ones_like(step)
-    codes = torch.clamp(torch.round((x - lo) / step), 0, levels)
-    value = codes * step + lo
+    codes, value = _uniform_round(x, lo, step, levels)
     meta = {"min": lo.reshape(1).float(), "step": step.reshape(1).float()}
     return QTensor(value=value, bits=bits, codes=codes.to(_codes_dtype(bits)), meta=meta)
 
 
-def _absmax(x: torch.Tensor, bits: int, group: int) -> QTensor:
+def _uniform_round(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.clamp(torch.round((x - lo) / step), 0, levels)
+    return codes, codes * step + lo
+
+
+def mse_ratios(device: torch.device | None = None) -> torch.Tensor:
+    """The clipping ratios the mse observer tries: 1, 1 - (1 - MSE_LOWEST) / MSE_STEPS, ..., > MSE_LOWEST."""
+    return 1 - torch.arange(MSE_STEPS, device=device, dtype=torch.float32) * ((1 - MSE_LOWEST) / MSE_STEPS)
+
+
+def _best_ratio(error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Per entry of ``error(p)`` (one squared error per group), the ratio p of :func:`mse_ratios` with the
+    least error (the first, i.e. the largest p, on ties; p = 1 is the absmax observer's own range)."""
+    best_p = best = None
+    for p in mse_ratios():
+        err = error(p)
+        if best is None:
+            best, best_p = err, torch.ones_like(err)
+        else:
+            better = err < best
+            best, best_p = torch.where(better, err, best), torch.where(better, p, best_p)
+    return best_p
+
+
+def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x (n x d) as (n, ceil(d / group), group), the last group zero-padded."""
     n, d = x.shape
-    pad = (-d) % group
-    xp = torch.nn.functional.pad(x, (0, pad)).reshape(n, -1, group)
+    return torch.nn.functional.pad(x, (0, (-d) % group)).reshape(n, -1, group)
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as stored (fp16), 1 where the group is all zeros."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
+
+
+def symmetric_round(xg: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes in -2^(b-1) .. 2^(b-1) - 1, dequantized values) of ``xg`` on the grid ``scale`` (broadcast)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = xp.abs().amax(dim=-1, keepdim=True) / qmax
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale).half().float()
-    codes = torch.clamp(torch.round(xp / scale), -qmax - 1, qmax)
-    value = (codes * scale).reshape(n, -1)[:, :d]
+    codes = torch.clamp(torch.round(xg / scale), -qmax - 1, qmax)
+    return codes, codes * scale
+
+
+def symmetric_scales(xg: torch.Tensor, bits: int, grid: str = "auto", observer: str = "absmax") -> torch.Tensor:
+    """The fp16-representable scale of each group of ``xg`` (..., group) -> (..., 1) by the ``grid``
+    rule at ``bits``, and with the ``mse`` observer the ratio of it with the least squared error."""
+    qmax = 2 ** (bits - 1) - 1
+    rule = grid_rule(grid, bits)
+    if rule == "tight":
+        top = xg.amax(-1, keepdim=True).clamp_min(0) / qmax
+        scale = torch.maximum(top, (-xg.amin(-1, keepdim=True)).clamp_min(0) / (qmax + 1))
+    else:
+        scale = xg.abs().amax(-1, keepdim=True) / (qmax + 0.5 if rule == "full" else qmax)
+    if observer == "mse":
+        def error(p: torch.Tensor) -> torch.Tensor:
+            return symmetric_round(xg, _fp16_scale(p * scale), bits)[1].sub(xg).square().sum(-1, keepdim=True)
+
+        scale = _best_ratio(error) * scale
+    return _fp16_scale(scale)
+
+
+def _absmax(x: torch.Tensor, bits: int, group: int, grid: str = "auto", observer: str = "absmax") -> QTensor:
+    n, d = x.shape
+    xp = _groups(x, group)
+    scale = symmetric_scales(xp, bits, grid, observer)
+    codes, value = symmetric_round(xp, scale, bits)
+    qmax = 2 ** (bits - 1) - 1
     stored_codes = (codes + qmax + 1).reshape(n, -1)[:, :d].to(_codes_dtype(bits))
     meta = {"scale": scale.reshape(n, -1).half()}
-    return QTensor(value=value, bits=bits, codes=stored_codes, meta=meta)
+    return QTensor(value=value.reshape(n, -1)[:, :d], bits=bits, codes=stored_codes, meta=meta)
 
 
 def metadata_bits(shape: tuple[int, int], bits: int, scheme: str, group_size: int = 128) -> int:

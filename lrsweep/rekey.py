@@ -28,7 +28,9 @@ from lrsweep.row import SCHEMA_VERSION, ResultRow, read_row, row_path, rows_dir,
 SCHEMA_1: dict[str, Any] = {"param_ratio": None, "allocation": "uniform",
                             "eval.ppl_drop_last": False, "eval.ppl_bos": False,
                             "calib.sampling": "stream", "calib.bos": False, "calib.fisher": "batch",
-                            "method.solver": "exact", "method.side": "output", "method.power": 0.5}
+                            "method.solver": "exact", "method.side": "output", "method.power": 0.5,
+                            # the quantizer's symmetric grid before method.grid: absmax / (2^(b-1) - 1)
+                            "method.grid": "narrow", "method.observer": "absmax"}
 
 KEPT, UNKNOWN = "kept: a row with the new id exists", "left: device=auto and no device recorded"
 
@@ -45,8 +47,16 @@ def current_config(row: ResultRow) -> dict[str, Any]:
                 node = node.get(part) if isinstance(node, dict) else None
             if not isinstance(node, dict) or leaf in node or (parents == ["method"] and leaf not in options):
                 continue
+            if path == "method.grid" and node.get("scheme") == "uniform":
+                value = _default_grid()  # min/max grids: no grid rule changes their numbers
             node[leaf] = value
     return config
+
+
+def _default_grid() -> str:
+    from lrsweep.methods import QuantizerOptions
+
+    return QuantizerOptions().grid
 
 
 def _method_options(method: Any) -> set[str]:

@@ -123,6 +123,8 @@ def schema_1_row(compose, overrides, drop_later):
 
     cfg = compose(overrides)
     config = OmegaConf.to_container(cfg, resolve=True)
+    for option in ("grid", "observer"):  # the quantizer's options came with schema 2
+        config["method"].pop(option, None)
     if config["method"]["name"] in REGISTRY:
         config["method"].setdefault("_target_", REGISTRY[config["method"]["name"]].target)
     exp = {k: copy.deepcopy(v) for k, v in config.items() if k not in {"hydra", "logger", "launch", "results_dir", "cache_dir", "device",
@@ -158,15 +160,34 @@ def test_rekey_moves_schema_1_rows_where_the_sweep_finds_them(compose, overrides
     assert computed == pinned  # the row is what schema-1 lrsweep wrote under that id
     write_row(tmp_path, ResultRow(run_id=pinned, status="ok", device="cpu", run_name=f"minilm-x-{pinned}",
                                   config=config, schema_version=1))
-    now = run_id(compose(overrides.split()))
+    now = run_id(grid_before(compose(overrides.split())))
     assert now != pinned and row_status(tmp_path, now) is None  # a new schema: every run_id changes
     assert rekey.rekey(tmp_path) == [(pinned, now, "moved")]
     assert row_status(tmp_path, now) == "ok" and not row_path(tmp_path, pinned).exists()
     row = read_row(row_path(tmp_path, now))
     assert row.schema_version == 2 and row.run_name == f"minilm-x-{now}"
-    cfg = compose([*overrides.split(), f"results_dir={tmp_path}"])
+    cfg = grid_before(compose([*overrides.split(), f"results_dir={tmp_path}"]))
     assert job.run(cfg).started_at == row.started_at  # the job skips it: already ok
     assert rekey.rekey(tmp_path) == []  # idempotent
+
+
+def grid_before(cfg):
+    """``cfg`` at the quantizer grid a schema-1 row computed: narrow (absmax / (2^(b-1) - 1)) for the
+    symmetric schemes; the uniform scheme's min/max grid has no rule to choose (the default's id)."""
+    if "grid" in cfg.method and cfg.method.get("scheme") != "uniform":
+        cfg.method.grid = "narrow"
+    return cfg
+
+
+def test_the_default_grid_rule_changes_the_run_id_of_every_quantizing_method(compose):
+    """Rows made on the narrow grid (every row before method.grid) are never found for the default grid."""
+    for overrides in [*sorted(EARLIER_RUN_IDS), *(f"method={m}" for m in METHODS)]:
+        cfg = compose(overrides.split())
+        if "grid" in cfg.method:
+            narrow = compose(overrides.split())
+            narrow.method.grid = "narrow"
+            assert cfg.method.grid == "auto" and run_id(cfg) != run_id(narrow), overrides
+    assert run_id(compose(["method.observer=mse"])) != run_id(compose([]))
 
 
 def test_built_in_method_configs_have_no_target(compose):
@@ -201,6 +222,8 @@ def test_rekey_moves_rows_of_the_earlier_schema_and_leaves_current_ones(compose,
 
     def row(overrides, rid, device, schema=1):
         config = OmegaConf.to_container(compose(overrides), resolve=True)
+        if schema == 1:  # before the quantizer's grid rule and observer were options
+            config["method"] = {k: v for k, v in config["method"].items() if k not in ("grid", "observer")}
         return ResultRow(run_id=rid, status="ok", device=device, run_name=f"minilm-svd-{rid}", config=config,
                          schema_version=schema)
 
@@ -210,19 +233,24 @@ def test_rekey_moves_rows_of_the_earlier_schema_and_leaves_current_ones(compose,
     twin = row(["bits=4", "save_compressed=true"], "ba9876543210", "cpu")  # the same experiment as cpu
     failed = row(["save_compressed=true"], "55a32ca50a66", "")  # no device recorded, config says auto
     current = row(["bits=2"], run_id(compose(["bits=2", "device=cpu"])), "cpu", schema=2)
-    for r in (gpu, saved, cpu, twin, failed, current):
+    # the group scheme's numbers depend on the grid rule: a schema-1 row ran on the narrow grid
+    grouped = ["method=lplr", "bits=4", "method.scheme=group"]
+    group = row(grouped, "0a0a0a0a0a0a", "cpu")
+    for r in (gpu, saved, cpu, twin, failed, current, group):
         write_row(tmp_path, r)
-    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "3 rows to move" in capsys.readouterr().out
+    assert rekey.main([str(tmp_path), "--dry-run"]) == 0 and "4 rows to move" in capsys.readouterr().out
     assert {r.run_id for r in read_rows(tmp_path)} == {"521f5d9592f6", "f425b6e1bb01", "0123456789ab",
-                                                      "ba9876543210", "55a32ca50a66", current.run_id}
+                                                      "ba9876543210", "55a32ca50a66", current.run_id, group.run_id}
     moves = rekey.rekey(tmp_path)
     new_gpu, new_saved = run_id(compose(["device=cuda"])), run_id(compose(["bits=8", "device=cpu"]))
     new_cpu = run_id(compose(["bits=4", "device=cpu"]))
+    new_group = run_id(grid_before(compose([*grouped, "device=cpu"])))
+    assert new_group != run_id(compose([*grouped, "device=cpu"]))
     assert sorted(moves) == sorted([("521f5d9592f6", new_gpu, "moved"), ("f425b6e1bb01", new_saved, "moved"),
                                     ("0123456789ab", new_cpu, "moved"), ("ba9876543210", new_cpu, rekey.KEPT),
-                                    ("55a32ca50a66", "?", rekey.UNKNOWN)])
+                                    ("55a32ca50a66", "?", rekey.UNKNOWN), ("0a0a0a0a0a0a", new_group, "moved")])
     rows = {r.run_id: r for r in read_rows(tmp_path)}
-    assert set(rows) == {new_gpu, new_saved, new_cpu, "ba9876543210", "55a32ca50a66", current.run_id}
+    assert set(rows) == {new_gpu, new_saved, new_cpu, "ba9876543210", "55a32ca50a66", current.run_id, new_group}
     assert rows[new_gpu].run_name == f"minilm-svd-{new_gpu}" and rows[new_gpu].device == "cuda:0"
     assert rows[new_gpu].schema_version == 2 and rows["55a32ca50a66"].schema_version == 1
     files = {p.name: p.read_text() for p in (tmp_path / "rows").iterdir()}

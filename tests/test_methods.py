@@ -318,7 +318,8 @@ def test_bad_bits_method_and_options():
         compress_matrix(W, "losparse", rank=R, density=1.5)
     with pytest.raises(ConfigError, match="method.b1"):
         compress_matrix(W, "lplr", rank=R, b1=17)
-    with pytest.raises(ConfigError, match=r"method.alpha: is not an option of method svd \(valid: driver, group_size, scheme\)"):
+    with pytest.raises(ConfigError, match=r"method.alpha: is not an option of method svd "
+                                          r"\(valid: driver, grid, group_size, observer, scheme\)"):
         compress_matrix(W, "svd", rank=R, alpha=0.5)
     with pytest.raises(ConfigError, match=r"method.group_size: '64' is not an integer"):
         compress_matrix(W, "svd", rank=R, group_size="64")

@@ -48,7 +48,9 @@ def test_composed_method_config_is_what_it_was(compose, method):
     from lrsweep.identity import experiment_config
 
     cfg = compose([f"method={method}"])
-    assert OmegaConf.to_container(cfg.method) == {k: v for k, v in BEFORE[method].items() if k != "_target_"}
+    grid = {"grid": "auto", "observer": "absmax"}  # the quantizer's options added since, at their defaults
+    assert OmegaConf.to_container(cfg.method) == {**{k: v for k, v in BEFORE[method].items() if k != "_target_"},
+                                                  **grid}
     assert experiment_config(cfg)["method"] == OmegaConf.to_container(cfg.method)  # hashed as composed
 
 
@@ -78,7 +80,7 @@ def test_a_target_on_a_built_in_is_that_function_under_its_name(compose, monkeyp
         assert spec.name == "svd" and spec.fn.__name__ == "fails_above" and spec.option_type is None
     assert method_spec(compose(["method=svd", "method._target_=lrsweep.methods.svd.svd"]).method) is REGISTRY["svd"]
     assert config_error("method=svd", "method.alpha=0.5", f"results_dir={tmp_path}", "logger=none") == \
-        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, group_size, scheme)"
+        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, grid, group_size, observer, scheme)"
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -105,7 +107,7 @@ def test_parse_checks_keys_and_types():
     spec = REGISTRY["kronecker"]
     assert spec.parse({"a_shape": [8, 4], "scheme": "group"}) == KroneckerOptions(a_shape=[8, 4], scheme="group")
     with pytest.raises(ConfigError, match=r"^method.alpha: is not an option of method kronecker "
-                                          r"\(valid: a_shape, driver, group_size, scheme\)$"):
+                                          r"\(valid: a_shape, driver, grid, group_size, observer, scheme\)$"):
         spec.parse({"alpha": 0.5})
     with pytest.raises(ConfigError, match=r"^method.a_shape: \[8, 'x'\] is not a list of integers or null$"):
         spec.parse({"a_shape": [8, "x"]})
@@ -181,7 +183,8 @@ def test_a_typed_method_registered_outside_the_package_keeps_its_target(monkeypa
 
     spec = methods.REGISTRY["typed_test"]
     assert not spec.builtin and all(s.builtin for s in REGISTRY.values())
-    node = {"name": "typed_test", "_target_": spec.target, "scheme": "uniform", "group_size": 128, "shrink": 1.0}
+    node = {"name": "typed_test", "_target_": spec.target, "scheme": "uniform", "group_size": 128, "grid": "auto",
+            "observer": "absmax", "shrink": 1.0}
     assert OmegaConf.to_container(methods.config_node("typed_test")) == node
     cfg = compose(["method=base/typed_test"])  # Hydra's method/base/typed_test (hydra_plugins/lrsweep_methods)
     assert OmegaConf.to_container(cfg.method) == node and experiment_config(cfg)["method"] == node

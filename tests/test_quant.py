@@ -32,19 +32,22 @@ def test_uniform_error_at_most_half_a_step(bits):
     assert torch.allclose(q.codes.float() * q.meta["step"] + q.meta["min"], q.value)
 
 
+@pytest.mark.parametrize("grid", ["auto", "full", "tight", "narrow"])
 @pytest.mark.parametrize("scheme,group", [("channel", None), ("group", 16), ("group", 48)])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_absmax_error_at_most_half_a_step_per_group(scheme, group, bits):
+def test_absmax_error_at_most_half_a_step_per_group(scheme, group, bits, grid):
+    """Every grid rule covers the group's range: the error is at most half a step (up to the fp16
+    rounding of the scale, which moves the clipped extremes of ``full`` by (q + 1) ulps)."""
     x = matrix()
     n, d = x.shape
-    q = quantize(x, bits, scheme, group_size=group or 128)
+    q = quantize(x, bits, scheme, group_size=group or 128, grid=grid)
     g = d if scheme == "channel" else group
     scale = q.meta["scale"].float()  # (n, groups)
     assert scale.shape == (n, -(-d // g))
     per_entry = scale.repeat_interleave(g, dim=1)[:, :d]
-    assert ((q.value - x).abs() <= per_entry / 2 * (1 + 1e-4)).all()
-    assert int(q.codes.max()) <= 2**bits - 1
     qmax = 2 ** (bits - 1) - 1
+    assert ((q.value - x).abs() <= per_entry * (0.5 + (qmax + 1) * 2.0**-11)).all()
+    assert int(q.codes.max()) <= 2**bits - 1
     decoded = (q.codes.float() - qmax - 1) * per_entry
     assert torch.allclose(decoded, q.value)
 
@@ -79,8 +82,11 @@ def test_float_bits_and_constant_tensors():
     assert torch.equal(quantize(x, 16).value, x.half().float())
     c = torch.full((8, 8), 0.25)
     assert torch.equal(quantize(c, 3, "uniform").value, c)  # step 0: every code is 0, min is exact
-    for scheme in ("channel", "group"):  # absmax with an fp16 scale: exact up to the scale's rounding
-        assert torch.allclose(quantize(c, 3, scheme).value, c, rtol=1e-3)
+    for scheme in ("channel", "group"):  # tight / narrow with an fp16 scale: exact up to the scale's rounding
+        for grid in ("tight", "narrow"):
+            assert torch.allclose(quantize(c, 3, scheme, grid=grid).value, c, rtol=1e-3)
+        # full (auto's rule at 3 bits) clips the extreme by half a step: 0.25 = 3.5 steps -> code 3
+        assert torch.allclose(quantize(c, 3, scheme).value, c * 3 / 3.5, rtol=1e-3)
     z = torch.zeros(4, 6)
     assert torch.equal(quantize(z, 4, "channel").value, z)
 
@@ -124,3 +130,122 @@ def test_requantize_onto_the_same_grid(scheme, bits):
         assert float((requantize(q, x).value - x)[inside].abs().max()) <= step / 2 + 1e-6
         big = requantize(q, torch.full((24, 70), 1e3))
         assert torch.allclose(big.value, torch.full((24, 70), lo + step * (2**bits - 1)))  # clamped to the range
+
+
+# ---- grid rules and the mse observer ---------------------------------------------------------------
+GRIDS = ["auto", "full", "tight", "narrow"]
+
+
+@pytest.mark.parametrize("grid", ["full", "tight"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_full_signed_range_uses_all_2b_codes(grid, bits):
+    """full on a symmetric input (an even grid of values in [-a, a], each row its own a) hits every one
+    of the 2^b codes, -2^(b-1) included; so does tight on an input whose negative extreme is the larger
+    (values in [-(q + 1) c, q c]); narrow (the grid before) never uses -2^(b-1) on the same inputs."""
+    levels, q = 2**bits, 2 ** (bits - 1) - 1
+    row = torch.linspace(-1, 1, 4 * levels) if grid == "full" else torch.linspace(-(q + 1), q, 4 * levels)
+    x = torch.stack([row * (i + 1) for i in range(3)])
+    codes = quantize(x, bits, "channel", grid=grid).codes
+    for r in range(3):
+        assert torch.unique(codes[r]).numel() == levels
+    assert int(quantize(x, bits, "channel", grid="narrow").codes.min()) == 1  # code -2^(b-1) (stored 0) unused
+    if grid == "full" and bits <= 3:  # auto's rule at 2-3 bits
+        assert torch.equal(quantize(x, bits, "channel").codes, codes)
+
+
+def test_auto_is_full_up_to_3_bits_and_tight_above():
+    from lrsweep.quant import AUTO_FULL_BITS, grid_rule
+
+    assert [grid_rule("auto", b) for b in (2, 3, 4, 8)] == ["full", "full", "tight", "tight"] and AUTO_FULL_BITS == 3
+    x = matrix()
+    for b in (2, 3, 4, 8):
+        rule = grid_rule("auto", b)
+        assert torch.equal(quantize(x, b, "group", 32).value, quantize(x, b, "group", 32, grid=rule).value)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_rules_scales(bits):
+    """narrow: absmax / q; full: absmax / (q + 0.5); tight: the smallest scale that clips nothing, which
+    is never above narrow's (q = 2^(b-1) - 1; scales as stored, fp16)."""
+    x = matrix(8, 64)
+    q, amax = 2 ** (bits - 1) - 1, x.abs().amax(1)
+    scale = {g: quantize(x, bits, "channel", grid=g).meta["scale"].float()[:, 0] for g in ("narrow", "full", "tight")}
+    torch.testing.assert_close(scale["narrow"], (amax / q).half().float())
+    torch.testing.assert_close(scale["full"], (amax / (q + 0.5)).half().float())
+    tight = torch.maximum(x.amax(1).clamp_min(0) / q, (-x.amin(1)).clamp_min(0) / (q + 1)).half().float()
+    torch.testing.assert_close(scale["tight"], tight)
+    assert (scale["tight"] <= scale["narrow"]).all()
+    codes = quantize(x, bits, "channel", grid="tight").codes.float() - q - 1
+    assert ((codes == q) | (codes == -q - 1)).any(1).all()  # each row's binding extreme is on the end of the grid
+
+
+def group_errors(x: torch.Tensor, q, group: int) -> torch.Tensor:
+    n, d = x.shape
+    e = torch.nn.functional.pad((q.value - x).square(), (0, (-d) % group))
+    return e.reshape(n, -1, group).sum(-1)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("scheme,group", [("uniform", None), ("channel", None), ("group", 16), ("group", 48)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mse_never_has_higher_error_than_absmax(grid, scheme, group, bits):
+    """Per group (per tensor for uniform): the mse observer's squared error is at most the absmax
+    observer's (ratio 1 is one of its candidates), and lower in total at low bits on heavy tails;
+    bits, metadata and the decoding are those of absmax."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.distributions.StudentT(3.0).sample((40, 96)) * torch.rand(40, 1, generator=g)
+    a = quantize(x, bits, scheme, group or 128, grid=grid)
+    m = quantize(x, bits, scheme, group or 128, grid=grid, observer="mse")
+    width = x.shape[1] if scheme in ("uniform", "channel") else group
+    ea, em = group_errors(x, a, width), group_errors(x, m, width)
+    if scheme == "uniform":
+        ea, em = ea.sum(), em.sum()
+    assert (em <= ea * (1 + 1e-6)).all()
+    if bits <= 3:
+        assert em.sum() < 0.95 * ea.sum()
+    assert m.storage_bits == a.storage_bits == tensor_bits(x.shape, bits, scheme, group or 128)
+    assert {k: (v.shape, v.dtype) for k, v in m.meta.items()} == {k: (v.shape, v.dtype) for k, v in a.meta.items()}
+    if scheme != "uniform":
+        per_entry = m.meta["scale"].float().repeat_interleave(width, dim=1)[:, :x.shape[1]]
+        assert torch.equal((m.codes.float() - 2 ** (bits - 1)) * per_entry, m.value)
+
+
+@pytest.mark.parametrize("grid, top", [("full", 3.5), ("tight", 3.0), ("narrow", 3.0)])
+def test_mse_finds_a_known_optimum(grid, top):
+    """One group at 3 bits: 63 values on the grid of step 0.2 (codes -4..3) and an outlier 1.0. Near
+    s = 0.2 the codes stay put and the squared error is sum_k (k s - 0.2 k)^2 + (1 - 3 s)^2, least at
+    s* = (0.2 K + 3) / (K + 9), K = sum k^2 = 396: the search lands within one of its steps of s*, at
+    an error within that step's quadratic rise of the optimum (absmax's error is 2.5x or more)."""
+    vals = torch.tensor([-0.8, -0.6, -0.4, -0.2, 0.2, 0.4, 0.6] * 9)
+    x = torch.cat([torch.tensor([1.0]), vals]).reshape(1, 64)
+    K = float((vals / 0.2).square().sum())
+    s_opt = (0.2 * K + 3) / (K + 9)
+    e_opt = (s_opt - 0.2) ** 2 * K + (1 - 3 * s_opt) ** 2
+    step = 0.005 * 1.0 / top  # the search's step in scale: 0.5% of the rule's scale (absmax 1.0 / top)
+    q = quantize(x, 3, "group", 64, grid=grid, observer="mse")
+    err = float((q.value - x).square().sum())
+    assert abs(float(q.meta["scale"]) - s_opt) <= step
+    assert e_opt - 1e-5 <= err <= e_opt + (K + 9) * step**2 + 1e-4
+    assert float((quantize(x, 3, "group", 64, grid=grid).value - x).square().sum()) > 2.5 * err
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("observer", ["absmax", "mse"])
+@pytest.mark.parametrize("scheme", ["uniform", "channel", "group"])
+def test_requantize_is_quantize_on_its_own_input(grid, observer, scheme):
+    """requantize keeps any rule's scales and the full code range: on the input it was made from it
+    gives the very codes of quantize."""
+    from lrsweep.quant import requantize
+
+    x = matrix(24, 70)
+    q = quantize(x, 3, scheme, 32, grid=grid, observer=observer)
+    again = requantize(q, x)
+    assert torch.equal(again.codes, q.codes) and torch.equal(again.value, q.value)
+    assert again.storage_bits == q.storage_bits
+
+
+def test_bad_grid_and_observer():
+    with pytest.raises(ValueError, match=r"grid='wide' is unknown; valid: auto, full, tight, narrow"):
+        quantize(matrix(), 4, "group", grid="wide")
+    with pytest.raises(ValueError, match=r"observer='minmax' is unknown; valid: absmax, mse"):
+        quantize(matrix(), 4, "group", observer="minmax")

@@ -81,6 +81,14 @@ def test_unknown_group_option_did_you_mean(refuse, override, key, fragments):
     refuse(key, [override], *fragments)
 
 
+@pytest.mark.parametrize("override, key, valid", [
+    ("method.observer=minmax", "method.observer", "valid: absmax, mse"),
+    ("method.grid=wide", "method.grid", "valid: auto, full, tight, narrow"),
+])
+def test_unknown_quantizer_grid_or_observer(refuse, override, key, valid):
+    refuse(key, ["bits=4", "method.scheme=group", override], f"'{override.split('=')[1]}' is unknown", valid)
+
+
 def test_unknown_eval_task(refuse):
     refuse("eval.task", ["eval.task=prob"], "'prob' is unknown", "valid: auto", "probe")
 

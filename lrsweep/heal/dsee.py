@@ -121,7 +121,8 @@ def prepare(model: nn.Module, results: list[LayerResult], originals: dict[str, n
 def _store(hcfg: DictConfig) -> Callable[[torch.Tensor], QTensor]:
     """How the update is stored: U, V (2-D) and the values of S (1-D, one row) at ``heal.bits``."""
     bits, scheme, group = int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size)
-    return lambda x: quantize(x if x.dim() == 2 else x.reshape(1, -1), bits, scheme, group)
+    # the grid heal's runs were identified with (heal has no grid option yet: its rows keep their meaning)
+    return lambda x: quantize(x if x.dim() == 2 else x.reshape(1, -1), bits, scheme, group, grid="narrow")
 
 
 @torch.no_grad()
@@ -136,7 +137,8 @@ def finish(model: nn.Module, results: list[LayerResult], originals: dict[str, nn
             continue
         n, d = r.shape
         idx = module.rows * d + module.cols
-        sparse = csr_stored(idx, module.values.float(), (n, d), int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size))
+        sparse = csr_stored(idx, module.values.float(), (n, d), int(hcfg.bits), str(hcfg.scheme), int(hcfg.group_size),
+                            grid="narrow")
         U, V = store(module.U.float()), store(module.V.float())
         f = Delta.of(factorization(r), U, V, sparse, density=float(hcfg.density), nnz=idx.numel())
         for key, p in f.trainable(module).items():  # the module computes with the stored values

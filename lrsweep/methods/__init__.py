@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import Factorization
-from lrsweep.quant import QTensor, quantize, tensor_bits
+from lrsweep.quant import GRIDS, OBSERVERS, QTensor, quantize, tensor_bits
 
 # Calibration statistics a method may ask for (collected by lrsweep.calib):
 #   "xtx": sum of x x^T over calibration tokens (d x d, fp64); "absmean": mean |x| per input channel;
@@ -92,13 +92,28 @@ class Metric:
 
 @dataclass
 class QuantizerOptions:
-    """How a method's stored tensors are quantized at ``bits`` (:func:`lrsweep.quant.quantize`)."""
+    """How a method's stored tensors are quantized at ``bits`` (:func:`lrsweep.quant.quantize`).
 
-    scheme: str = "uniform"  # uniform (per-tensor min/max) | channel (absmax per row) | group (absmax per group)
+    ``grid`` and ``observer`` are checked as the options are made (a ConfigError before launch)."""
+
+    scheme: str = "uniform"  # uniform (per-tensor min/max) | channel (scale per row) | group (scale per group)
     group_size: int = 128  # entries of a row per group (scheme: group)
+    grid: str = "auto"  # channel / group scale rule: auto (full <= 3 bits, else tight) | full | tight | narrow
+    observer: str = "absmax"  # absmax (the range) | mse (per group, the clipped range of least squared error)
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRIDS:
+            raise ConfigError("method.grid", f"{self.grid!r} is unknown", list(GRIDS))
+        if self.observer not in OBSERVERS:
+            raise ConfigError("method.observer", f"{self.observer!r} is unknown", list(OBSERVERS))
 
     def quantize(self, x: torch.Tensor, bits: int) -> QTensor:
-        return quantize(x, bits, self.scheme, self.group_size)
+        return quantize(x, bits, self.scheme, self.group_size, self.grid, self.observer)
+
+    @property
+    def rule(self) -> dict[str, str]:
+        """The grid rule and observer as keywords of :func:`lrsweep.quant.quantize`."""
+        return {"grid": self.grid, "observer": self.observer}
 
     def tensor_bits(self, shape: tuple[int, int], bits: int) -> int:
         return tensor_bits(shape, bits, self.scheme, self.group_size)
@@ -116,7 +131,7 @@ def lowrank_params(n: int, d: int, rank: int, *_: Any, **__: Any) -> int:
 
 
 def _plain_lowrank_bits(n: int, d: int, rank: int, bits: int, scheme: str = "uniform", group_size: int = 128,
-                        **_: Any) -> int:
+                        **_: Any) -> int:  # the grid rule and observer change no stored bits
     """:func:`lowrank_bits` of a method outside the package (options as keywords)."""
     return lowrank_bits(n, d, rank, bits, QuantizerOptions(scheme, group_size))
 

@@ -20,12 +20,12 @@ import torch
 
 from lrsweep.errors import ConfigError
 from lrsweep.factorization import QuantLowRank
-from lrsweep.methods import LayerStats, Metric, register, require
+from lrsweep.methods import LayerStats, Metric, QuantizerOptions, register, require
 from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, quantized_part
 from lrsweep.methods.lplr import least_squares
 from lrsweep.methods.lqer import check_lr_bits, in_w_order, qlr_bits
 from lrsweep.methods.svdllm import svdllm, whitened
-from lrsweep.quant import FLOAT_BITS, QTensor, quantize
+from lrsweep.quant import FLOAT_BITS, QTensor
 
 
 @dataclass
@@ -63,19 +63,20 @@ class OutputError:
         return self.base - 2 * cross + quad
 
 
-def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, lr_bits: int, scheme: str,
-                group_size: int, lr_iters: int, shift: float) -> tuple[QTensor, QTensor, float, dict]:
-    """(L, R, output error, info): the rank-``rank`` fit of A in the H metric with L, R at ``lr_bits``."""
-    init = svdllm(A, rank=rank, bits=32, stats=stats, shift=shift, scheme=scheme, group_size=group_size)
+def fit_lowrank(A: torch.Tensor, H: torch.Tensor, stats: LayerStats, rank: int, lr_bits: int, o: QuantizerOptions,
+                lr_iters: int, shift: float) -> tuple[QTensor, QTensor, float, dict]:
+    """(L, R, output error, info): the rank-``rank`` fit of A in the H metric with L, R at ``lr_bits``
+    (quantized as ``o`` says)."""
+    init = svdllm(A, rank=rank, bits=32, stats=stats, shift=shift, scheme=o.scheme, group_size=o.group_size)
     L, R = init.stored["L"].value, init.stored["R"].value
     error = OutputError(A, H)
-    Lq, Rq = quantize(L, lr_bits, scheme, group_size), quantize(R, lr_bits, scheme, group_size)  # LQER's factors
+    Lq, Rq = o.quantize(L, lr_bits), o.quantize(R, lr_bits)  # LQER's factors
     best = (Lq, Rq, error(Lq.value, Rq.value))
     for _ in range(0 if lr_bits in FLOAT_BITS else lr_iters):
         RHR = (R @ H @ R.T).double()
         L = torch.linalg.lstsq(RHR, (error.AH @ R.T).double().T).solution.T.float()  # RHR symmetric
-        Lq = quantize(L, lr_bits, scheme, group_size)
-        Rq = quantize(least_squares(Lq.value, A), lr_bits, scheme, group_size)
+        Lq = o.quantize(L, lr_bits)
+        Rq = o.quantize(least_squares(Lq.value, A), lr_bits)
         e = error(Lq.value, Rq.value)
         if e < best[2]:
             best = (Lq, Rq, e)
@@ -99,10 +100,9 @@ def caldera(W: torch.Tensor, o: CalderaOptions, *, rank: int, bits: int = 2, see
     LR = torch.zeros_like(W)
     best, errors = None, []
     for _ in range(o.iters):
-        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order)
+        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule)
         A = W - in_w_order(Q, perm)
-        L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, o.lr_bits, o.scheme, o.group_size, o.lr_iters,
-                                       o.shift)
+        L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, o.lr_bits, o, o.lr_iters, o.shift)
         LR = L.value @ R.value
         errors.append(err / total)
         if best is None or err < best[0]:

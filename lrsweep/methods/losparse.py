@@ -65,7 +65,8 @@ def losparse(W: torch.Tensor, o: LoSparseOptions, *, rank: int, bits: int = 16, 
     nnz = sparse_count(n, d, o.density)
     idx = largest_entries(resid, nnz)
     values = resid.reshape(-1)[idx]
-    stored = {"L": Lq, "R": Rq, **csr_stored(idx, values, (n, d), o.sparse_bits or bits, o.scheme, o.group_size)}
+    stored = {"L": Lq, "R": Rq, **csr_stored(idx, values, (n, d), o.sparse_bits or bits, o.scheme, o.group_size,
+                                             **o.rule)}
     return LowRankSparse(shape=(n, d), rank=rank, stored=stored,
                          info={"solver": solver, "density": o.density, "nnz": nnz})
 
@@ -76,7 +77,7 @@ def largest_entries(M: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def csr_stored(idx: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], bits: int, scheme: str = "uniform",
-               group_size: int = 128) -> dict[str, QTensor]:
+               group_size: int = 128, grid: str = "auto", observer: str = "absmax") -> dict[str, QTensor]:
     """A sparse matrix given by sorted flat indices and values, stored in CSR form: ``S_values``
     quantized at ``bits``, column indices and row pointers packed (``LowRankSparse.sparse`` decodes)."""
     n, d = shape
@@ -84,5 +85,5 @@ def csr_stored(idx: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], 
     crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
     crow[1:] = torch.bincount(rows, minlength=n).cumsum(0)
     col_bits, ptr_bits = index_bits(n, d, idx.numel())
-    return {"S_values": quantize(values.reshape(1, -1), bits, scheme, group_size),
+    return {"S_values": quantize(values.reshape(1, -1), bits, scheme, group_size, grid, observer),
             "S_col": index_tensor(cols, col_bits), "S_crow": index_tensor(crow, ptr_bits)}

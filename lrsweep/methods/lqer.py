@@ -23,7 +23,7 @@ from lrsweep.methods.asvd import metric as scaled
 from lrsweep.methods.gptq import GPTQOptions, gptq_quantize, q_bits, quantized_part
 from lrsweep.methods.gptq import check as check_quantizer
 from lrsweep.methods.svdllm import svdllm, whitened
-from lrsweep.quant import SUPPORTED_BITS, QTensor, quantize
+from lrsweep.quant import SUPPORTED_BITS, QTensor
 
 QUANTIZERS = ("rtn", "gptq")
 METRICS = ("qera", "lqer")
@@ -58,12 +58,12 @@ def check(n: int, d: int, o: LQEROptions) -> None:
     check_lr_bits(n, d, o)
 
 
-def quantize_q(W: torch.Tensor, xtx: torch.Tensor | None, bits: int, quantizer: str, scheme: str, group_size: int,
-               damp: float, act_order: bool) -> tuple[QTensor, torch.Tensor | None, dict]:
-    """(Q, perm, info) by round-to-nearest or GPTQ."""
-    if quantizer == "rtn":
-        return quantize(W.float(), bits, scheme, group_size), None, {}
-    return gptq_quantize(W, xtx, bits, scheme, group_size, damp, act_order)
+def quantize_q(W: torch.Tensor, xtx: torch.Tensor | None, bits: int, o: LQEROptions
+               ) -> tuple[QTensor, torch.Tensor | None, dict]:
+    """(Q, perm, info) by round-to-nearest or GPTQ (``o.quantizer``), on ``o``'s grid."""
+    if o.quantizer == "rtn":
+        return o.quantize(W.float(), bits), None, {}
+    return gptq_quantize(W, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule)
 
 
 def in_w_order(Q: QTensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -80,9 +80,9 @@ def metric(W: torch.Tensor, stats: LayerStats | None, o: LQEROptions) -> Metric:
 def lqer(W: torch.Tensor, o: LQEROptions, *, rank: int, bits: int = 4, seed: int = 0,
          stats: LayerStats | None = None) -> QuantLowRank:
     xtx = require(stats, "xtx", "lqer") if o.quantizer == "gptq" or o.metric == "qera" else None
-    Q, perm, info = quantize_q(W, xtx, bits, o.quantizer, o.scheme, o.group_size, o.damp, o.act_order)
+    Q, perm, info = quantize_q(W, xtx, bits, o)
     E = W.float() - in_w_order(Q, perm).to(W.device)
-    quantizer = {"scheme": o.scheme, "group_size": o.group_size}
+    quantizer = {"scheme": o.scheme, "group_size": o.group_size, **o.rule}
     if o.metric == "qera":
         fit = svdllm(E, rank=rank, bits=o.lr_bits, stats=stats, shift=o.shift, **quantizer)
     else:
