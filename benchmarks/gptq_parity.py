@@ -80,14 +80,14 @@ def main(calib_path: str, model_path: str, bits: int = 4, group: int = 64, damp:
             norm, total = float(W.norm()), output_error(W, H)
             rtn = {"narrow": quantize(W, bits, "group", group, grid="narrow").value,
                    "llm-compressor": their_rtn(W, bits, group)}
-            rtn["auto"], t_rtn = timed(lambda: quantize(W, bits, "group", group).value)
-            rtn["auto, mse"], t_rtn_mse = timed(lambda: quantize(W, bits, "group", group, observer="mse").value)
+            rtn["auto"], t_rtn = timed(lambda W=W: quantize(W, bits, "group", group).value)
+            rtn["auto, mse"], t_rtn_mse = timed(lambda W=W: quantize(W, bits, "group", group, observer="mse").value)
             werr = {k: float((W - v).norm()) / norm for k, v in rtn.items()}
             ratios = [werr[k] / werr["narrow"] for k in ("llm-compressor", "auto", "auto, mse")]
             wrows.append([name, f"{W.shape[0]}x{W.shape[1]}", *werr.values(), *ratios, t_rtn, t_rtn_mse])
             (narrow, _, _) = gptq_quantize(W, H, bits, "group", group, damp, act_order=False, grid="narrow")
-            (auto, _, _), t_auto = timed(lambda: gptq_quantize(W, H, bits, "group", group, damp, act_order=False))
-            (mse, _, _), t_mse = timed(lambda: gptq_quantize(W, H, bits, "group", group, damp, act_order=False,
+            (auto, _, _), t_auto = timed(lambda W=W, H=H: gptq_quantize(W, H, bits, "group", group, damp, act_order=False))
+            (mse, _, _), t_mse = timed(lambda W=W, H=H: gptq_quantize(W, H, bits, "group", group, damp, act_order=False,
                                                               observer="mse"))
             errs = {k: output_error(W - v, H) / total for k, v in (
                 ("narrow", narrow.value), ("auto", auto.value), ("auto, mse", mse.value),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from safetensors import safe_open
 from tabulate import tabulate
 
@@ -30,7 +29,7 @@ def main(model_path: str) -> None:
         for bits in range(2, 9):
             err = {g: [float((quantize(W, bits, scheme, group or 128, grid=g).value - W).square().sum()) for W in weights]
                    for g in ("narrow", "full", "tight")}
-            ratio = {g: [n / e for n, e in zip(err["narrow"], err[g])] for g in ("full", "tight")}
+            ratio = {g: [n / e for n, e in zip(err["narrow"], err[g], strict=True)] for g in ("full", "tight")}
             best = min(err, key=lambda g: sum(err[g]))
             rows.append([group or "channel", bits, *(f"{min(r):.3f}-{max(r):.3f}" for r in ratio.values()), best,
                          grid_rule("auto", bits)])
