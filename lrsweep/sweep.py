@@ -35,7 +35,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import identity
+from lrsweep import identity, seeds
 from lrsweep.errors import ConfigError
 from lrsweep.row import ResultRow, now, read_row, read_rows, row_path, row_status
 
@@ -116,6 +116,8 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
     if errors:
         raise ConfigError("sweep", f"{len(errors)} of {len(job_overrides)} grid points are invalid, "
                           "nothing was launched:\n  " + "\n  ".join(errors))
+    if note := seeds.single_seed_note(p.cfg for p in points):
+        log.warning(note)
     return points
 
 

@@ -56,7 +56,7 @@ def scale(absmean: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
     return s.clamp_min(eps * s.max()).float()
 
 
-@register("asvd", ASVDOptions, needs=("absmean",), check=check)
+@register("asvd", ASVDOptions, needs=("absmean",), check=check, randomized=lambda o: o.solver == "lowrank")
 def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)
