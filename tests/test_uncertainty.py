@@ -119,7 +119,7 @@ def test_refit_probe_is_dense_at_full_rank_and_drops_when_truncated(minilm, comp
     from lrsweep.compress import compress_model
 
     model, tok = minilm
-    cfg = compose([*FAST, "eval.probe_train=160", "eval.probe_test=160"])
+    cfg = compose([*FAST, "eval.probe_train=160", "eval.probe_test=160", "eval.probe_refit=true"])
     ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path), job.model_key(cfg))
     task = evaluate.task_for(cfg)
     state = task.prepare(model, ctx)
@@ -135,3 +135,8 @@ def test_refit_probe_is_dense_at_full_rank_and_drops_when_truncated(minilm, comp
     assert full["accuracy_refit_stderr"] == pytest.approx(math.sqrt(full["accuracy_refit"]
                                                                      * (1 - full["accuracy_refit"]) / 160))
     assert cut["accuracy_refit"] < dense and cut["accuracy"] < dense
+
+
+def test_probe_refit_is_a_boolean(config_error):
+    assert "eval.probe_refit" in config_error("eval.probe_refit=maybe")
+    assert config_error("eval.probe_refit=true") is None

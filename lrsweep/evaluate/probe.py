@@ -9,7 +9,8 @@ Two accuracies of the compressed model, measuring two things:
   accuracy        the dense-fitted probe on the compressed embeddings: how far the representation
                   drifted from the one the probe was fitted on (a rotation of the embedding space
                   that loses nothing still scores low);
-  accuracy_refit  a probe of the same kind refitted on the compressed model's own embeddings of the
+  accuracy_refit  (``eval.probe_refit=true``; it embeds the ``probe_train`` texts at every point)
+                  a probe of the same kind refitted on the compressed model's own embeddings of the
                   same training texts (as MTEB's and SentEval's classification tasks evaluate an
                   encoder: a logistic regression trained on that encoder's frozen embeddings): how
                   much of the label information the compressed embeddings still carry. With the
@@ -31,11 +32,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lrsweep import cache, data, linear_probe, stderr
 from lrsweep.context import Context
+from lrsweep.errors import ConfigError
 from lrsweep.evaluate import TASKS, Task
 
 
@@ -110,7 +112,7 @@ def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
         found = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)[:2]
     tensors, info = found
     return {"tensors": tensors, "info": info, "test_batches": batches(ctx.tokenizer, info["test_texts"], ctx),
-            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx)}
+            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx) if ecfg.get("probe_refit") else None}
 
 
 def refit_accuracy(train: torch.Tensor, train_labels: Any, test: torch.Tensor, test_labels: torch.Tensor,
@@ -126,11 +128,16 @@ def _probe_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> di
     labels, n = t["test_labels"], len(t["test_labels"])
     acc = linear_probe.Probe(t["coef"], t["intercept"]).accuracy(emb, labels)
     refit = refit_accuracy(embed_batches(model, state["train_batches"], ctx.device), info["train_labels"], emb,
-                           labels, ctx.cfg.eval.probe_C)
+                           labels, ctx.cfg.eval.probe_C) if ctx.cfg.eval.get("probe_refit") else None
     return {"task": ctx.cfg.data.name, "accuracy_dense": info["accuracy_dense"], "accuracy": acc,
             "accuracy_refit": refit, "cosine_similarity": cos,
             **{f"{k}_stderr": stderr.binomial(v, n) for k, v in
                (("accuracy_dense", info["accuracy_dense"]), ("accuracy", acc), ("accuracy_refit", refit))}}
 
 
-TASKS["probe"] = Task("probe", _probe_prepare, _probe_evaluate, kinds=("encoder",))
+def _probe_check(cfg: DictConfig) -> None:
+    if not isinstance(cfg.eval.get("probe_refit", False), bool):
+        raise ConfigError("eval.probe_refit", f"{cfg.eval.probe_refit!r} is not a boolean", [True, False])
+
+
+TASKS["probe"] = Task("probe", _probe_prepare, _probe_evaluate, kinds=("encoder",), config_check=_probe_check)
