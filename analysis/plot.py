@@ -2,7 +2,8 @@
 comparison and ranks per layer (:mod:`analysis.layers`), in the style of :mod:`analysis.style`.
 
 Tradeoff lines join the best configuration at each x (all configurations are drawn as points).
-Values are means over seeds, error bars ± one standard deviation (ddof=1).
+Values are means over seeds, error bars ± one standard deviation over the seeds (ddof=1), or with
+one seed ± the evaluation's standard error (:func:`analysis.style.aggregate`: ``err``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import pandas as pd
 
 from analysis.layers import comparison_levels, layer_frame, layer_plot, layer_types, rank_frame, rank_plot
 from analysis.style import (COLUMN_WIDTH, GROUP_KEYS, KNOWN, METRICS, STYLE, TEXT_WIDTH, aggregate,
-                            available_metrics, better, default_metric, direction, label, savefig, set_log,
-                            styles, use_log)
+                            available_metrics, better, default_metric, dense_column, direction, label, savefig,
+                            set_log, styles, use_log)
 
 __all__ = ["COLUMN_WIDTH", "GROUP_KEYS", "KNOWN", "METRICS", "aggregate", "available_metrics", "better",
            "comparison_levels", "default_metric", "label", "layer_frame", "layer_plot", "layer_types",
@@ -40,7 +41,7 @@ def _facets(df: pd.DataFrame, col: str | None, nrows_per: int = 1, height: float
 def _dense(df: pd.DataFrame, y: str) -> float | None:
     if y == "speedup":
         return 1.0
-    col = f"{y}_dense"
+    col = dense_column(y)
     if col in df and df[col].notna().any():
         return float(df[col].mean())
     return None
@@ -66,7 +67,8 @@ def _prepare(df: pd.DataFrame, x: str, y: str | None, hue: str, col: str | None)
 def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight", y: str | None = None,
                   hue: str = "method", col: str | None = "model", logx: bool | None = None,
                   logy: bool | None = None) -> Path:
-    """``y`` against ``x``: one line per ``hue``, one panel per ``col``, mean ± std over seeds."""
+    """``y`` against ``x``: one line per ``hue``, one panel per ``col``, mean ± std over seeds (one
+    seed: ± the evaluation's standard error)."""
     y, df, col, sty = _prepare(df, x, y, hue, col)
     with plt.rc_context(STYLE):
         fig, panels = _facets(df, col)
@@ -81,7 +83,7 @@ def tradeoff_plot(df: pd.DataFrame, out: str | Path, x: str = "bits_per_weight",
             for h, g in line.groupby(hue, sort=False):
                 color, marker = sty[h]
                 pts = agg[agg[hue] == h]
-                ax.errorbar(pts[x], pts["mean"], yerr=pts["std"], fmt="none", ecolor=color, capsize=2, lw=0.8)
+                ax.errorbar(pts[x], pts["mean"], yerr=pts["err"], fmt="none", ecolor=color, capsize=2, lw=0.8)
                 ax.plot(pts[x], pts["mean"], ls="none", marker=marker, color=color)
                 ax.plot(g[x], g["mean"], marker=marker, color=color, label=str(h))
             _finish_panel(ax, key, part, x, y, part[x], part[y], logx, logy)
@@ -149,7 +151,7 @@ def pareto_plot(df: pd.DataFrame, out: str | Path, x: str = "compression_ratio",
                 color, marker = sty[h]
                 for on_front, alpha in ((False, 0.25), (True, 1.0)):
                     s = g[g["front"] == on_front]
-                    ax.errorbar(s[x], s["mean"], yerr=s["std"], fmt=marker, color=color, alpha=alpha, capsize=2,
+                    ax.errorbar(s[x], s["mean"], yerr=s["err"], fmt=marker, color=color, alpha=alpha, capsize=2,
                                 lw=0.8, label=str(h) if on_front or not g["front"].any() else None)
             front = pts[pts["front"]].sort_values(x)
             ax.plot(front[x], front["mean"], color="0.2", lw=0.8, zorder=0, drawstyle="steps-post"

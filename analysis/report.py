@@ -49,7 +49,8 @@ def build(sources: Sequence[str | Path], out: str | Path, x: str = "bits_per_wei
     ok = df[df["ok"]]
     body = [f"<h1>lrsweep report</h1><p class=note>{len(df)} runs from "
             f"{html.escape(', '.join(map(str, sources)))}: {int(df['ok'].sum())} ok, {int((~df['ok']).sum())} failed. "
-            "Points are means over seeds, error bars ± one standard deviation; dashed lines: dense model.</p>"]
+            "Points are means over seeds, error bars ± one standard deviation over the seeds, or with one seed "
+            "± the evaluation's standard error; dashed lines: dense model.</p>"]
     if not ok.empty:
         metrics = plot.available_metrics(ok)
         main = metric or plot.default_metric(ok)
@@ -93,8 +94,8 @@ def build(sources: Sequence[str | Path], out: str | Path, x: str = "bits_per_wei
                                                                 caption=plot.label(y, False).replace("_", " ")))
             body.append(f"<h3>{html.escape(plot.label(y, False))}</h3>{_paper_html(ok, rows, cols, y)}"
                         f"<p class=note><a href='tables/{stem}.tex'>LaTeX</a> · <a href='tables/{stem}.md'>Markdown"
-                        "</a> · bold: best per column; mean ± std over seeds; † best of several "
-                        "configurations at that level</p>")
+                        f"</a> · bold: best per column by more than the combined standard error; ≈ {table.TIE_NOTE}; "
+                        f"{table.PM_NOTE}; † best of several configurations at that level</p>")
         (tabs / "runs.md").write_text(table.run_table(ok, "markdown") + "\n")
     summary = table.summary_markdown(df, [s for s in sources if not str(s).startswith("wandb:")])
     (tabs / "summary.md").write_text(summary + "\n")

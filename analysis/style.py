@@ -1,9 +1,13 @@
 """One look and one vocabulary for every figure and table: sizes, fonts, each method's colour and
-marker, axis labels, which direction of a metric is better, and the mean ± std over seeds.
+marker, axis labels, which direction of a metric is better, and the mean ± its uncertainty.
 
 Every figure is written as PNG and PDF (same stem), in one style sized for a paper column
 (3.4 in per panel, 8 pt text); a method keeps its colour and marker in every figure.
-Values are means over seeds, error bars ± one standard deviation (ddof=1).
+Values are means over seeds, error bars ± one standard deviation over the seeds (ddof=1); a
+configuration with one seed gets ± the evaluation's own standard error (``<metric>_stderr`` of the
+row: binomial for accuracies, delta method over windows for perplexity; lrsweep.stderr), and so do
+seeds that agree exactly (a deterministic method run with several seeds); no bar when
+the row has no such column (reconstruction error, latency).
 """
 
 from __future__ import annotations
@@ -30,13 +34,17 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 # known methods keep one colour everywhere; others take the next free colour in name order
 KNOWN = ["quant", "svd", "lsvd", "dsvd", "lplr", "rsvd", "fwsvd", "asvd", "drone", "svdllm", "losparse", "kron"]
 MARKERS = "osD^v<>px*hH"
-HIGHER_BETTER = {"accuracy", "accuracy_dense", "speedup", "compression_ratio", "cosine_similarity"}
+HIGHER_BETTER = {"accuracy", "accuracy_dense", "accuracy_refit", "speedup", "compression_ratio", "cosine_similarity"}
 LOWER_BETTER = {"perplexity", "perplexity_dense", "recon_rel_err", "latency_ms", "bits_per_weight", "rank",
                 "bits", "bits_compressed", "params_compressed", "compress_seconds", "wall_seconds"}
 LABELS = {"bits_per_weight": "bits per weight", "compression_ratio": "compression ratio (×)",
           "recon_rel_err": r"relative error $\|W-\hat W\|_F/\|W\|_F$", "latency_ms": "latency (ms)",
-          "speedup": "speedup over dense (×)", "cosine_similarity": "cosine similarity to dense"}
-METRICS = ("accuracy", "perplexity", "recon_rel_err", "speedup", "latency_ms", "cosine_similarity")
+          "speedup": "speedup over dense (×)", "cosine_similarity": "cosine similarity to dense",
+          "accuracy_refit": "accuracy (probe refitted)"}
+METRICS = ("accuracy", "accuracy_refit", "perplexity", "recon_rel_err", "speedup", "latency_ms", "cosine_similarity")
+# the dense model's value of a metric, where it is not <metric>_dense (a probe refitted on the dense
+# model's embeddings is the dense probe)
+DENSE_OF = {"accuracy_refit": "accuracy_dense"}
 GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "heal")  # one configuration; seeds are repeats
 
 
@@ -103,14 +111,32 @@ def use_log(values: pd.Series) -> bool:
     return bool(len(v) and (v > 0).all() and v.max() / v.min() >= 10)
 
 
+def dense_column(y: str) -> str:
+    """The column holding the dense model's value of metric ``y``."""
+    return DENSE_OF.get(y, f"{y}_dense")
+
+
+def stderr_column(y: str) -> str:
+    """The row's column of the evaluation's standard error of ``y`` (lrsweep.stderr)."""
+    return f"{y}_stderr"
+
+
 def aggregate(df: pd.DataFrame, keys: Sequence[str], y: str) -> pd.DataFrame:
-    """Mean, std (ddof=1, 0 for a single seed) and count of ``y`` per ``keys``."""
+    """Per ``keys``: mean, std (ddof=1, 0 for a single seed) and count of ``y``; ``se``: the mean of the
+    evaluation's standard error (NaN without it); ``err``: the error bar, std over seeds, for a single
+    seed (or seeds that agree exactly: a deterministic method) ``se`` (0 without it); ``sem``: the standard error of the mean, sqrt(std² / count + se²)
+    (the seeds' spread and the test set's sampling noise, independent; the terms missing are 0)."""
     keys = list(dict.fromkeys(keys))
     d = df.dropna(subset=[y]).copy()
     for k in keys:  # a key column that is all NaN (e.g. budget) must not drop every row
         d[k] = d[k].astype(object).where(d[k].notna(), "—")
-    g = d.groupby(keys, sort=True, dropna=False)[y].agg(["mean", "std", "count"]).reset_index()
+    se_col = stderr_column(y)
+    d["_se"] = pd.to_numeric(d[se_col], errors="coerce") if se_col in d else float("nan")
+    g = d.groupby(keys, sort=True, dropna=False).agg(mean=(y, "mean"), std=(y, "std"), count=(y, "count"),
+                                                      se=("_se", "mean")).reset_index()
     g["std"] = g["std"].fillna(0.0)
+    g["err"] = g["std"].where((g["count"] > 1) & (g["std"] > 0), g["se"]).fillna(0.0)
+    g["sem"] = (g["std"] ** 2 / g["count"] + g["se"].fillna(0.0) ** 2) ** 0.5
     return g
 
 

@@ -2,7 +2,9 @@
 
 - ``run_table``: one line per run.
 - ``paper_table``: methods as rows, compression levels as (grouped) columns, ``mean ± std``
-  over seeds, the best mean of each column in bold; LaTeX through ``Styler.to_latex`` (booktabs).
+  over seeds (one seed: ``± the evaluation's standard error``); the best mean of a column is bold
+  when it beats the runner-up by more than their combined standard error, otherwise the cells tied
+  with it are marked ≈ and none is bold; LaTeX through ``Styler.to_latex`` (booktabs).
 - ``sweep_summary``: ok / failed / missing counts per value of each swept axis, and the failed
   runs with their error line.
 """
@@ -17,22 +19,40 @@ import pandas as pd
 
 from analysis.load import TABLE_COLUMNS
 from analysis.plot import GROUP_KEYS, KNOWN, better
+from analysis.style import aggregate, dense_column, stderr_column
 
 FORMATS = ("markdown", "latex", "csv")
 NOTE = "best of several configurations at this level (add their keys to the rows or columns to see each)"
+TIE_NOTE = ("tied with the column's best: within their combined standard error (of the mean over seeds and "
+            "of the evaluation), so no best is bold")
+PM_NOTE = "mean ± std over seeds; one seed: ± the evaluation's standard error"
 DENSE = "dense"
 
 
+def _with_stderr(table: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Each metric that has an evaluation standard error as ``value ± stderr`` (text)."""
+    out = table.copy()
+    for c in table.columns:
+        se = stderr_column(c)
+        if se in df and df[se].notna().any() and pd.api.types.is_float_dtype(table[c]):
+            out[c] = [("--" if pd.isna(v) else f"{v:.4g}" if pd.isna(e) else f"{v:.4g} ± {e:.2g}")
+                      for v, e in zip(table[c], df.loc[table.index, se], strict=True)]
+    return out
+
+
 def run_table(df: pd.DataFrame, fmt: str = "markdown") -> str:
-    """One line per run: the identity columns and every metric that has a value."""
+    """One line per run: the identity columns and every metric that has a value; in Markdown and
+    LaTeX a metric with an evaluation standard error reads ``value ± stderr``, CSV has its column."""
     cols = [c for c in TABLE_COLUMNS if c in df and (df[c].notna() & (df[c].astype(str) != "none")).any()]
-    table = df[cols].sort_values([c for c in ("model", "method", "bits", "rank") if c in cols]).reset_index(drop=True)
+    table = df[cols].sort_values([c for c in ("model", "method", "bits", "rank", "seed") if c in cols])
     if fmt == "markdown":
-        return table.to_markdown(index=False, floatfmt=".4g")
+        return _with_stderr(table, df).reset_index(drop=True).to_markdown(index=False, floatfmt=".4g")
     if fmt == "latex":
-        return table.style.hide(axis="index").format(precision=4, na_rep="--").to_latex(hrules=True)
+        return (_with_stderr(table, df).reset_index(drop=True).style.hide(axis="index")
+                .format(precision=4, na_rep="--").to_latex(hrules=True))
     if fmt == "csv":
-        return table.to_csv(index=False)
+        ses = [stderr_column(c) for c in cols if stderr_column(c) in df and df[stderr_column(c)].notna().any()]
+        return df.loc[table.index, cols + ses].to_csv(index=False)
     raise ValueError(f"format {fmt!r} is unknown; valid: {', '.join(FORMATS)}")
 
 
@@ -54,10 +74,11 @@ def levels(values: pd.Series, tol: float = 0.05, decimals: int = 2) -> pd.Series
 
 def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", decimals: int = 2, row_order: Sequence | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(mean, std, count, configs) of ``metric`` pivoted to ``rows`` × ``cols``.
+                ) -> dict[str, pd.DataFrame]:
+    """{mean, std, count, se, sem, configs} of ``metric`` pivoted to ``rows`` × ``cols``.
 
-    mean/std (ddof=1)/count are over the seeds of one configuration (GROUP_KEYS). When several
+    mean/std (ddof=1)/count are over the seeds of one configuration (GROUP_KEYS), se/sem as in
+    :func:`analysis.style.aggregate` (the evaluation's standard error; the mean's). When several
     configurations fall into one cell (e.g. rank 64 at 8 bits and rank 128 at 4 bits both at 2 bits
     per weight), the cell holds the best of them; ``configs`` says how many there were.
     """
@@ -69,15 +90,14 @@ def paper_cells(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
         d[c] = levels(d[c], decimals=decimals)
     keys = rows + cols
     config = [k for k in GROUP_KEYS if k in d and k not in keys]
-    for c in keys + config:
-        d[c] = d[c].astype(object).where(d[c].notna(), "—")
-    per = d.groupby(keys + config)[metric].agg(["mean", "std", "count"]).reset_index()
+    per = aggregate(d, keys + config, metric)
     per = per.sort_values("mean", ascending=better(metric) == "min", kind="stable")
     per["configs"] = per.groupby(keys)["mean"].transform("size")
     best = per.drop_duplicates(keys).set_index(keys)
-    pivot = {s: best[s].unstack(cols).sort_index(axis=1) for s in ("mean", "std", "count", "configs")}
+    stats = ("mean", "std", "count", "se", "sem", "configs")
+    pivot = {s: best[s].unstack(cols).sort_index(axis=1) for s in stats}
     order = _row_order(pivot["mean"].index, rows, row_order)
-    return tuple(pivot[s].loc[order] for s in ("mean", "std", "count", "configs"))
+    return {s: pivot[s].loc[order] for s in stats}
 
 
 def _row_order(index: pd.Index, rows: list[str], row_order: Sequence | None) -> list:
@@ -94,33 +114,61 @@ def level_label(v: object) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _cell(mean: float, std: float, n: float, digits: int, pm: str) -> str:
+def _cell(mean: float, std: float, n: float, se: float, digits: int, pm: str) -> str:
+    """``mean ± std`` over n >= 2 seeds, ``mean ± se`` (the evaluation's) for one seed or seeds that agree
+    exactly (a deterministic method), ``mean`` without either."""
     if pd.isna(mean):
         return "--"
-    return f"{mean:.{digits}f}" if n < 2 or pd.isna(std) else f"{mean:.{digits}f}{pm}{std:.{digits}f}"
+    err = std if n >= 2 and std > 0 else se
+    return f"{mean:.{digits}f}" if pd.isna(err) else f"{mean:.{digits}f}{pm}{err:.{digits}f}"
+
+
+def best_marks(mean: pd.DataFrame, sem: pd.DataFrame, direction: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(bold, tie) masks: in each column the best mean is bold when it beats every other cell by more
+    than their combined standard error sqrt(sem_best² + sem_other²); otherwise it and the cells within
+    that distance of it are tied (none bold)."""
+    bold = pd.DataFrame(False, index=mean.index, columns=mean.columns)
+    tie = bold.copy()
+    sign = 1 if direction == "max" else -1
+    for c in mean.columns:
+        m = mean[c].dropna()
+        if m.empty:
+            continue
+        top = (sign * m).idxmax()
+        gap = sign * (m[top] - m)
+        combined = (sem[c].fillna(0.0)[m.index] ** 2 + (0.0 if pd.isna(sem.at[top, c]) else sem.at[top, c]) ** 2) ** 0.5
+        tied = (gap <= combined) & (m.index != top)
+        if tied.any():
+            tie.loc[tied[tied].index.append(pd.Index([top])), c] = True
+        else:
+            bold.at[top, c] = True
+    return bold, tie
 
 
 def paper_frame(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Sequence[str] = ("bits_per_weight",),
                 metric: str = "accuracy", digits: int = 3, decimals: int = 2, pm: str = " ± ",
-                dense: bool = True, row_order: Sequence | None = None, dagger: str = " †"
+                dense: bool = True, row_order: Sequence | None = None, dagger: str = " †", tie_mark: str = " ≈"
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(cell strings, bold mask): the best mean per column is bold (ties all bold); a ``dense``
-    row (mean of ``<metric>_dense``) comes first when the rows have it, never bold; ``dagger``
-    marks a cell that is the best of several configurations."""
-    mean, std, count, configs = paper_cells(df, rows, cols, metric, decimals, row_order)
-    direction = better(metric)
-    best = mean.max() if direction == "max" else mean.min()
-    bold = mean.eq(best, axis=1) & mean.notna()
-    cells = pd.DataFrame({c: [_cell(m, s, n, digits, pm) + (dagger if k > 1 else "")
-                              for m, s, n, k in zip(mean[c], std[c], count[c], configs[c],
-                                                    strict=True)]
+    """(cell strings, bold mask): the best mean per column is bold when it beats the runner-up by
+    more than their combined standard error (:func:`best_marks`), else ``tie_mark`` marks the tied
+    cells; a ``dense`` row (mean of the dense model's value ± its evaluation standard error) comes
+    first when the rows have it, never bold; ``dagger`` marks a cell that is the best of several
+    configurations."""
+    p = paper_cells(df, rows, cols, metric, decimals, row_order)
+    mean = p["mean"]
+    bold, tie = best_marks(mean, p["sem"], better(metric))
+    cells = pd.DataFrame({c: [_cell(m, s, n, e, digits, pm) + (dagger if k > 1 else "") + (tie_mark if t else "")
+                              for m, s, n, e, k, t in zip(mean[c], p["std"][c], p["count"][c], p["se"][c],
+                                                          p["configs"][c], tie[c], strict=True)]
                           for c in mean.columns}, index=mean.index)
     cells.columns = mean.columns
-    dense_col = f"{metric}_dense"
+    dense_col = dense_column(metric)
     if dense and dense_col in df and df[dense_col].notna().any():
         key = (DENSE,) * len(rows) if len(rows) > 1 else DENSE
         vals = df[dense_col].dropna()
-        top = pd.DataFrame([[_cell(vals.mean(), vals.std(), 1, digits, pm)] * len(cells.columns)],
+        se_col = stderr_column(dense_col)
+        se = df[se_col].mean() if se_col in df else float("nan")
+        top = pd.DataFrame([[_cell(vals.mean(), vals.std(), 1, se, digits, pm)] * len(cells.columns)],
                            index=pd.MultiIndex.from_tuples([key], names=rows) if len(rows) > 1 else
                            pd.Index([key], name=rows[0]), columns=cells.columns)
         cells = pd.concat([top, cells])
@@ -141,7 +189,7 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
     rows, cols = list(rows), list(cols)
     if fmt == "latex":
         cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, pm=r" $\pm$ ", row_order=row_order,
-                                  dagger=r"$^\dagger$")
+                                  dagger=r"$^\dagger$", tie_mark=r"$^{\approx}$")
         cells.columns = cells.columns.set_names([c.replace("_", " ") for c in cols])
         cells.index = cells.index.set_names([r.replace("_", " ") for r in rows])
         styler = cells.style.apply(lambda _: bold.map(lambda b: "textbf:--rwrap;" if b else "").values, axis=None)
@@ -149,15 +197,18 @@ def paper_table(df: pd.DataFrame, rows: Sequence[str] = ("method",), cols: Seque
         n_idx = len(rows)
         tex = styler.to_latex(hrules=True, multicol_align="c", caption=caption,
                               column_format="l" * n_idx + "c" * len(cells.columns), position_float="centering")
-        if cells.map(lambda c: c.endswith("$^\\dagger$")).any().any():
-            tex = tex.replace("\\end{tabular}\n", "\\end{tabular}\n\\\\[2pt]{\\footnotesize $^\\dagger$ " + NOTE + "}\n")
+        for mark, note in ((r"$^\dagger$", NOTE), (r"$^{\approx}$", TIE_NOTE)):
+            if cells.map(lambda c, mark=mark: mark in c).any().any():
+                tex = tex.replace("\\end{tabular}\n", f"\\end{{tabular}}\n\\\\[2pt]{{\\footnotesize {mark} {note}}}\n")
         return tex
     cells, bold = paper_frame(df, rows, cols, metric, digits, decimals, row_order=row_order)
     if fmt == "markdown":
         out = cells.where(~bold, "**" + cells + "**")
         out.columns = _column_names(out.columns, cols)
         md = out.reset_index().to_markdown(index=False, colalign=("left",) * len(rows) + ("right",) * out.shape[1])
-        return md + (f"\n\n† {NOTE}" if cells.map(lambda c: c.endswith(" †")).any().any() else "")
+        notes = [f"{mark} {note}" for mark, note in (("†", NOTE), ("≈", TIE_NOTE))
+                 if cells.map(lambda c, mark=mark: f" {mark}" in c).any().any()]
+        return md + "".join(f"\n\n{n}" for n in notes)
     if fmt == "csv":
         out = cells.copy()
         out.columns = _column_names(out.columns, cols)

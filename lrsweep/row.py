@@ -78,6 +78,15 @@ class ResultRow:
     perplexity_dense: float | None = None
     perplexity: float | None = None
     cosine_similarity: float | None = None
+    # encoders: accuracy of a probe refitted on the compressed model's own embeddings (the dense one: accuracy_dense)
+    accuracy_refit: float | None = None
+    # standard errors of the metrics above from the evaluation itself (lrsweep.stderr): accuracies binomial
+    # sqrt(p (1 - p) / n) over the test items, perplexities by the delta method over the windows' losses
+    accuracy_dense_stderr: float | None = None
+    accuracy_stderr: float | None = None
+    accuracy_refit_stderr: float | None = None
+    perplexity_dense_stderr: float | None = None
+    perplexity_stderr: float | None = None
     # per-task metrics of multi-task evaluators (eval=lm_eval): {task: {acc, acc_stderr, acc_norm, ..., n}}
     task_metrics_dense: dict[str, dict[str, float]] = field(default_factory=dict)
     task_metrics: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, tying
+from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, seeds, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -135,6 +135,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if cfg.model.get("kind") not in models.KINDS:
         raise ConfigError("model.kind", f"{cfg.model.get('kind')!r} is unknown", models.KINDS)
     models.model_dtype(cfg.model)
+    seeds.check(cfg)
     bits = cfg.bits
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])

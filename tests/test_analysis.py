@@ -294,5 +294,6 @@ def test_healed_rows_are_their_own_configurations(results, tmp_path):
     assert "heal" in md and "accuracy_pre_heal" in md and "distill" in md
     cells, _ = table.paper_frame(ok, ["method", "heal"], ["bits_per_weight"], "accuracy")
     std = f"{np.std([0.8, 0.9], ddof=1):.3f}"
-    assert cells.loc[("a", "none"), 1.0] == f"0.850 ± {std}" and cells.loc[("a", "distill"), 1.0] == "0.880"
+    # 0.88 (one seed, no evaluation error) against 0.85 ± 0.071 over two seeds (sem 0.05): a tie, marked
+    assert cells.loc[("a", "none"), 1.0] == f"0.850 ± {std} ≈" and cells.loc[("a", "distill"), 1.0] == "0.880 ≈"
     assert plot.tradeoff_plot(ok, tmp_path / "heal.png", y="accuracy", hue="heal").stat().st_size > 5000

@@ -197,11 +197,18 @@ def primary(table: dict[str, dict[str, float]], cfg: DictConfig) -> float:
     return table[first][metric]
 
 
+def primary_stderr(table: dict[str, dict[str, float]], cfg: DictConfig) -> float | None:
+    """The harness's standard error of :func:`primary` (None when it gave none)."""
+    metric = str(cfg.eval.lm_eval.metric).removesuffix(",none")
+    return table.get(_tasks(cfg)[0], {}).get(f"{metric}_stderr")
+
+
 def evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict[str, Any]:
     compressed = metrics(harness(model, ctx, state["local"]))
     out = {"task": f"lm_eval:{_tasks(ctx.cfg)[0]}", "accuracy_dense": primary(state["dense"], ctx.cfg),
            "accuracy": primary(compressed, ctx.cfg), "task_metrics_dense": state["dense"],
-           "task_metrics": compressed}
+           "task_metrics": compressed, "accuracy_dense_stderr": primary_stderr(state["dense"], ctx.cfg),
+           "accuracy_stderr": primary_stderr(compressed, ctx.cfg)}
     if state["local"]:
         out["extra"] = {"lm_eval_task_dir": str(state["local"])}
     return out

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import cache, data
+from lrsweep import cache, data, stderr
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
 from lrsweep.evaluate.tasks import TASKS, Task
@@ -35,19 +34,18 @@ def ppl_windows(seq_len: int, max_length: int, stride: int, drop_last: bool = Fa
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, device: str,
-               drop_last: bool = False, bos: int | None = None) -> float:
-    """exp of the mean token NLL over the windows of :func:`ppl_windows` (HF's sliding-window recipe).
+def window_losses(model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, device: str,
+                  drop_last: bool = False, bos: int | None = None) -> tuple[list[float], list[int]]:
+    """(mean token NLL, tokens scored) of each window of :func:`ppl_windows` (HF's sliding-window recipe).
 
-    Each window's mean loss is weighted by the tokens it actually scores (labels after the shift);
-    HF's guide subtracts one token per window instead, a difference below 0.2 % at 512-token windows.
-    ``bos``: a token put before every window, so the window's first token is scored too (given BOS).
-    A window with a non-finite loss is never skipped: the perplexity is then NaN or inf, as it is.
+    Each window scores only its new tokens (labels after the shift); HF's guide subtracts one token
+    per window instead, a difference below 0.2 % at 512-token windows. ``bos``: a token put before
+    every window, so the window's first token is scored too (given BOS). A non-finite loss stays as it is.
     """
     windows = ppl_windows(input_ids.shape[1], max_length, stride, drop_last)
     if not windows:
         raise ValueError(f"the perplexity text has {input_ids.shape[1]} tokens, fewer than one window of {max_length}")
-    nll_sum, n_tokens = 0.0, 0
+    losses, counts = [], []
     for begin, end, target_len in windows:
         ids = input_ids[:, begin:end]
         if bos is not None:
@@ -55,12 +53,23 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int, strid
         ids = ids.to(device)
         labels = ids.clone()
         labels[:, :-target_len] = -100
-        loss = model(ids, labels=labels).loss.float()
-        scored = int((labels[:, 1:] != -100).sum())
-        nll_sum += float(loss) * scored
-        n_tokens += scored
-    mean = nll_sum / n_tokens
-    return math.inf if mean > 700 else math.exp(mean)  # math.exp overflows (an error) past ~709
+        losses.append(float(model(ids, labels=labels).loss.float()))
+        counts.append(int((labels[:, 1:] != -100).sum()))
+    return losses, counts
+
+
+def perplexity_stderr(model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, device: str,
+                      drop_last: bool = False, bos: int | None = None) -> tuple[float, float | None]:
+    """(perplexity, its standard error): exp of the token-weighted mean of :func:`window_losses`, the
+    error by the delta method over windows (:func:`lrsweep.stderr.perplexity`; None for one window).
+    A window with a non-finite loss is never skipped: the perplexity is then NaN or inf, as it is."""
+    return stderr.perplexity(*window_losses(model, input_ids, max_length, stride, device, drop_last, bos))
+
+
+def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int, stride: int, device: str,
+               drop_last: bool = False, bos: int | None = None) -> float:
+    """exp of the mean token NLL over the windows of :func:`ppl_windows` (:func:`perplexity_stderr`'s value)."""
+    return perplexity_stderr(model, input_ids, max_length, stride, device, drop_last, bos)[0]
 
 
 def _ppl_tokens(ctx: Context) -> torch.Tensor:
@@ -82,11 +91,12 @@ def _ppl_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
     ecfg = ctx.cfg.eval
     key = {"model": ctx.model_key, "text": OmegaConf.to_container(ecfg.text, resolve=True),
            "tokens": ecfg.ppl_tokens, "max_length": ecfg.ppl_context, "stride": ecfg.ppl_stride,
-           **{k: True for k in ("ppl_drop_last", "ppl_bos") if ecfg[k]}}  # keys of the old cache entries stay
+           **{k: True for k in ("ppl_drop_last", "ppl_bos") if ecfg[k]}, "stderr": "delta/windows"}
 
     def compute():
         ids = _ppl_tokens(ctx)
-        return {"input_ids": ids}, {"perplexity_dense": perplexity(model, ids, **_ppl_args(ctx))}
+        ppl, se = perplexity_stderr(model, ids, **_ppl_args(ctx))
+        return {"input_ids": ids}, {"perplexity_dense": ppl, "perplexity_dense_stderr": se}
 
     tensors, info, _ = cache.get_or_compute(ctx.cache_dir, "perplexity", key, compute)
     return {"input_ids": tensors["input_ids"], **info}
@@ -97,8 +107,9 @@ def _ppl_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict
     windows = ppl_windows(ids.shape[1], int(ecfg.ppl_context), int(ecfg.ppl_stride), bool(ecfg.ppl_drop_last))
     # a window scoring all its tokens leaves out its first one, unless BOS comes before it
     scored = sum(new - (new == end - begin and not ecfg.ppl_bos) for begin, end, new in windows)
+    ppl, se = perplexity_stderr(model, ids, **_ppl_args(ctx))
     return {"task": ecfg.text.name, "perplexity_dense": state["perplexity_dense"],
-            "perplexity": perplexity(model, ids, **_ppl_args(ctx)),
+            "perplexity_dense_stderr": state["perplexity_dense_stderr"], "perplexity": ppl, "perplexity_stderr": se,
             "extra": {"perplexity_windows": {"windows": len(windows), "text_tokens": int(ids.shape[1]),
                                              "scored_tokens": scored}}}
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lrsweep import cache, data
+from lrsweep import cache, data, stderr
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
 from lrsweep.evaluate.tasks import TASKS, Task
@@ -49,23 +49,25 @@ def zeroshot_split(ctx: Context) -> tuple[list[str], list[int], list[str]]:
     return split.test.texts, split.test.labels, [str(z.verbalizers[n]) for n in split.label_names]
 
 
-def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> float:
+def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> tuple[float, int]:
+    """(accuracy, test texts scored)."""
     texts, labels, verbalizers = zeroshot_split(ctx)
     preds = zeroshot_predictions(model, ctx.tokenizer, texts, ctx.cfg.eval.zeroshot.template, verbalizers, ctx.device)
-    return sum(p == y for p, y in zip(preds, labels)) / len(labels)
+    return sum(p == y for p, y in zip(preds, labels)) / len(labels), len(labels)
 
 
 def _zeroshot_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
     key = {"model": ctx.model_key, "data": OmegaConf.to_container(ctx.cfg.data, resolve=True),
            "zeroshot": OmegaConf.to_container(ctx.cfg.eval.zeroshot, resolve=True)}
     _, info, _ = cache.get_or_compute(ctx.cache_dir, "zeroshot", key,
-                                      lambda: ({}, {"accuracy_dense": _zeroshot_accuracy(model, ctx)}))
+                                      lambda: ({}, {"accuracy_dense": _zeroshot_accuracy(model, ctx)[0]}))
     return info
 
 
 def _zeroshot_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict[str, Any]:
-    return {"task": f"{ctx.cfg.data.name}_zeroshot", "accuracy_dense": state["accuracy_dense"],
-            "accuracy": _zeroshot_accuracy(model, ctx)}
+    acc, n = _zeroshot_accuracy(model, ctx)  # the dense accuracy is of the same n texts
+    return {"task": f"{ctx.cfg.data.name}_zeroshot", "accuracy_dense": state["accuracy_dense"], "accuracy": acc,
+            "accuracy_dense_stderr": stderr.binomial(state["accuracy_dense"], n), "accuracy_stderr": stderr.binomial(acc, n)}
 
 
 TASKS["zeroshot"] = Task("zeroshot", _zeroshot_prepare, _zeroshot_evaluate, kinds=("causal_lm",))

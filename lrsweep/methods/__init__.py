@@ -194,6 +194,8 @@ class MethodSpec:
     params: Callable[..., int] | None = lowrank_params
     option_type: type | None = None  # the options dataclass (None: a method outside the package)
     metric: Callable[..., Metric] | None = None  # (W, stats, **opts) -> the matrix it truncates; None: W
+    # (**opts) -> whether the factors depend on `seed` (random projections, sketches): one seed is one sample
+    randomized: Callable[..., bool] | None = None
 
     @property
     def target(self) -> str:
@@ -209,6 +211,10 @@ class MethodSpec:
     def plain_params(self) -> bool:
         """Whether the stored parameters are plain factors' r (n + d)."""
         return self.params is not None and inspect.unwrap(self.params) is lowrank_params
+
+    def is_randomized(self, **opts: Any) -> bool:
+        """Whether this method's factors depend on ``seed`` with these options."""
+        return bool(self.randomized and self.randomized(**opts))
 
     def rank_limit(self, n: int, d: int, **opts: Any) -> int:
         return self.max_rank(n, d, **opts) if self.max_rank else min(n, d)
@@ -266,21 +272,33 @@ def config_node(name: str) -> DictConfig:
     return node
 
 
+def _always(*_: Any, **__: Any) -> bool:
+    return True
+
+
+def _randomized_hook(flag: bool | Callable[..., bool]) -> Callable[..., bool] | None:
+    """A ``randomized`` declaration as a hook of the options (None: never randomized)."""
+    return flag if callable(flag) else _always if flag else None
+
+
 def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
              storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
              check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
-             metric: Callable[..., Metric] | None = None):
+             metric: Callable[..., Metric] | None = None, randomized: bool | Callable[..., bool] = False):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
+    ``randomized``: whether the factors depend on ``seed`` (True, or a hook of the options, e.g. a
+    randomized solver option); a sweep giving such a method one seed says so in its plan.
 
     A typed ``fn(W, o, *, rank, ...)`` is replaced by ``fn(W, o=None, *, rank, ..., **options)``: options
     given as keywords (the rest at their defaults) or as ``o``, with keywords replacing its fields."""
 
     def deco(fn: Callable[..., Factorization]) -> Callable[..., Factorization]:
+        rand = _randomized_hook(randomized)
         if options is None:
             spec = MethodSpec(name, fn, tuple(needs), storage_bits or _plain_lowrank_bits, has_rank, max_rank,
-                              rank_rule, check, params, metric=metric)
+                              rank_rule, check, params, metric=metric, randomized=rand)
         else:
             @functools.wraps(fn)
             def call(W: torch.Tensor, o: Any = None, /, **kw: Any) -> Factorization:
@@ -289,7 +307,8 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
 
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
-                              _typed(params, options), options, _typed(metric, options))
+                              _typed(params, options), options, _typed(metric, options),
+                              _typed(rand, options) if callable(randomized) else rand)
             BY_OPTIONS[options] = name
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
@@ -320,7 +339,8 @@ def resolve(name: str, target: str | None = None) -> MethodSpec:
             if spec.fn is fn:
                 return spec
         return MethodSpec(name, fn, tuple(getattr(fn, "needs", ())), getattr(fn, "storage_bits", _plain_lowrank_bits),
-                          params=getattr(fn, "params", lowrank_params), metric=getattr(fn, "metric", None))
+                          params=getattr(fn, "params", lowrank_params), metric=getattr(fn, "metric", None),
+                          randomized=_randomized_hook(getattr(fn, "randomized", False)))
     if spec is None:
         raise KeyError(name)
     return spec

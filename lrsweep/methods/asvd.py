@@ -70,7 +70,8 @@ def metric(W: torch.Tensor, stats: LayerStats | None, o: ASVDOptions) -> Metric:
     return Metric(lambda: W.float() * s, lambda A: A / s)
 
 
-@register("asvd", ASVDOptions, needs=("absmean",), check=check, metric=metric)
+@register("asvd", ASVDOptions, needs=("absmean",), check=check, metric=metric,
+          randomized=lambda o: o.solver == "lowrank")
 def asvd(W: torch.Tensor, o: ASVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     check(*W.shape, o)

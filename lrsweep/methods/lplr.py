@@ -76,7 +76,7 @@ def check(n: int, d: int, o: LPLROptions) -> None:
         raise ConfigError("method.cr", f"{o.cr!r} must be a positive ratio or null")
 
 
-@register("lplr", LPLROptions, storage_bits=lplr_bits, rank_rule=rank_rule, check=check)
+@register("lplr", LPLROptions, storage_bits=lplr_bits, rank_rule=rank_rule, check=check, randomized=True)
 def lplr(W: torch.Tensor, o: LPLROptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     n, d = W.shape

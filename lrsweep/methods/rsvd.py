@@ -43,7 +43,7 @@ class RSVDOptions(QuantizerOptions):
     niter: int = 2  # power iterations q (re-orthonormalized)
 
 
-@register("rsvd", RSVDOptions)
+@register("rsvd", RSVDOptions, randomized=True)
 def rsvd(W: torch.Tensor, o: RSVDOptions, *, rank: int, bits: int = 16, seed: int = 0,
          stats: LayerStats | None = None) -> LowRank:
     oversample = max(10, rank // 2) if o.oversample is None else o.oversample

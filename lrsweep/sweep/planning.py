@@ -8,6 +8,7 @@ packed into one job (``hydra.launcher.points_per_job``).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any, Sequence
 from hydra.core.utils import filter_overrides
 from omegaconf import DictConfig, open_dict
 
-from lrsweep import identity
+from lrsweep import identity, seeds
 from lrsweep.errors import ConfigError
 from lrsweep.sweep.compose import sweep_configs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +70,8 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
     if errors:
         raise ConfigError("sweep", f"{len(errors)} of {len(job_overrides)} grid points are invalid, "
                           "nothing was launched:\n  " + "\n  ".join(errors))
+    if note := seeds.single_seed_note(p.cfg for p in points):
+        log.warning(note)
     return points
 
 
