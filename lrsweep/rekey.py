@@ -26,7 +26,7 @@ from lrsweep.row import SCHEMA_VERSION, ResultRow, read_row, row_path, rows_dir,
 # What a schema-1 row's config meant by a key it lacks (keys added while rows had schema 1, each with
 # the value that ran as before it existed); method options only for the methods that take them.
 SCHEMA_1: dict[str, Any] = {"param_ratio": None, "allocation": "uniform",
-                            "eval.ppl_drop_last": False, "eval.ppl_bos": False,
+                            "eval.ppl_drop_last": False, "eval.ppl_bos": False, "eval.probe_refit": False,
                             "calib.sampling": "stream", "calib.bos": False, "calib.fisher": "batch",
                             "method.solver": "exact", "method.side": "output", "method.power": 0.5,
                             # the quantizer's symmetric grid before method.grid: absmax / (2^(b-1) - 1)
@@ -60,12 +60,12 @@ def _default_grid() -> str:
 
 
 def _method_options(method: Any) -> set[str]:
-    """The option keys of a row's method config (none when its method cannot be resolved here)."""
-    from lrsweep.methods import resolve
+    """The option keys of the config ``method/<name>`` composes (a built-in's base config, whatever
+    its ``_target_``); none for another name (``method=custom``: only the options it was given)."""
+    from lrsweep.methods import REGISTRY
 
-    try:
-        spec = resolve(str(method.get("name")), method.get("_target_"))
-    except (KeyError, ImportError, AttributeError, ValueError):
+    spec = REGISTRY.get(str(method.get("name"))) if isinstance(method, dict) else None
+    if spec is None or not spec.builtin:
         return set()
     return spec.options() or set()
 
