@@ -51,6 +51,9 @@ class LayerStats:
     absmean: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
     n_tokens: int = 0
+    # the same layer's statistics in the model whose earlier blocks are already compressed (the inputs its
+    # compressed predecessors produce): given, besides the dense ones, to a method whose spec wants them
+    shifted: LayerStats | None = None
 
     @classmethod
     def from_inputs(cls, X: torch.Tensor) -> LayerStats:
@@ -157,6 +160,12 @@ class MethodSpec:
     # (n, d, rank, **opts) -> stored parameters, used by param_ratio; None: param_ratio does not apply
     params: Callable[..., int] | None = lowrank_params
     option_type: type | None = None  # the options dataclass (None: a method outside the package)
+    # (**opts) -> whether the method also takes ``LayerStats.shifted`` (the schedule then compresses block
+    # by block, each block's shifted statistics from the model with the earlier blocks compressed)
+    shifted: Callable[..., bool] | None = None
+
+    def wants_shifted(self, **opts: Any) -> bool:
+        return bool(self.shifted and self.shifted(**opts))
 
     @property
     def target(self) -> str:
@@ -228,7 +237,8 @@ def _config_node(spec: MethodSpec) -> DictConfig:
 def register(name: str, options: type | None = None, *, needs: tuple[str, ...] = (),
              storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
-             check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params):
+             check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
+             shifted: Callable[..., bool] | None = None):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
 
@@ -247,7 +257,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
 
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
-                              _typed(params, options), options)
+                              _typed(params, options), options, _typed(shifted, options))
             BY_OPTIONS[options] = name
             from hydra.core.config_store import ConfigStore
 
