@@ -57,10 +57,11 @@ from lrsweep.context import Context
 from lrsweep.errors import ConfigError
 from lrsweep.methods import LayerStats, MethodSpec
 from lrsweep.methods import svd as _svd
+from lrsweep.ratio_rules import RULES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "spectrum", "sensitivity", "fisher")
+STRATEGIES = ("uniform", "spectrum", "sensitivity", "fisher", "svdllm_v2")  # svdllm_v2: lrsweep.ratio_rules
 LOW, HIGH = 0.5, 2.0  # each layer's rank stays within [LOW, HIGH] x its uniform rank
 REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
 GRANULARITY = "block"  # sensitivity unit: "block" (one pass per block) or "layer" (one per layer, 7x on LLaMA)
@@ -617,10 +618,14 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
         G, m, info["fisher"] = output_fisher(model, layers, leaders, ctx, source.loss(model, chosen, device), chosen)
         seconds["fisher"] = info["fisher"]["seconds"]
         value = fisher_gains(spectra, G, m, whitened="xtx" in spec.needs)
-    else:
+    elif strategy not in RULES:
         value = gains(strategy, spectra, delta, ref)
     t0 = time.perf_counter()
-    ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
+    if strategy in RULES:  # a closed rule over the spectra (lrsweep.ratio_rules)
+        ranks, info[strategy] = RULES[strategy](spec, shapes, uniform, spectra,
+                                                lambda n, r: layer_cost(spec, *shapes[n], r, cfg, opts), opts)
+    else:
+        ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
     seconds["knapsack"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     loss_fn = source.loss(model, fit_batches, device)
