@@ -163,6 +163,11 @@ class MethodSpec:
     # (**opts) -> whether the method also takes ``LayerStats.shifted`` (the schedule then compresses block
     # by block, each block's shifted statistics from the model with the earlier blocks compressed)
     shifted: Callable[..., bool] | None = None
+    # a method whose factorization spans layers (lrsweep.spanning): (name, **opts) -> how many layers of
+    # that layer's type share one factor (1: the layer keeps its own), and the joint function
+    # (weights by name, stats by name, opts, rank=, bits=, budget=, param_ratio=, seed=) -> factorizations by name
+    spans: Callable[..., int] | None = None
+    joint: Callable[..., dict[str, Factorization]] | None = None
 
     def wants_shifted(self, **opts: Any) -> bool:
         return bool(self.shifted and self.shifted(**opts))
@@ -214,6 +219,16 @@ class MethodSpec:
         return self.option_type(**opts)
 
 
+def _typed_joint(joint: Callable[..., Any], options: type) -> Callable[..., Any]:
+    """``joint(Ws, stats, o, **kw)`` called as ``joint(Ws, stats, opts_dict, **kw)``."""
+
+    @functools.wraps(joint)
+    def call(Ws: Any, stats: Any, opts: Mapping[str, Any], **kw: Any) -> Any:
+        return joint(Ws, stats, options(**opts), **kw)
+
+    return call
+
+
 REGISTRY: dict[str, MethodSpec] = {}
 CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that are not its options
 BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
@@ -238,7 +253,8 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
              storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
              check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
-             shifted: Callable[..., bool] | None = None):
+             shifted: Callable[..., bool] | None = None, spans: Callable[..., int] | None = None,
+             joint: Callable[..., dict[str, Factorization]] | None = None):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
 
@@ -257,7 +273,8 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
 
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
-                              _typed(params, options), options, _typed(shifted, options))
+                              _typed(params, options), options, _typed(shifted, options), _typed(spans, options),
+                              None if joint is None else _typed_joint(joint, options))
             BY_OPTIONS[options] = name
             from hydra.core.config_store import ConfigStore
 
