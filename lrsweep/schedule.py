@@ -57,6 +57,8 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
         model.to("cpu")  # one block at a time goes to the device
         ranks, alloc = allocate(model, layers, ctx, None)  # only for methods without statistics (validate)
         results, info = streamed(model, layers, ctx, needs, ranks)
+    elif spec.prepare is not None:  # trains on the calibration data first (dobi_svd); no allocation (validate)
+        results, info = prepared(model, layers, ctx, spec)
     elif needs and (cfg.calib.get("sequential", False) or shifted):  # no allocation (validate)
         results, info = sequential(model, layers, ctx, needs, shifted)
     else:
@@ -81,6 +83,8 @@ def offload(ctx: Context) -> str | None:
 
 def check(cfg: Any, spec: MethodSpec, opts: dict[str, Any]) -> None:
     """ConfigError (before launch) for a schedule the method cannot run on."""
+    if spec.prepare is not None:
+        _check_prepared(cfg, spec)
     if not spec.wants_shifted(**opts):
         return
     if cfg.get("stream", False):
@@ -90,6 +94,35 @@ def check(cfg: Any, spec: MethodSpec, opts: dict[str, Any]) -> None:
     if cfg.get("allocation", "uniform") != "uniform":
         raise ConfigError("allocation", f"method {spec.name} with these options compresses block by block "
                           "from the compressed model's inputs; an allocation fixes all ranks before", ["uniform"])
+
+
+def _check_prepared(cfg: Any, spec: MethodSpec) -> None:
+    if not cfg.get("calib"):
+        raise ConfigError("calib", f"method {spec.name} trains on calibration data, but none is configured",
+                          ["+calib=default", "+calib=<name>"])
+    if cfg.get("param_ratio") is None:
+        raise ConfigError("param_ratio", f"method {spec.name} trains its ranks towards a param_ratio; set it",
+                          ["param_ratio=<fraction kept>"])
+    for key, bad, valid in (("stream", cfg.get("stream", False), "stream=false"),
+                            ("calib.sequential", cfg.calib.get("sequential", False), "calib.sequential=false"),
+                            ("allocation", cfg.get("allocation", "uniform") != "uniform", "uniform")):
+        if bad:
+            raise ConfigError(key, f"method {spec.name} trains all its ranks at once on the whole model", [valid])
+
+
+def prepared(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
+             spec: MethodSpec) -> tuple[list[LayerResult], dict[str, Any]]:
+    """The method's ``prepare`` on the calibration batches (its stats and ranks), then the compression."""
+    cfg = ctx.cfg
+    batches, _ = calib.calibration(model, ctx, ())
+    batches = [calib.to_device(b, ctx.device) for b in batches]
+    loss_fn = calib.SOURCES[cfg.model.kind].loss(model, batches, ctx.device)
+    t0 = time.perf_counter()
+    stats, ranks, info = spec.prepare(model, layers, batches, loss_fn, float(cfg.param_ratio),
+                                      **method_options(cfg.method))
+    results = compress_model(model, layers, cfg, stats=stats, progress=False, ranks=ranks, offload=offload(ctx))
+    return results, {"prepared": info, "stats": [], "cache_hit": False,
+                     "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,

@@ -54,6 +54,7 @@ class LayerStats:
     # the same layer's statistics in the model whose earlier blocks are already compressed (the inputs its
     # compressed predecessors produce): given, besides the dense ones, to a method whose spec wants them
     shifted: LayerStats | None = None
+    prepared: dict[str, Any] | None = None  # what the method's own ``prepare`` computed for this layer
 
     @classmethod
     def from_inputs(cls, X: torch.Tensor) -> LayerStats:
@@ -168,6 +169,9 @@ class MethodSpec:
     # (weights by name, stats by name, opts, rank=, bits=, budget=, param_ratio=, seed=) -> factorizations by name
     spans: Callable[..., int] | None = None
     joint: Callable[..., dict[str, Factorization]] | None = None
+    # (model, layers, calibration batches, loss_fn, param_ratio, **opts) -> (stats by layer, ranks by layer,
+    # info): model-level work on the calibration data before the per-layer factorizations (dobi_svd's training)
+    prepare: Callable[..., tuple[dict[str, LayerStats], dict[str, int], dict[str, Any]]] | None = None
 
     def wants_shifted(self, **opts: Any) -> bool:
         return bool(self.shifted and self.shifted(**opts))
@@ -254,7 +258,8 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
              check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
              shifted: Callable[..., bool] | None = None, spans: Callable[..., int] | None = None,
-             joint: Callable[..., dict[str, Factorization]] | None = None):
+             joint: Callable[..., dict[str, Factorization]] | None = None,
+             prepare: Callable[..., Any] | None = None):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
 
@@ -274,7 +279,7 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
                               _typed(params, options), options, _typed(shifted, options), _typed(spans, options),
-                              None if joint is None else _typed_joint(joint, options))
+                              None if joint is None else _typed_joint(joint, options), _typed(prepare, options))
             BY_OPTIONS[options] = name
             from hydra.core.config_store import ConfigStore
 
