@@ -176,6 +176,9 @@ def rank_frame(df: pd.DataFrame, fraction: bool = False) -> pd.DataFrame:
     keys = [k for k in RUN_KEYS[1:] if k in df.columns and df[k].astype(str).nunique() > 1]
     recs = []
     for _, r in df.iterrows():
+        if fraction and _spans_layers(str(r["method"])):
+            raise ValueError(f"method {r['method']} shares factors across layers: a layer's kept fraction is not "
+                             "r (n + d) / (n d); plot the ranks (fraction=False)")
         run = ", ".join([str(r["method"]), *(f"{k}={r[k]}" for k in keys)])
         shapes = r["extra"].get("layer_shapes") or {}
         for i, (name, rank) in enumerate(r["extra"]["layer_ranks"].items()):
@@ -191,6 +194,14 @@ def rank_frame(df: pd.DataFrame, fraction: bool = False) -> pd.DataFrame:
     long["type"] = long["layer"].map(layer_types(long["layer"].unique()))
     long["block"] = long["layer"].map(lambda n: _split(n)[0])
     return long
+
+
+def _spans_layers(method: str) -> bool:
+    """Whether a registered method's factors may span layers (lrsweep.spanning)."""
+    from lrsweep import methods
+
+    spec = methods.REGISTRY.get(method)
+    return spec is not None and spec.spans is not None
 
 
 def rank_plot(df: pd.DataFrame, out: str | Path, fraction: bool = False) -> list[Path]:

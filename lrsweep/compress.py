@@ -270,19 +270,24 @@ def compress_(model: nn.Module, method: Any, targets: str | Iterable[str] | Mapp
     """
     from tqdm.auto import tqdm
 
-    from lrsweep import tying
+    from lrsweep import spanning, tying
 
     spec, opts = method_of(method, target, **options)
     layers = target_layers(model, targets)
     results = []
     order = {name: i for i, name in enumerate(layers)}  # seeds follow the target order
+    joint = spanning.factorize_groups(spec, opts, layers, stats, rank=rank, bits=bits, budget=budget,
+                                      param_ratio=param_ratio, seed=seed)  # factors spanning layers
     for name, tied in tqdm(tying.groups(model, layers).items(), desc=spec.name, disable=not progress):
         W = layers[name].weight.detach()
         n, d = W.shape
         t0 = time.perf_counter()
-        r = ranks[name] if ranks else resolve_rank(spec, n, d, rank, bits, budget, opts, param_ratio)
-        f = factorize(spec, W, opts, r, bits, layer_seed(seed, order[name]), (stats or {}).get(name))
-        seconds = time.perf_counter() - t0
+        if name in joint:
+            f, seconds = joint[name]
+        else:
+            r = ranks[name] if ranks else resolve_rank(spec, n, d, rank, bits, budget, opts, param_ratio)
+            f = factorize(spec, W, opts, r, bits, layer_seed(seed, order[name]), (stats or {}).get(name))
+            seconds = time.perf_counter() - t0
         replaced = [model.get_submodule(n) for n in (name, *tied)]
         tying.install(model, [name, *tied], f, dtype=W.dtype)
         if offload is not None:

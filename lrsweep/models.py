@@ -193,3 +193,8 @@ def config_stamp(mcfg: DictConfig) -> list | None:
         return None
     st = f.stat()
     return [str(f), st.st_size, st.st_mtime_ns, version("transformers")]
+
+
+def layer_type(name: str) -> str:
+    """A layer's name with its block index removed: ``model.layers.3.mlp.up_proj`` -> ``model.layers.*.mlp.up_proj``."""
+    return re.sub(r"\.\d+\.", ".*.", name, count=1)

@@ -6,6 +6,8 @@
   sequential  (``calib.sequential=true``, methods with statistics) block by block (:func:`lrsweep.models.blocks`),
               each block's statistics taken from the model whose earlier blocks are already
               compressed (as SVD-LLM / GPTQ do); those depend on the method, so they are not cached;
+              a method that wants ``LayerStats.shifted`` (svdllm's update) is compressed so too,
+              with the dense model's statistics (cached) and the shifted ones beside them;
   streamed    (``stream=true``) the model waits on CPU and one block at a time is on ``ctx.device``;
               the statistics come from the block's inputs, propagated from block to block on the
               device (GPTQ-style), through the dense block or, sequential, the compressed one.
@@ -15,6 +17,7 @@ compressed model is on ``ctx.device`` afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -24,8 +27,10 @@ from torch import nn
 from lrsweep import calib
 from lrsweep.allocate import allocate
 from lrsweep.allocate import scope as allocation_scope
-from lrsweep.compress import LayerResult, compress_model, method_spec
+from lrsweep.compress import LayerResult, compress_model, method_options, method_spec
 from lrsweep.context import Context
+from lrsweep.errors import ConfigError
+from lrsweep.methods import MethodSpec
 from lrsweep.evaluate.latency import reset_peak
 from lrsweep.models import blocks
 
@@ -35,14 +40,17 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
     """Compress ``layers`` on the schedule ``ctx.cfg`` asks for; (layer results, info for the row:
     calibration, per-block figures when streamed, ``allocation`` when one ran)."""
     cfg = ctx.cfg
-    needs = method_spec(cfg.method).needs
+    spec = method_spec(cfg.method)
+    needs, shifted = spec.needs, spec.wants_shifted(**method_options(cfg.method))
     alloc: dict[str, Any] = {}
     if cfg.get("stream", False):
         model.to("cpu")  # one block at a time goes to the device
         ranks, alloc = allocate(model, layers, ctx, None)  # only for methods without statistics (validate)
         results, info = streamed(model, layers, ctx, needs, ranks)
-    elif needs and cfg.calib.get("sequential", False):  # no allocation (validate)
-        results, info = sequential(model, layers, ctx, needs)
+    elif spec.prepare is not None:  # trains on the calibration data first (dobi_svd); no allocation (validate)
+        results, info = prepared(model, layers, ctx, spec)
+    elif needs and (cfg.calib.get("sequential", False) or shifted):  # no allocation (validate)
+        results, info = sequential(model, layers, ctx, needs, shifted)
     else:
         stats, info = calib.layer_stats(model, layers, ctx, needs) if needs else (None, {})
         with allocation_scope(cfg):  # the allocation's SVDs are the ones the compression truncates
@@ -63,19 +71,70 @@ def offload(ctx: Context) -> str | None:
     return None if ctx.device == "cpu" else "cpu"
 
 
+def check(cfg: Any, spec: MethodSpec, opts: dict[str, Any]) -> None:
+    """ConfigError (before launch) for a schedule the method cannot run on."""
+    if spec.prepare is not None:
+        _check_prepared(cfg, spec)
+    if not spec.wants_shifted(**opts):
+        return
+    if cfg.get("stream", False):
+        raise ConfigError("stream", f"method {spec.name} with these options refits each layer to the inputs of "
+                          "its compressed predecessors beside the dense model's statistics; stream=true holds "
+                          "only one of them", ["stream=false"])
+    if cfg.get("allocation", "uniform") != "uniform":
+        raise ConfigError("allocation", f"method {spec.name} with these options compresses block by block "
+                          "from the compressed model's inputs; an allocation fixes all ranks before", ["uniform"])
+
+
+def _check_prepared(cfg: Any, spec: MethodSpec) -> None:
+    if not cfg.get("calib"):
+        raise ConfigError("calib", f"method {spec.name} trains on calibration data, but none is configured",
+                          ["+calib=default", "+calib=<name>"])
+    if cfg.get("param_ratio") is None:
+        raise ConfigError("param_ratio", f"method {spec.name} trains its ranks towards a param_ratio; set it",
+                          ["param_ratio=<fraction kept>"])
+    for key, bad, valid in (("stream", cfg.get("stream", False), "stream=false"),
+                            ("calib.sequential", cfg.calib.get("sequential", False), "calib.sequential=false"),
+                            ("allocation", cfg.get("allocation", "uniform") != "uniform", "uniform")):
+        if bad:
+            raise ConfigError(key, f"method {spec.name} trains all its ranks at once on the whole model", [valid])
+
+
+def prepared(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
+             spec: MethodSpec) -> tuple[list[LayerResult], dict[str, Any]]:
+    """The method's ``prepare`` on the calibration batches (its stats and ranks), then the compression."""
+    cfg = ctx.cfg
+    batches, _ = calib.calibration(model, ctx, ())
+    batches = [calib.to_device(b, ctx.device) for b in batches]
+    loss_fn = calib.SOURCES[cfg.model.kind].loss(model, batches, ctx.device)
+    t0 = time.perf_counter()
+    stats, ranks, info = spec.prepare(model, layers, batches, loss_fn, float(cfg.param_ratio),
+                                      **method_options(cfg.method))
+    results = compress_model(model, layers, cfg, stats=stats, progress=False, ranks=ranks, offload=offload(ctx))
+    return results, {"prepared": info, "stats": [], "cache_hit": False,
+                     "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
-               needs: tuple[str, ...]) -> tuple[list[LayerResult], dict[str, Any]]:
-    """Block by block, each block's statistics from the model with the earlier blocks compressed."""
+               needs: tuple[str, ...], shifted: bool = False) -> tuple[list[LayerResult], dict[str, Any]]:
+    """Block by block, each block's statistics from the model with the earlier blocks compressed;
+    ``shifted``: those go to ``LayerStats.shifted`` beside the dense model's (unless calib.sequential)."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
+    dense, extra = calib.layer_stats(model, layers, ctx, needs) \
+        if shifted and not cfg.calib.get("sequential", False) else (None, {})
     batches, loss_fn = calib.calibration(model, ctx, needs)
     results, calib_seconds = [], 0.0
     for block in blocks(layers).values():
         t1 = time.perf_counter()
         stats = calib.collect(model, block, batches, needs, ctx.device, loss_fn, calib.fisher_estimator(cfg))
         calib_seconds += time.perf_counter() - t1
+        if shifted:
+            stats = {n: dataclasses.replace(dense[n] if dense else s, shifted=s) for n, s in stats.items()}
         results += compress_model(model, block, cfg, stats=stats, progress=False, offload=offload(ctx))
-    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs),
+    if dense is not None:
+        extra = {"shifted": True, "dense_cache_hit": extra["cache_hit"], "dense_seconds": extra["seconds"]}
+    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs), **extra,
                      **calib.estimator_info(cfg, needs),
                      "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
 

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, seeds, tying
+from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, schedule, seeds, spanning, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -173,6 +173,8 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)))
     layers = targets(cfg)
+    schedule.check(cfg, spec, opts)
+    spanning.check(cfg, spec, opts, {name: t.shape for name, t in layers.items() if not t.embedding})
     allocate.check(cfg, spec, opts, {name: t.shape for name, t in layers.items()})
     for name, target in layers.items():
         if target.embedding:

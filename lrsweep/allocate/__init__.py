@@ -26,6 +26,7 @@ from lrsweep import methods, tying
 from lrsweep.allocate.budget import HIGH, LOW, budget_value, choose, layer_cost, minimum_cost, predicted_bits
 from lrsweep.allocate.heldout import CHECK_LOOKS, CHECK_SAMPLES, CHECK_STOP_Z, CHECK_Z, Check, against_uniform
 from lrsweep.allocate.losses import Swap, calibration_batches, mean_loss, sample_losses
+from lrsweep.allocate.rules import RULES
 from lrsweep.allocate.solve import Choice, knapsack
 from lrsweep.allocate.spectra import Spectrum, metric, method_spectrum, spectrum
 from lrsweep.allocate.values import fisher_gains, gains, output_fisher, sensitivity, units
@@ -38,7 +39,7 @@ from lrsweep.methods import svd as _svd
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "spectrum", "sensitivity", "fisher")
+STRATEGIES = ("uniform", "spectrum", "sensitivity", "fisher", "svdllm_v2")  # svdllm_v2: allocate.rules
 REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' param_ratio=0.5 ranks
 # calibration windows (causal LMs, calib.seq_len tokens) or labelled texts (encoders: the probe needs both
 # classes) of one sensitivity pass, drawn with calib.seed
@@ -156,10 +157,14 @@ def _choose_and_check(model, layers, ctx, strategy, spec, opts, shapes, uniform,
         G, m, info["fisher"] = output_fisher(model, layers, leaders, ctx, source.loss(model, chosen, device), chosen)
         seconds["fisher"] = info["fisher"]["seconds"]
         value = fisher_gains(spectra, G, m, whitened)
-    else:
+    elif strategy not in RULES:
         value = gains(strategy, spectra, delta, ref)
     t0 = time.perf_counter()
-    ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
+    if strategy in RULES:  # a closed rule over the spectra (allocate.rules)
+        ranks, info[strategy] = RULES[strategy](spec, shapes, uniform, spectra,
+                                                lambda n, r: layer_cost(spec, *shapes[n], r, cfg, opts), opts)
+    else:
+        ranks, info["knapsack"] = choose(spec, shapes, uniform, value, cfg, opts)
     seconds["knapsack"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     loss_fn = source.loss(model, fit_batches, device)

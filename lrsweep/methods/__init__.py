@@ -57,6 +57,10 @@ class LayerStats:
     absmean: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
     n_tokens: int = 0
+    # the same layer's statistics in the model whose earlier blocks are already compressed (the inputs its
+    # compressed predecessors produce): given, besides the dense ones, to a method whose spec wants them
+    shifted: LayerStats | None = None
+    prepared: dict[str, Any] | None = None  # what the method's own ``prepare`` computed for this layer
 
     @classmethod
     def from_inputs(cls, X: torch.Tensor) -> LayerStats:
@@ -196,6 +200,20 @@ class MethodSpec:
     metric: Callable[..., Metric] | None = None  # (W, stats, **opts) -> the matrix it truncates; None: W
     # (**opts) -> whether the factors depend on `seed` (random projections, sketches): one seed is one sample
     randomized: Callable[..., bool] | None = None
+    # (**opts) -> whether the method also takes ``LayerStats.shifted`` (the schedule then compresses block
+    # by block, each block's shifted statistics from the model with the earlier blocks compressed)
+    shifted: Callable[..., bool] | None = None
+    # a method whose factorization spans layers (lrsweep.spanning): (name, **opts) -> how many layers of
+    # that layer's type share one factor (1: the layer keeps its own), and the joint function
+    # (weights by name, stats by name, opts, rank=, bits=, budget=, param_ratio=, seed=) -> factorizations by name
+    spans: Callable[..., int] | None = None
+    joint: Callable[..., dict[str, Factorization]] | None = None
+    # (model, layers, calibration batches, loss_fn, param_ratio, **opts) -> (stats by layer, ranks by layer,
+    # info): model-level work on the calibration data before the per-layer factorizations (dobi_svd's training)
+    prepare: Callable[..., tuple[dict[str, LayerStats], dict[str, int], dict[str, Any]]] | None = None
+
+    def wants_shifted(self, **opts: Any) -> bool:
+        return bool(self.shifted and self.shifted(**opts))
 
     @property
     def target(self) -> str:
@@ -248,6 +266,16 @@ class MethodSpec:
         return self.option_type(**opts)
 
 
+def _typed_joint(joint: Callable[..., Any], options: type) -> Callable[..., Any]:
+    """``joint(Ws, stats, o, **kw)`` called as ``joint(Ws, stats, opts_dict, **kw)``."""
+
+    @functools.wraps(joint)
+    def call(Ws: Any, stats: Any, opts: Mapping[str, Any], **kw: Any) -> Any:
+        return joint(Ws, stats, options(**opts), **kw)
+
+    return call
+
+
 REGISTRY: dict[str, MethodSpec] = {}
 CALL_ARGS = ("rank", "bits", "seed", "stats")  # keywords of every method that are not its options
 BY_OPTIONS: dict[type, str] = {}  # options dataclass -> method name
@@ -285,7 +313,10 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
              storage_bits: Callable[..., int] | None = None, has_rank: bool = True,
              max_rank: Callable[..., int] | None = None, rank_rule: Callable[..., int | None] | None = None,
              check: Callable[..., None] | None = None, params: Callable[..., int] | None = lowrank_params,
-             metric: Callable[..., Metric] | None = None, randomized: bool | Callable[..., bool] = False):
+             metric: Callable[..., Metric] | None = None, randomized: bool | Callable[..., bool] = False,
+             shifted: Callable[..., bool] | None = None, spans: Callable[..., int] | None = None,
+             joint: Callable[..., dict[str, Factorization]] | None = None,
+             prepare: Callable[..., Any] | None = None):
     """Register ``fn`` as method ``name``: typed (``options``: its dataclass; fn and hooks take ``o``)
     or, without ``options``, a plain function taking its options as keywords (as outside the package).
     ``randomized``: whether the factors depend on ``seed`` (True, or a hook of the options, e.g. a
@@ -308,7 +339,9 @@ def register(name: str, options: type | None = None, *, needs: tuple[str, ...] =
             spec = MethodSpec(name, call, tuple(needs), _typed(storage_bits or lowrank_bits, options), has_rank,
                               _typed(max_rank, options), _typed(rank_rule, options), _typed(check, options),
                               _typed(params, options), options, _typed(metric, options),
-                              _typed(rand, options) if callable(randomized) else rand)
+                              _typed(rand, options) if callable(randomized) else rand,
+                              _typed(shifted, options), _typed(spans, options),
+                              None if joint is None else _typed_joint(joint, options), _typed(prepare, options))
             BY_OPTIONS[options] = name
         REGISTRY[name] = spec
         spec.fn.needs = tuple(needs)  # type: ignore[attr-defined]
