@@ -141,9 +141,13 @@ def _uniform(x: torch.Tensor, bits: int, observer: str = "absmax") -> QTensor:
     levels = 2**bits - 1
     if observer == "mse" and hi > lo:  # the range shrunk by p about its midpoint, p with the least error
         mid, half = (hi + lo) / 2, (hi - lo) / 2
-        p = _best_ratio(lambda p: _uniform_round(x, mid - p * half, 2 * p * half / levels, levels)[1].sub(x)
-                        .square().sum().reshape(1))
-        lo, hi = mid - p * half, mid + p * half
+
+        def shrunk(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # p = 1: absmax's own range, exactly
+            return (lo, hi) if float(p) == 1.0 else (mid - p * half, mid + p * half)
+
+        p = _best_ratio(lambda p: _uniform_round(x, shrunk(p)[0], (shrunk(p)[1] - shrunk(p)[0]) / levels,
+                                                 levels)[1].sub(x).square().sum().reshape(1))
+        lo, hi = shrunk(p)
     step = (hi - lo) / levels
     if step == 0:  # constant tensor: every code is 0
         step = torch.ones_like(step)
