@@ -47,10 +47,18 @@ def write_manifest(results_dir: str | os.PathLike, sweep: str, array_job_id: str
 
 
 def read_manifests(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every sweep manifest of the results dir, oldest submission first."""
+    """Every sweep manifest of the results dir, oldest submission first (a damaged one is reported
+    by its path and skipped: lrsweep.atomic.read_json)."""
     d = manifest_dir(results_dir)
-    out = [json.loads(p.read_text()) for p in d.glob("*.json")] if d.is_dir() else []
-    return sorted(out, key=lambda m: m["submitted_at"])
+    found = [atomic.read_json(p, "sweep manifest", _manifest) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    return sorted((m for m in found if m is not None), key=lambda m: m["submitted_at"])
+
+
+def _manifest(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not isinstance(data.get("submitted_at"), str) or not all(
+            {"run_id", "job_id", "overrides"} <= set(p) for p in data["points"]):
+        raise ValueError("not a sweep manifest: submitted_at and points with run_id, job_id and overrides")
+    return data
 
 
 def _run(cmd: list[str]) -> str | None:

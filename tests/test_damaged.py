@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrsweep import atomic, cache
+from lrsweep import atomic, cache, status
+from lrsweep import row as rows_
+from lrsweep.row import ResultRow, read_rows, row_path, row_status, write_row
+from test_launch import launch  # noqa: F401  (the in-process sweep fixture)
 
 # every namespace the package keeps safetensors entries in (lrsweep.cache.get_or_compute / shared_parts)
 KINDS = ["calib", "embeddings", "probe", "perplexity", "sensitivity", "output_fisher", "zeroshot", "lm_eval"]
@@ -230,3 +233,74 @@ def test_a_damaged_lm_eval_task_folder_is_rendered_again(compose, tmp_path, capl
     caplog.set_level(logging.WARNING)
     assert lm_eval.render_local_task(ctx) == folder and (folder / "test.jsonl").read_bytes() == docs
     assert len(warnings_about(caplog, folder)) == 1
+
+
+# ---------------------------------------------------------------- rows
+def _row(results_dir: Path, rid: str = "abc123", status: str = "ok") -> Path:
+    return write_row(results_dir, ResultRow(run_id=rid, status=status, model="minilm", method="svd", rank=8,
+                                            accuracy=0.64, finished_at="2026-01-01T00:00:00+00:00"))
+
+
+ROW_DAMAGES = {"cut in half": cut_in_half, "not JSON": lambda p: p.write_text("<html>"),
+               "not a row": lambda p: p.write_text('["run_id"]'), "unknown status": lambda p: p.write_text(
+                   p.read_text().replace('"status": "ok"', '"status": "maybe"'))}
+
+
+@pytest.mark.parametrize("damage", list(ROW_DAMAGES))
+def test_a_damaged_row_is_one_warning_naming_it_and_counts_as_missing(tmp_path, caplog, damage):
+    good = _row(tmp_path, "good1")
+    bad = _row(tmp_path, "bad1")
+    ROW_DAMAGES[damage](bad)
+    caplog.set_level(logging.WARNING)
+    assert rows_.load_row(bad) is None and row_status(tmp_path, "bad1") is None and row_status(tmp_path, "good1") == "ok"
+    assert [r.run_id for r in read_rows(tmp_path)] == ["good1"] and rows_.load_row(good).run_id == "good1"
+    (line,) = warnings_about(caplog, bad)  # once per process, however many readers meet it
+    assert line.startswith(f"[lrsweep] damaged row {bad} (") and line.endswith("a rerun of its point rewrites it")
+
+
+def test_status_reports_a_damaged_row_and_a_damaged_manifest(tmp_path, capsys, caplog):
+    _row(tmp_path, "good1")
+    cut_in_half(_row(tmp_path, "bad1"))
+    status.write_manifest(tmp_path, "s", "7", str(tmp_path), [{"index": 0, "run_id": "bad1", "job_id": "7_0",
+                                                               "overrides": ["rank=8"]}])
+    (tmp_path / "sweeps" / "s-8.json").write_text('{"sweep": "s", "points": [')
+    caplog.set_level(logging.WARNING)
+    assert status.main([str(tmp_path), "--no-slurm"]) == 1
+    out = capsys.readouterr().out
+    assert "missing  bad1 job 7_0" in out and "ok 1, failed 0, missing 1" in out
+    assert len(warnings_about(caplog, tmp_path / "rows" / "bad1.json")) == 1
+    assert len(warnings_about(caplog, tmp_path / "sweeps" / "s-8.json")) == 1
+
+
+def test_analysis_loads_around_a_damaged_row(tmp_path, capsys, caplog):
+    from analysis.__main__ import main as analysis_main
+    from analysis.load import load
+
+    _row(tmp_path, "good1")
+    cut_in_half(_row(tmp_path, "bad1"))
+    (tmp_path / "rows" / "empty.json").write_text("")
+    caplog.set_level(logging.WARNING)
+    assert list(load(tmp_path).run_id) == ["good1"]
+    analysis_main(["table", str(tmp_path), "--kind", "summary"])
+    assert "svd" in capsys.readouterr().out
+    assert len(warnings_about(caplog, tmp_path / "rows" / "bad1.json")) == 1
+    assert len(warnings_about(caplog, tmp_path / "rows" / "empty.json")) == 1
+
+
+def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewrites_it(  # noqa: F811
+        launch, tmp_path, capsys, caplog, monkeypatch):
+    launch({"rank": [4, 8]})
+    rows = {r.rank: r for r in read_rows(tmp_path)}
+    bad = row_path(tmp_path, rows[8].run_id)
+    cut_in_half(bad)
+    capsys.readouterr()
+    caplog.set_level(logging.WARNING)
+    launch({"rank": [4, 8]}, "dry_run=true")
+    out = capsys.readouterr().out
+    assert "1 ok, 1 missing" in out and len(warnings_about(caplog, bad)) == 1
+    caplog.clear()
+    monkeypatch.setattr(atomic, "_reported", set(), raising=False)  # the sweep warns again
+    launcher, _ = launch({"rank": [4, 8]})
+    assert len(launcher._fake.jobs) == 1 and launcher._fake.jobs[0].points[0].cfg.rank == 8
+    assert len(warnings_about(caplog, bad)) == 1  # the skip check said why the point runs again
+    assert rows_.load_row(bad).status == "ok"  # rewritten
