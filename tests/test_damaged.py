@@ -19,6 +19,7 @@ import torch
 from lrsweep import atomic, cache, status
 from lrsweep import row as rows_
 from lrsweep.row import ResultRow, read_rows, row_path, row_status, write_row
+from test_cli import cli  # noqa: F401  (the in-process CLI fixture)
 from test_launch import launch  # noqa: F401  (the in-process sweep fixture)
 
 # every namespace the package keeps safetensors entries in (lrsweep.cache.get_or_compute / shared_parts)
@@ -304,3 +305,34 @@ def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewri
     assert len(launcher._fake.jobs) == 1 and launcher._fake.jobs[0].points[0].cfg.rank == 8
     assert len(warnings_about(caplog, bad)) == 1  # the skip check said why the point runs again
     assert rows_.load_row(bad).status == "ok"  # rewritten
+
+
+# ---------------------------------------------------------------- a dry run writes nothing
+@pytest.mark.parametrize("multirun", [True, False])
+def test_a_dry_run_leaves_a_new_results_dir_absent(cli, tmp_path, multirun):  # noqa: F811
+    from conftest import FAST
+
+    args = ["-m", "rank=4,8"] if multirun else ["rank=4"]
+    code, out, _ = cli(*args, "dry_run=true", *FAST, r"model.targets=encoder\.layer\.0\.attention\.self\.query")
+    assert code == 0 and "nothing was launched" in out
+    assert not (tmp_path / "results").exists()  # cli's results_dir
+
+
+def test_the_dry_run_still_refuses_an_unwritable_results_dir(tmp_path):
+    from lrsweep.errors import ConfigError
+    from lrsweep.validate import check_results_dir
+
+    (tmp_path / "file").write_text("x")
+    for dry in (True, False):
+        with pytest.raises(ConfigError, match="results_dir: .* is not writable"):
+            check_results_dir(str(tmp_path / "file" / "results"), dry)
+        with pytest.raises(ConfigError, match="results_dir: .* is not writable"):
+            check_results_dir(str(tmp_path / "file"), dry)
+    check_results_dir(str(tmp_path / "a" / "b"), dry_run=True)
+    assert not (tmp_path / "a").exists()
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="not writable"):
+            check_results_dir(str(ro / "results"), dry_run=True)
+
