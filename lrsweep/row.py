@@ -198,15 +198,23 @@ def load_row(path: str | os.PathLike) -> ResultRow | None:
     return atomic.read_json(path, "row", _row, DAMAGED_ROW)
 
 
-def read_rows(results_dir: str | os.PathLike) -> Iterator[ResultRow]:
-    """Every complete row under ``results_dir`` (temp files of writers in flight are ignored; a
-    damaged row is reported and skipped: :func:`load_row`)."""
+def scan_rows(results_dir: str | os.PathLike) -> tuple[list[ResultRow], list[Path]]:
+    """(every complete row under ``results_dir``, the paths of the damaged ones: reported by
+    :func:`load_row`); temp files of writers in flight are ignored."""
     d = rows_dir(results_dir)
-    if not d.is_dir():
-        return
-    for path in sorted(d.glob("*.json")):
-        if (row := load_row(path)) is not None:
-            yield row
+    rows, damaged = [], []
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        row = load_row(path)
+        if row is not None:
+            rows.append(row)
+        elif path.exists():  # not removed since the listing: damaged
+            damaged.append(path)
+    return rows, damaged
+
+
+def read_rows(results_dir: str | os.PathLike) -> Iterator[ResultRow]:
+    """Every complete row under ``results_dir`` (a damaged row is reported and skipped: :func:`scan_rows`)."""
+    yield from scan_rows(results_dir)[0]
 
 
 def row_status(results_dir: str | os.PathLike, run_id: str) -> str | None:

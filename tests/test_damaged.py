@@ -269,6 +269,10 @@ def test_status_reports_a_damaged_row_and_a_damaged_manifest(tmp_path, capsys, c
     assert status.main([str(tmp_path), "--no-slurm"]) == 1
     out = capsys.readouterr().out
     assert "missing  bad1 job 7_0" in out and "ok 1, failed 0, missing 1" in out
+    cut_in_half(_row(tmp_path, "bad2"))  # not in a manifest (a local sweep): its file names the point
+    assert status.main([str(tmp_path), "--no-slurm"]) == 1
+    assert f"missing  bad2 job - damaged row {tmp_path / 'rows' / 'bad2.json'}: a rerun rewrites it" in (
+        capsys.readouterr().out)
     assert len(warnings_about(caplog, tmp_path / "rows" / "bad1.json")) == 1
     assert len(warnings_about(caplog, tmp_path / "sweeps" / "s-8.json")) == 1
 
