@@ -100,22 +100,22 @@ def _file_digest(path: Path) -> str:
 
 
 def _gguf_as_folder(mcfg: DictConfig, path: str, cache_dir: Path) -> str:
-    """Dequantize a GGUF checkpoint once into a safetensors folder keyed by the file's hash."""
-    from filelock import FileLock
+    """Dequantize a GGUF checkpoint once into a safetensors folder keyed by the file's hash (a cache
+    folder: verified against its files' sha256 on every load, rebuilt when damaged)."""
     from transformers import AutoTokenizer
 
+    from lrsweep import cache
+
     gguf = Path(path) / mcfg.gguf_file
-    target = cache_dir / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
-    with FileLock(str(target) + ".lock"):
-        if not (target / "config.json").exists():
-            kw = {**_load_kwargs(mcfg), "gguf_file": mcfg.gguf_file}
-            model = _auto_class(mcfg.kind).from_pretrained(path, dtype=torch.float32, **kw)
-            model.hf_quantizer = None
-            tmp = target.with_name(target.name + ".tmp")
-            model.save_pretrained(tmp, safe_serialization=True)
-            AutoTokenizer.from_pretrained(path, **kw).save_pretrained(tmp)
-            tmp.rename(target)
-    return str(target)
+
+    def build(tmp: Path) -> None:
+        kw = {**_load_kwargs(mcfg), "gguf_file": mcfg.gguf_file}
+        model = _auto_class(mcfg.kind).from_pretrained(path, dtype=torch.float32, **kw)
+        model.hf_quantizer = None
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path, **kw).save_pretrained(tmp)
+
+    return str(cache.folder(cache_dir, "models", f"{gguf.stem}-{_file_digest(gguf)}", build))
 
 
 def _load_random(mcfg: DictConfig, device: str) -> tuple[nn.Module, Any]:

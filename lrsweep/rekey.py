@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lrsweep import identity
-from lrsweep.row import SCHEMA_VERSION, ResultRow, read_row, row_path, rows_dir, write_row
+from lrsweep.row import SCHEMA_VERSION, ResultRow, load_row, row_path, rows_dir, write_row
 
 # What a schema-1 row's config meant by a key it lacks (keys added while rows had schema 1, each with
 # the value that ran as before it existed); method options only for the methods that take them.
@@ -84,8 +84,8 @@ def rekey(results_dir: str | os.PathLike, dry_run: bool = False) -> list[tuple[s
     out, taken = [], set()
     paths = sorted(rows_dir(results_dir).glob("*.json")) if rows_dir(results_dir).is_dir() else []
     for path in paths:
-        row = read_row(path)
-        if not row.config:
+        row = load_row(path)  # a damaged row is reported and left where it is
+        if row is None or not row.config:
             continue
         config = current_config(row)
         new, old = current_id(row, config), row.run_id

@@ -182,25 +182,51 @@ def write_row(results_dir: str | os.PathLike, row: ResultRow) -> Path:
     return atomic.write_json(row_path(results_dir, row.run_id), row.to_dict())
 
 
+DAMAGED_ROW = "treated as missing; a rerun of its point rewrites it"
+
+
+def _row(data: Any) -> ResultRow:
+    if not isinstance(data, dict):
+        raise TypeError(f"a row is a JSON object, not {type(data).__name__}")
+    row = ResultRow.from_dict(data)
+    if row.status not in STATUSES:
+        raise ValueError(f"status {row.status!r} is not one of {list(STATUSES)}")
+    return row
+
+
 def read_row(path: str | os.PathLike) -> ResultRow:
-    return ResultRow.from_dict(json.loads(Path(path).read_text()))
+    """The row at ``path``; raises OSError / ValueError / TypeError when it is missing or damaged
+    (:func:`load_row` reports and skips those instead)."""
+    return _row(json.loads(Path(path).read_text()))
+
+
+def load_row(path: str | os.PathLike) -> ResultRow | None:
+    """The row at ``path``; None when there is none, or when it is damaged (cut short, not JSON, not a
+    row): that is reported in one warning line naming its path, and the row counts as missing. Every
+    reader of rows (the sweep's skip check and dry run, status, analysis) reads them here."""
+    return atomic.read_json(path, "row", _row, DAMAGED_ROW)
+
+
+def scan_rows(results_dir: str | os.PathLike) -> tuple[list[ResultRow], list[Path]]:
+    """(every complete row under ``results_dir``, the paths of the damaged ones: reported by
+    :func:`load_row`); temp files of writers in flight are ignored."""
+    d = rows_dir(results_dir)
+    rows, damaged = [], []
+    for path in sorted(d.glob("*.json")) if d.is_dir() else []:
+        row = load_row(path)
+        if row is not None:
+            rows.append(row)
+        elif path.exists():  # not removed since the listing: damaged
+            damaged.append(path)
+    return rows, damaged
 
 
 def read_rows(results_dir: str | os.PathLike) -> Iterator[ResultRow]:
-    """Every complete row under ``results_dir`` (temp files of writers in flight are ignored)."""
-    d = rows_dir(results_dir)
-    if not d.is_dir():
-        return
-    for path in sorted(d.glob("*.json")):
-        yield read_row(path)
+    """Every complete row under ``results_dir`` (a damaged row is reported and skipped: :func:`scan_rows`)."""
+    yield from scan_rows(results_dir)[0]
 
 
 def row_status(results_dir: str | os.PathLike, run_id: str) -> str | None:
-    """'ok' / 'failed' for an existing row, None when there is none."""
-    path = row_path(results_dir, run_id)
-    if not path.exists():
-        return None
-    try:
-        return read_row(path).status
-    except (ValueError, TypeError):
-        return None
+    """'ok' / 'failed' for an existing row, None when there is none (or it is damaged: :func:`load_row`)."""
+    row = load_row(row_path(results_dir, run_id))
+    return row.status if row is not None else None

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsweep import atomic
-from lrsweep.row import read_rows
+from lrsweep.row import scan_rows
 
 # SLURM states of a job that has not ended yet
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -47,10 +47,18 @@ def write_manifest(results_dir: str | os.PathLike, sweep: str, array_job_id: str
 
 
 def read_manifests(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every sweep manifest of the results dir, oldest submission first."""
+    """Every sweep manifest of the results dir, oldest submission first (a damaged one is reported
+    by its path and skipped: lrsweep.atomic.read_json)."""
     d = manifest_dir(results_dir)
-    out = [json.loads(p.read_text()) for p in d.glob("*.json")] if d.is_dir() else []
-    return sorted(out, key=lambda m: m["submitted_at"])
+    found = [atomic.read_json(p, "sweep manifest", _manifest) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+    return sorted((m for m in found if m is not None), key=lambda m: m["submitted_at"])
+
+
+def _manifest(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not isinstance(data.get("submitted_at"), str) or not all(
+            {"run_id", "job_id", "overrides"} <= set(p) for p in data["points"]):
+        raise ValueError("not a sweep manifest: submitted_at and points with run_id, job_id and overrides")
+    return data
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -105,12 +113,14 @@ class PointStatus:
 
 def collect(results_dir: str | os.PathLike, query_slurm: bool = True) -> tuple[list[PointStatus], list[dict]]:
     """The status of every grid point known from rows or manifests, and the manifests."""
-    rows = {r.run_id: r for r in read_rows(results_dir)}
+    found, damaged = scan_rows(results_dir)
+    rows = {r.run_id: r for r in found}
     manifests = read_manifests(results_dir)
     latest = _latest_jobs(manifests)
     states = slurm_states([p["job_id"] for p in latest.values()]) if latest and query_slurm else {}
     out = []
-    for rid in sorted(set(rows) | set(latest)):
+    lost = {p.stem: p for p in damaged}  # a damaged row's point is missing (its file names it)
+    for rid in sorted(set(rows) | set(latest) | set(lost)):
         row, point = rows.get(rid), latest.get(rid)
         job_id = point["job_id"] if point else (row.slurm_job_id if row else None)
         state = states.get(job_id) if job_id else None
@@ -124,7 +134,8 @@ def collect(results_dir: str | os.PathLike, query_slurm: bool = True) -> tuple[l
             out.append(PointStatus(rid, "failed", row.slurm_job_id or job_id, state,
                                    f"{row.run_name}: {err.get('type', '')}: {str(err.get('message', '')).splitlines()[0] if err.get('message') else ''}"))
         else:
-            out.append(PointStatus(rid, "missing", job_id, state, overrides))
+            detail = f"damaged row {lost[rid]}: a rerun rewrites it" if rid in lost and not overrides else overrides
+            out.append(PointStatus(rid, "missing", job_id, state, detail))
     return out, manifests
 
 

@@ -114,8 +114,16 @@ def resolve_device(device: str) -> str:
     raise ConfigError("device", f"{device!r} is unknown", ["auto", "cpu", "cuda", "cuda:N"])
 
 
-def check_results_dir(path: str) -> None:
+def check_results_dir(path: str, dry_run: bool = False) -> None:
+    """ConfigError unless ``path`` can be written: made if missing and a file written in it; in a dry
+    run, which writes nothing, the permissions of ``path`` or of its nearest existing parent."""
     p = Path(path)
+    if dry_run:
+        parent = next(d for d in (p, *p.parents) if d.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            why = "not a directory" if not parent.is_dir() else "Permission denied"
+            raise ConfigError("results_dir", f"{path!r} is not writable ({parent}: {why})")
+        return
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".probe-"):
@@ -171,7 +179,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     check_name("sweep_name", cfg.get("sweep_name"))
     if check_device:
         resolve_device(str(cfg.device))
-    check_results_dir(os.path.abspath(str(cfg.results_dir)))
+    check_results_dir(os.path.abspath(str(cfg.results_dir)), bool(cfg.get("dry_run")))
     layers = targets(cfg)
     schedule.check(cfg, spec, opts)
     spanning.check(cfg, spec, opts, {name: t.shape for name, t in layers.items() if not t.embedding})
@@ -206,6 +214,6 @@ class ValidateCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
         try:
-            check_results_dir(os.path.abspath(str(config.results_dir)))
+            check_results_dir(os.path.abspath(str(config.results_dir)), bool(config.get("dry_run")))
         except ConfigError as e:
             raise StopLaunch(e) from None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lrsweep import atomic, cache
+from lrsweep import cache
 from lrsweep.errors import ConfigError, did_you_mean
 from lrsweep.evaluate.tasks import TASKS, Task
 from lrsweep.evaluate.zeroshot import zeroshot_split
@@ -76,15 +76,16 @@ def render_local_task(ctx: Context) -> Path:
     texts, labels, verbalizers = zeroshot_split(ctx)
     docs = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels))
     name, template = local_task_name(ctx.cfg), str(ctx.cfg.eval.zeroshot.template)
-    folder = Path(ctx.cache_dir) / "lm_eval_tasks" / cache.digest([name, template, verbalizers, docs])
-    folder.mkdir(parents=True, exist_ok=True)
-    data_file = folder / "test.jsonl"
-    if not data_file.exists():
-        atomic.write_text(data_file, docs)  # content-addressed: concurrent writers write the same bytes
-    spec = yaml.safe_dump(task_yaml(name, str(data_file), template, verbalizers), sort_keys=False, allow_unicode=True)
-    if not (folder / f"{name}.yaml").exists():
-        atomic.write_text(folder / f"{name}.yaml", spec)
-    return folder
+    digest = cache.digest([name, template, verbalizers, docs])
+    data_file = Path(ctx.cache_dir) / "lm_eval_tasks" / digest / "test.jsonl"  # where the folder ends up
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / "test.jsonl").write_text(docs)
+        spec = task_yaml(name, str(data_file), template, verbalizers)
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+
+    return cache.folder(ctx.cache_dir, "lm_eval_tasks", digest, build)  # verified on every read
 
 
 # ---------------------------------------------------------------- running the harness

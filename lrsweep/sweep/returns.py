@@ -13,16 +13,13 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
 from lrsweep.job import PointFailed
-from lrsweep.row import ResultRow, read_row, row_path
+from lrsweep.row import ResultRow, load_row, row_path
 from lrsweep.sweep.planning import Point
 
 
 def row_of(p: Point) -> ResultRow | None:
-    """The point's row as it is on disk (None: none, or unreadable)."""
-    try:
-        return read_row(row_path(p.results_dir, p.run_id))
-    except (OSError, ValueError):
-        return None
+    """The point's row as it is on disk (None: none, or damaged: reported by load_row)."""
+    return load_row(row_path(p.results_dir, p.run_id))
 
 
 def written_since(p: Point, since: str) -> ResultRow | None:
