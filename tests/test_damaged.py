@@ -224,7 +224,8 @@ def test_the_gguf_model_folder_is_a_verified_cache_folder(tmp_path, monkeypatch,
 
 def test_a_damaged_lm_eval_task_folder_is_rendered_again(compose, tmp_path, caplog):
     """The offline lm-eval task (yaml + test.jsonl under the cache) is a verified cache folder."""
-    from lrsweep import evaluate, lm_eval
+    from lrsweep import evaluate
+    from lrsweep.evaluate import lm_eval
     from test_lm_eval import LM_EVAL
 
     ctx = evaluate.Context(compose([*LM_EVAL, "model=smollm2"]), None, "cpu", str(tmp_path), {})

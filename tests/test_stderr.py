@@ -117,6 +117,7 @@ def test_sweep_plan_logs_the_one_seed_line(compose, monkeypatch, caplog, tmp_pat
                     dir = str(tmp_path / "hydra" / "x")
         hydra_context = type("H", (), {"config_loader": None})
         _EXECUTOR = "local"
+        params: dict = {}
 
     with caplog.at_level("WARNING", logger="lrsweep.sweep"):
         sweep.plan(Launcher, [list(k) for k in cfgs], 0)
