@@ -103,7 +103,7 @@ def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | st
                 submitted += submit.submit_local(launcher, ex, args, while_last=prefetch.start)
             out.job_ids = [str(j.job_id) for j in submitted]
             out.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
-            out.no_space += [space.no_space(j.error, ex.folder) for j in submitted[-1:]
+            out.no_space += [space.no_space(j.error, getattr(ex, "folder", None)) for j in submitted[-1:]
                              if isinstance(j, submit.NotSubmitted)]
             if not launcher.params.get("wait", True):
                 out.detached = True
