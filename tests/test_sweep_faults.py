@@ -72,6 +72,22 @@ def test_too_little_room_is_a_config_error_naming_the_path_and_free_space(launch
     assert submitted == [] and not (tmp_path / "rows").exists()
 
 
+def test_every_directory_of_every_point_that_moves_it_is_checked(compose, tmp_path):
+    """The first point's dirs, and those of a later point whose overrides can move them (cache_dir here)."""
+    from types import SimpleNamespace
+
+    def point(*overrides):
+        cfg = compose([f"results_dir={tmp_path / 'r'}", "logger=wandb", f"logger.dir={tmp_path / 'w'}", *overrides])
+        return SimpleNamespace(cfg=cfg, results_dir=str(tmp_path / "r"), overrides=list(overrides))
+
+    got = space.where([point("rank=4"), point("rank=8"), point(f"cache_dir={tmp_path / 'c2'}")],
+                      {"submitit_folder": f"{tmp_path}/r/hydra/x/.submitit/%j"})
+    assert sorted(got) == sorted([("results_dir", str(tmp_path / "r")), ("results_dir", str(tmp_path / "r" / "rows")),
+                                  ("cache_dir", os.path.abspath(os.environ["LRSWEEP_CACHE"])),
+                                  ("cache_dir", str(tmp_path / "c2")), ("logger.dir", str(tmp_path / "w")),
+                                  ("hydra.launcher.submitit_folder", f"{tmp_path}/r/hydra/x/.submitit")])
+
+
 def test_the_dry_run_checks_without_writing(launch, tmp_path):
     target = tmp_path / "not-yet"
     launcher, rets = launch({"rank": [4, 8]}, f"results_dir={target}", "dry_run=true")
@@ -224,6 +240,14 @@ def test_ctrl_c_while_submitting_cancels_the_jobs_started(launch, monkeypatch, c
     assert "0 ok, 0 failed, 2 cancelled, 0 skipped" in capsys.readouterr().out
 
 
+def test_a_slurm_sweep_is_cancelled_with_one_scancel_of_its_array(monkeypatch):
+    calls = []
+    monkeypatch.setattr(submit.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    jobs = [FakeJob(f"4711_{i}", [], "") for i in range(3)]
+    submit.cancel(jobs, slurm=True)
+    assert calls == [["scancel", "4711"]]
+
+
 def test_the_cli_exits_130_without_a_traceback(monkeypatch, capsys):
     from lrsweep import cli
 
@@ -255,18 +279,27 @@ def test_sigint_to_a_local_sweeps_driver_cancels_its_jobs_and_exits_130(tmp_path
                              "+method.sleep_at=4", "rank=4,8", "hydra.launcher.points_per_job=1"],
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parent.parent)
-    deadline = time.monotonic() + 300
-    while not (state / "fired-sleep-4").exists():  # the job of rank 4 sleeps in its method
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    assert _processes_mentioning(str(tmp_path / "results")) != [proc.pid]  # its jobs run
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out + err
-    assert "[lrsweep] interrupted: " in out and " cancelled, 0 skipped" in out, out
-    assert "[lrsweep] to finish the sweep: python -m lrsweep -m" in out
-    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, out + err
-    assert _processes_mentioning(str(tmp_path / "results")) == []  # the jobs' processes are gone
+    try:
+        deadline = time.monotonic() + 300
+        while not (state / "fired-sleep-4").exists():  # the job of rank 4 sleeps in its method
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        assert _processes_mentioning(str(tmp_path / "results")) != [proc.pid]  # its jobs run
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, out + err
+        assert "[lrsweep] interrupted: " in out and " cancelled, 0 skipped" in out, out
+        assert "[lrsweep] to finish the sweep: python -m lrsweep -m" in out
+        assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err, out + err
+        assert _processes_mentioning(str(tmp_path / "results")) == []  # the jobs' processes are gone
+    finally:  # whatever failed, no sleeping job outlives the test
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_mentioning(str(tmp_path / "results")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------- the dry run over existing rows

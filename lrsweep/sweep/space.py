@@ -58,10 +58,17 @@ def no_space(e: OSError, fallback: str | os.PathLike | None = None) -> str:
     return f"no space left on device writing {path} ({size(free_bytes(path))} free there)"
 
 
+# overrides that can move where a point writes (the keys, or the config groups that may set them)
+MOVES = ("results_dir", "cache_dir", "logger", "experiment", "local", "hydra")
+
+
 def where(points: list[Any], params: dict[str, Any]) -> list[tuple[str, str]]:
-    """(config key, directory) the sweep writes to: results dir, rows/, cache, W&B dir, job folder."""
+    """(config key, directory) the sweep writes to: results dir, rows/, cache, W&B dir, job folder.
+    Read from the first point and each point with an override in :data:`MOVES` (resolving them
+    costs ms a point: the others write where the first does)."""
     out: dict[str, str] = {}
-    for p in points:
+    moved = [p for p in points[1:] if any(o.lstrip("+~").startswith(MOVES) for o in p.overrides)]
+    for p in points[:1] + moved:
         cfg = p.cfg
         results = p.results_dir
         out.setdefault(results, "results_dir")
