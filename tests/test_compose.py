@@ -53,6 +53,22 @@ def test_every_point_equals_hydras_own_composition(hydra_loader):
     assert [i for i, c in enumerate(fast) if isinstance(c, Exception)] == [8, 9]
 
 
+def test_a_dry_runs_points_equal_hydras_without_its_node(hydra_loader):
+    """with_hydra=False (a dry run lists the points, runs none): every key but ``hydra`` as Hydra composes it."""
+    loader, master = hydra_loader
+    fast = sweep_configs(loader, master, GRID, with_hydra=False)
+    for ov, got in zip(GRID, fast):
+        try:
+            want = loader.load_sweep_config(master, ov)
+        except Exception as e:  # noqa: BLE001
+            assert isinstance(got, type(e)) and str(got) == str(e), ov
+            continue
+        body = OmegaConf.masked_copy(want, [k for k in want if k != "hydra"])
+        assert OmegaConf.to_container(got, resolve=True) == OmegaConf.to_container(body, resolve=True), ov
+        assert OmegaConf.is_struct(got), ov
+    assert [i for i, c in enumerate(fast) if isinstance(c, Exception)] == [8, 9]
+
+
 def test_points_that_differ_in_values_share_one_composition(hydra_loader, monkeypatch):
     loader, master = hydra_loader
     calls = []
