@@ -88,7 +88,10 @@ def _dry_run_dirs() -> str | None:
 
 
 def main() -> None:
+    import signal
+
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print them in one line
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the launch as Ctrl-C does
     verbose = any(a.lower() in ("verbose=true", "verbose=1") for a in sys.argv[1:])
     _dry_run_dirs()
     try:
@@ -108,4 +111,14 @@ def main() -> None:
             raise
         print(f"lrsweep: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a sweep has cancelled its jobs and said what ran
+        print("lrsweep: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        from lrsweep.sweep import space
+
+        if verbose or not space.is_full(e):
+            raise
+        print(f"lrsweep: {space.no_space(e)}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0)

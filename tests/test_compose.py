@@ -38,18 +38,24 @@ GRID = [["method=svd", "rank=8", "sweep_name=s"],
         ["method=nope", "rank=8"]]  # Hydra refuses: no such option
 
 
-def test_every_point_equals_hydras_own_composition(hydra_loader):
+@pytest.mark.parametrize("with_hydra", [True, False], ids=["sweep", "dry run"])
+def test_every_point_equals_hydras_own_composition(hydra_loader, with_hydra):
+    """A dry run's points (with_hydra=False: listed, never run) are Hydra's less the ``hydra`` node."""
     loader, master = hydra_loader
-    fast = sweep_configs(loader, master, GRID)
+    fast = sweep_configs(loader, master, GRID, with_hydra=with_hydra)
     for ov, got in zip(GRID, fast):
         try:
             want = loader.load_sweep_config(master, ov)
         except Exception as e:  # noqa: BLE001
             assert isinstance(got, type(e)) and str(got) == str(e), ov
             continue
+        if not with_hydra:
+            assert "hydra" not in got
+            want = OmegaConf.masked_copy(want, [k for k in want if k != "hydra"])
         assert OmegaConf.to_container(got, resolve=False) == OmegaConf.to_container(want, resolve=False), ov
         assert OmegaConf.is_struct(got) and OmegaConf.to_yaml(got) == OmegaConf.to_yaml(want), ov
-        assert str(got.hydra.sweep.dir) == str(want.hydra.sweep.dir)  # resolved from the master's cache
+        if with_hydra:
+            assert str(got.hydra.sweep.dir) == str(want.hydra.sweep.dir)  # resolved from the master's cache
     assert [i for i, c in enumerate(fast) if isinstance(c, Exception)] == [8, 9]
 
 

@@ -84,7 +84,8 @@ class SweepLauncher(BaseSubmititLauncher):
 
         prefetch = sweep.Prefetch()
         outcome = sweep.launch(self, job_overrides, initial_job_idx, prefetch)
-        sweep.report(outcome, prefetch)
+        if sweep.report(outcome, prefetch) == 130:  # interrupted: summary printed, the jobs cancelled
+            raise KeyboardInterrupt
         return outcome.returns
 
     def executor(self, per_job_points: int = 1) -> Any:
@@ -160,7 +161,11 @@ class GridSweeper(Sweeper):
         points = self.grid(arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        try:
+            OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        except OSError as e:  # a full disk: named in the one line the app prints
+            (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(sweep_dir / "multirun.yaml")) from None
         size = self.max_batch_size if self.max_batch_size not in (None, -1) else max(1, len(points))
         returns = []
         for start in range(0, len(points), size):

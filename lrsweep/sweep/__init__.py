@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +31,7 @@ from hydra.core.singleton import Singleton
 
 from lrsweep.job import PointFailed
 from lrsweep.row import now, row_status
-from lrsweep.sweep import submit
+from lrsweep.sweep import space, submit
 from lrsweep.sweep.returns import collect, dead_row, job_return, row_of
 from lrsweep.sweep.planning import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name  # noqa: F401
 from lrsweep.sweep.outcome import Outcome, Prefetch, dry_run, report
@@ -55,6 +57,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     active = submit.active(points) if slurm else {}
     results_dir = points[0].results_dir if points else ""
     if points and points[0].cfg.get("dry_run"):
+        space.preflight(points, launcher.params, 0, write=False)
         dry_run(points, active)
         return Outcome(results_dir, [p.run_id for p in points], dry_run=True)
     for p in points:
@@ -63,7 +66,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                      "not submitted again")
     points = [p for p in points if p.run_id not in active or p.cfg.get("force")]
     todo = [p for p in points if p.cfg.get("force") or row_status(p.results_dir, p.run_id) != "ok"]
-    out = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo))
+    out = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo),
+                  todo=[p.run_id for p in todo])
     log.info(f"[lrsweep] {len(points)} grid points: {len(todo)} to run, {len(points) - len(todo)} already ok")
     returns = {p.index: job_return(p, row_of(p), "an earlier launch") for p in points if p not in todo}
     if todo:
@@ -77,32 +81,80 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
 def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | str, prefetch: Prefetch
          ) -> dict[int, Any]:
-    """Submit the jobs, wait for them (unless detached) and collect their points' JobReturns by index."""
+    """Submit the jobs, wait for them (unless detached) and collect their points' JobReturns by index.
+    Ctrl-C or SIGTERM: the jobs are cancelled (:func:`interrupted`) and ``out.cancelled`` set."""
     slurm = launcher._EXECUTOR == "slurm"
-    ex = launcher.executor(per_job_points=max(len(j) for j in jobs))
-    os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
     since = now()
     state = Singleton.get_state()
     peers = share_points(jobs) if per_job == "auto" else [None] * len(jobs)
     args = [(job, state, since, shared) for job, shared in zip(jobs, peers)]
-    if slurm:
-        submitted = submit.submit_slurm(launcher, ex, args, sweep_name(launcher))
-    else:
-        submitted = submit.submit_local(launcher, ex, args, while_last=prefetch.start)
-    out.job_ids = [str(j.job_id) for j in submitted]
-    out.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
-    if not launcher.params.get("wait", True):
-        out.detached = True
-        return {}
-    if slurm:  # the jobs run on the cluster's nodes
-        prefetch.start()
+    space.preflight([p for job in jobs for p in job], launcher.params,
+                    max(space.pickle_bytes((launcher, *a)) for a in args[:1]), write=True)
+    ex = launcher.executor(per_job_points=max(len(j) for j in jobs))
+    os.environ["LRSWEEP_THREADS"] = str(launcher.params.get("cpus_per_task") or "")
+    out.since = since
+    submitted: list[Any] = []
+    returns: dict[int, Any] = {}
+    with interruptible():
+        try:
+            if slurm:
+                submitted += submit.submit_slurm(launcher, ex, args, sweep_name(launcher))
+            else:
+                submitted += submit.submit_local(launcher, ex, args, while_last=prefetch.start)
+            out.job_ids = [str(j.job_id) for j in submitted]
+            out.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
+            out.no_space += [space.no_space(j.error, getattr(ex, "folder", None)) for j in submitted[-1:]
+                             if isinstance(j, submit.NotSubmitted)]
+            if not launcher.params.get("wait", True):
+                out.detached = True
+                return {}
+            if slurm:  # the jobs run on the cluster's nodes
+                prefetch.start()
 
-    def dead(p: Point, job: Any, error: BaseException):
-        prefetch.wait()  # the main thread imports while writing the row
-        return dead_row(p, job, error, slurm)
+            def dead(p: Point, job: Any, error: BaseException):
+                prefetch.wait()  # the main thread imports while writing the row
+                try:
+                    return dead_row(p, job, error, slurm)
+                except OSError as e:  # the row does not fit either: said once, in the summary
+                    if not space.is_full(e):
+                        raise
+                    line = space.no_space(e, os.path.join(p.results_dir, "rows"))
+                    if line not in out.no_space:
+                        out.no_space.append(line)
+                    return None
 
-    returns = {}
-    for job, j in zip(jobs, submitted):
-        for p, ret in zip(job, collect(job, j, since, dead, claimed)):
-            returns[p.index] = ret
+            for job, j in zip(jobs, submitted):
+                for p, ret in zip(job, collect(job, j, since, dead, claimed)):
+                    returns[p.index] = ret
+        except KeyboardInterrupt:
+            interrupted(out, submitted, slurm)
     return returns
+
+
+@contextmanager
+def interruptible():
+    """SIGTERM is a Ctrl-C (KeyboardInterrupt) while the sweep submits and waits."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted(out: Outcome, jobs: list[Any], slurm: bool) -> None:
+    """After Ctrl-C or SIGTERM: a second one exits at once (130); the jobs started are cancelled."""
+    def now_exit(signum: int, frame: Any) -> None:
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, now_exit)
+    signal.signal(signal.SIGTERM, now_exit)
+    out.cancelled = True
+    print("\n[lrsweep] interrupted: cancelling the sweep's jobs (Ctrl-C again to exit at once)", flush=True)
+    submit.cancel(jobs, slurm)

@@ -27,9 +27,12 @@ from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
-def sweep_configs(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequence[str]]) -> list[Any]:
+def sweep_configs(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequence[str]],
+                  with_hydra: bool = True) -> list[Any]:
     """Each point's config as ``loader.load_sweep_config(master, overrides)`` composes it; an exception
-    (Hydra's, for that point) in place of a config the point cannot have."""
+    (Hydra's, for that point) in place of a config the point cannot have. ``with_hydra=False``: the
+    configs of the points that share a composition come without the ``hydra`` node (a dry run: no job
+    runs them; copying that node is two thirds of a point's planning time and memory)."""
     if not _shareable(master):
         return [_alone(loader, master, ov) for ov in points]
     parser, groups_of, shared, out = OverridesParser.create(), _Groups(loader), {}, []
@@ -47,6 +50,10 @@ def sweep_configs(loader: ConfigLoader, master: DictConfig, points: Sequence[Seq
         groups = tuple(o.input_line for o, v in zip(parsed, is_value) if not v)
         if groups not in shared:
             shared[groups] = _alone(loader, master, list(groups))
+            if not with_hydra and not isinstance(shared[groups], Exception):
+                full = shared[groups]
+                shared[groups] = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+                OmegaConf.set_struct(shared[groups], OmegaConf.is_struct(full))
         template = shared[groups]
         cfg = None if isinstance(template, Exception) else _with_values(template, master, parsed, values)
         out.append(cfg if cfg is not None else _alone(loader, master, ov))
@@ -117,6 +124,8 @@ def _with_values(template: DictConfig, master: DictConfig, parsed: list[Override
         apply(values, cfg)
     except Exception:  # noqa: BLE001
         return None
+    if "hydra" not in template:  # composed for a dry run
+        return cfg
     app = [o for o in parsed if not o.is_hydra_override()]
     naming = cfg.hydra.job.config.override_dirname
     with open_dict(cfg.hydra):

@@ -4,7 +4,9 @@ summary line (``N ok, N failed, N skipped``)."""
 from __future__ import annotations
 
 import importlib
+import shlex
 import statistics
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from omegaconf import DictConfig
 
 from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status
 from lrsweep.sweep.planning import Point
+from lrsweep.sweep.space import is_full, no_space
 
 
 @dataclass
@@ -30,6 +33,10 @@ class Outcome:
     detached: bool = False
     dry_run: bool = False
     returns: list[JobReturn] = field(default_factory=list)
+    todo: list[str] = field(default_factory=list)  # the run_ids submitted
+    since: str = ""  # when the jobs were submitted (rows written since are this launch's)
+    cancelled: bool = False  # interrupted (Ctrl-C, SIGTERM): the jobs were cancelled
+    no_space: list[str] = field(default_factory=list)  # one line per full disk met
 
 
 class Prefetch:
@@ -51,11 +58,18 @@ class Prefetch:
             self.thread.join()
 
 
-def estimate(rows: list[ResultRow], cfg: DictConfig) -> float | None:
-    """Median wall_seconds of the ok rows of the same model and method; None when there is none."""
-    times = [r.wall_seconds for r in rows if r.status == "ok" and r.wall_seconds is not None
-             and r.model == str(cfg.model.name) and r.method == str(cfg.method.name)]
-    return statistics.median(times) if times else None
+def estimates(rows: list[ResultRow]) -> dict[tuple[str, str], float]:
+    """(model, method) -> median wall_seconds of its ok rows: one pass over the rows."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.status == "ok" and r.wall_seconds is not None:
+            times.setdefault((r.model, r.method), []).append(r.wall_seconds)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def estimate(by_kind: dict[tuple[str, str], float], cfg: DictConfig) -> float | None:
+    """The point's estimated seconds (:func:`estimates` of its model and method); None when unknown."""
+    return by_kind.get((str(cfg.model.name), str(cfg.method.name)))
 
 
 def dry_run(points: list[Point], active: dict[str, str]) -> None:
@@ -63,6 +77,7 @@ def dry_run(points: list[Point], active: dict[str, str]) -> None:
     results_dir = points[0].results_dir
     rows = list(read_rows(results_dir)) if Path(results_dir).is_dir() else []
     by_id = {r.run_id: r for r in rows}
+    by_kind = estimates(rows)
     total, unknown, counts = 0.0, 0, {}
     print(f"[lrsweep] dry run: {len(points)} grid points, results in {results_dir}")
     print(f"{'#':>4}  {'run_id':<12}  {'status':<18}  {'est. s':>8}  overrides")
@@ -72,7 +87,7 @@ def dry_run(points: list[Point], active: dict[str, str]) -> None:
         if status == "ok" and p.cfg.get("force"):
             status = "ok (force: rerun)"
         counts[status] = counts.get(status, 0) + 1
-        est = estimate(rows, p.cfg)
+        est = estimate(by_kind, p.cfg)
         runs = status not in ("ok", "queued-or-running")
         if runs and est is None:
             unknown += 1
@@ -84,10 +99,36 @@ def dry_run(points: list[Point], active: dict[str, str]) -> None:
           f"of job time" + (f" + {unknown} points of unknown time" if unknown else "") + "; nothing was launched")
 
 
+def rerun_command() -> str:
+    """The command line that started this process, to run again."""
+    return shlex.join(["python", "-m", "lrsweep", *sys.argv[1:]])
+
+
+def cancelled(out: Outcome) -> int:
+    """The summary of an interrupted sweep (ok, failed, cancelled) and its rerun command; 130."""
+    counts = {"ok": 0, "failed": 0, "cancelled": 0}
+    for rid in out.todo:
+        try:
+            row = read_row(row_path(out.results_dir, rid))
+        except (OSError, ValueError, TypeError):
+            row = None
+        if row is None or (row.finished_at or "") < out.since:
+            counts["cancelled"] += 1
+        else:
+            counts["ok" if row.status == "ok" else "failed"] += 1
+    print(f"[lrsweep] interrupted: {counts['ok']} ok, {counts['failed']} failed, {counts['cancelled']} cancelled, "
+          f"{out.skipped} skipped; results in {out.results_dir}")
+    print(f"[lrsweep] to finish the sweep: {rerun_command()}", flush=True)
+    return 130
+
+
 def report(out: Outcome, prefetch: Prefetch | None = None) -> int:
-    """Print the sweep's table, plot path and summary line; return the exit code (1: a point failed)."""
+    """Print the sweep's table, plot path and summary line; return the exit code (1: a point failed
+    or a disk was full, 130: interrupted)."""
     if out.dry_run:
         return 0
+    if out.cancelled:
+        return cancelled(out)
     if out.detached:
         print(f"[lrsweep] detached: {len(out.job_ids)} jobs submitted ({', '.join(out.job_ids)}) for "
               f"{out.submitted} points, {out.skipped} already ok; logs in {out.submitit_folder}; "
@@ -102,9 +143,22 @@ def report(out: Outcome, prefetch: Prefetch | None = None) -> int:
     if rows:
         from analysis.summary import print_summary
 
-        print_summary(rows, out.results_dir)
+        try:
+            print_summary(rows, out.results_dir)
+        except OSError as e:  # the plot did not fit: none rather than a truncated one
+            if not is_full(e):
+                raise
+            plot = Path(out.results_dir) / "tradeoff.png"
+            for path in (plot, plot.with_suffix(".pdf")):
+                path.unlink(missing_ok=True)
+            if not out.no_space:  # else the disk the rows did not fit on was named already
+                out.no_space.append(no_space(e, plot) + "; no plot")
     for r in rows:
         if r.status != "ok" and r.error:
             print(f"[lrsweep] failed {r.run_id} ({r.run_name}): {r.error['type']}: {r.error['message']}")
+    for line in out.no_space:
+        print(f"lrsweep: {line}", file=sys.stderr)
     print(f"{ok - out.skipped} ok, {failed} failed, {out.skipped} skipped")
-    return 1 if failed else 0
+    if out.no_space:
+        print(f"[lrsweep] once there is space, rerun the points without an ok row: {rerun_command()}")
+    return 1 if failed or out.no_space else 0

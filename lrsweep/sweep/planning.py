@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.utils import filter_overrides
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lrsweep import identity, seeds
 from lrsweep.errors import ConfigError
@@ -52,7 +52,11 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
 
     name = sweep_name(launcher)
     points, seen, errors = [], set(), []
-    configs = sweep_configs(launcher.hydra_context.config_loader, launcher.config, job_overrides)
+    # a dry run's points are listed, not run: composed without Hydra's node (unless one is not a dry run)
+    dry = bool(OmegaConf.select(launcher.config, "dry_run", default=False))
+    configs = sweep_configs(launcher.hydra_context.config_loader, launcher.config, job_overrides, with_hydra=not dry)
+    if dry and not all(isinstance(c, Exception) or c.get("dry_run") for c in configs):
+        configs = sweep_configs(launcher.hydra_context.config_loader, launcher.config, job_overrides)
     for i, (ov, cfg) in enumerate(zip(job_overrides, configs)):
         if isinstance(cfg, Exception):  # Hydra could not compose the point: its error
             raise cfg

@@ -55,10 +55,11 @@ def job_return(p: Point, row: ResultRow | None, job_id: str, error: BaseExceptio
     return ret
 
 
-def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, BaseException], ResultRow],
+def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, BaseException], ResultRow | None],
             claimed: Callable[..., Any]) -> list[JobReturn]:
     """The job's JobReturns; a job that died gets ``dead(point, job, error)`` rows for its points
-    without a row, each under the point's claim (a sibling job may be running it)."""
+    without a row, each under the point's claim (a sibling job may be running it); None from ``dead``:
+    no row could be written (a full disk), the point's JobReturn says the job's error."""
     try:
         while not job.done():  # submitit's results() looks once a second; a result file is a cheap stat
             time.sleep(0.2)
@@ -71,7 +72,7 @@ def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, 
             row = written_since(p, since)
             if row is None:
                 row = dead(p, job, error)
-        out.append(job_return(p, row, str(job.job_id)))
+        out.append(job_return(p, row, str(job.job_id), error))
     return out
 
 

@@ -14,12 +14,14 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from omegaconf import OmegaConf
 
 from lrsweep.errors import ConfigError, did_you_mean
+from lrsweep.sweep import space
 from lrsweep.sweep.planning import Point, gpus_requested, slots
 
 log = logging.getLogger(__name__)
@@ -53,19 +55,123 @@ def executor(launcher: Any, per_job_points: int = 1) -> Any:
 
 def submit_local(launcher: Any, ex: Any, args: list[tuple], while_last: Callable[[], None]) -> list[Any]:
     """One process per job, at most ``parallelism`` running at once; ``while_last`` is called once a
-    core is free until the last jobs end."""
+    core is free until the last jobs end. A job that cannot be submitted for want of space (its pickle
+    did not fit) and the ones after it are :class:`NotSubmitted`. Interrupted (Ctrl-C, SIGTERM), it
+    cancels the jobs it started before it lets the interrupt go on."""
     limit = slots(launcher)
     pending, running, jobs = list(args), [], []
-    while pending or running:
-        running = [j for j in running if not j.done()]
-        while pending and len(running) < limit:
-            job = ex.submit(launcher, *pending.pop(0))
-            running.append(job)
-            jobs.append(job)
-        if not pending and len(running) < limit:
-            while_last()
-        time.sleep(0.1)
+    try:
+        while pending or running:
+            running = [j for j in running if not j.done()]
+            while pending and len(running) < limit:
+                try:
+                    job = submit_one(ex, launcher, pending[0])
+                except OSError as e:
+                    if not space.is_full(e):
+                        raise
+                    log.error(f"[lrsweep] {space.no_space(e, getattr(ex, 'folder', None))}: {len(pending)} jobs not submitted")
+                    jobs += [NotSubmitted(e, getattr(ex, "folder", ""))] * len(pending)
+                    pending = []
+                    break
+                pending.pop(0)
+                running.append(job)
+                jobs.append(job)
+            if not pending and len(running) < limit:
+                while_last()
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        cancel(jobs, slurm=False)
+        raise
     return jobs
+
+
+def submit_one(ex: Any, launcher: Any, args: tuple) -> Any:
+    """``ex.submit(launcher, *args)``, leaving no partial pickle behind when it fails; the job's
+    controller (submitit's process that runs a local job) writes its own messages (a traceback when
+    Ctrl-C or :func:`cancel` stops it) to ``controllers.log`` in the job folder, not to this terminal."""
+    if getattr(ex, "folder", None) is None:  # not submitit's (a test's)
+        return ex.submit(launcher, *args)
+    with no_partial_pickles(ex), _controller_streams(ex):
+        return ex.submit(launcher, *args)
+
+
+@contextmanager
+def no_partial_pickles(ex: Any) -> Iterator[None]:
+    """Remove the pickles submitit began in the executor's folder if the submission fails (a full
+    disk, an interrupt): it writes ``<folder>/<uuid>.pkl`` and moves it to the job's folder once whole."""
+    from submitit.core.utils import JobPaths
+
+    if getattr(ex, "folder", None) is None:  # not submitit's (a test's)
+        yield
+        return
+    folder = JobPaths.get_first_id_independent_folder(ex.folder)
+    before = set(folder.glob("*.pkl")) if folder.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        for path in set(folder.glob("*.pkl")) - before if folder.is_dir() else ():
+            path.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _controller_streams(ex: Any) -> Iterator[None]:
+    """While a job starts, this process's stderr is the job folder's ``controllers.log`` (a local job's
+    controller inherits it)."""
+    from submitit.core.utils import JobPaths
+
+    folder = JobPaths.get_first_id_independent_folder(ex.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved, log_fd = os.dup(2), os.open(folder / "controllers.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(log_fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(log_fd)
+
+
+class NotSubmitted:
+    """A job submitit could not take (its pickle did not fit on the disk): it ends at once, without
+    a result, so that its points get failed rows (lrsweep.sweep.returns.collect) naming the disk."""
+
+    def __init__(self, error: OSError, folder: Any):
+        self.error, self.job_id, self.state = error, "not-submitted", "NOT SUBMITTED"
+        self.paths = type("Paths", (), {"stdout": Path(str(folder))})()
+
+    def done(self) -> bool:
+        return True
+
+    def results(self) -> list[Any]:
+        raise self.error
+
+    def stderr(self) -> str:
+        return ""
+
+    def cancel(self, check: bool = True) -> None:
+        pass
+
+
+def cancel(jobs: list[Any], slurm: bool, wait_s: float = 10.0) -> None:
+    """Cancel the sweep's jobs: ``scancel`` of its SLURM array, or each local job's processes
+    (submitit's ``job.cancel()``), waiting up to ``wait_s`` for them to end."""
+    if slurm:
+        arrays = sorted({str(j.job_id).split("_")[0] for j in jobs if not isinstance(j, NotSubmitted)})
+        if arrays:
+            subprocess.run(["scancel", *arrays], capture_output=True, timeout=60)
+        return
+    live = [j for j in jobs if not j.done()]
+    for j in live:
+        try:
+            j.cancel(check=False)
+        except Exception:  # noqa: BLE001  (already gone)
+            pass
+    end = time.monotonic() + wait_s
+    while live and time.monotonic() < end:
+        live = [j for j in live if not j.done()]
+        time.sleep(0.1)
 
 
 def submit_slurm(launcher: Any, ex: Any, args: list[tuple], sweep_name: str) -> list[Any]:
@@ -75,7 +181,8 @@ def submit_slurm(launcher: Any, ex: Any, args: list[tuple], sweep_name: str) -> 
     from lrsweep.status import write_manifest
 
     try:
-        jobs = ex.map_array(launcher, *zip(*args))
+        with no_partial_pickles(ex):
+            jobs = ex.map_array(launcher, *zip(*args))
     except FailedJobError as e:  # sbatch said no: its message verbatim, nothing was submitted
         raise ConfigError("hydra/launcher", f"sbatch refused the job array, nothing was submitted:\n"
                           f"{str(e).strip()}") from None
