@@ -29,6 +29,7 @@ SCHEMA_1: dict[str, Any] = {"param_ratio": None, "allocation": "uniform",
                             "eval.ppl_drop_last": False, "eval.ppl_bos": False, "eval.probe_refit": False,
                             "calib.sampling": "stream", "calib.bos": False, "calib.fisher": "batch",
                             "method.solver": "exact", "method.side": "output", "method.power": 0.5,
+                            "method.update": False,  # svdllm's layer-wise update
                             # the quantizer's symmetric grid before method.grid: absmax / (2^(b-1) - 1)
                             "method.grid": "narrow", "method.observer": "absmax"}
 

@@ -94,12 +94,13 @@ def targets(cfg: DictConfig) -> dict[str, Target]:
 
 def check_embedding_method(name: str, spec: MethodSpec) -> None:
     """A method that needs statistics of a layer's inputs cannot compress an embedding (its inputs are ids)."""
-    if spec.needs:
-        free = sorted(n for n, s in methods.REGISTRY.items() if not s.needs)
+    if spec.needs or spec.prepare is not None:
+        free = sorted(n for n, s in methods.REGISTRY.items() if not s.needs and s.prepare is None)
+        why = f"it needs calibration statistics {list(spec.needs)} of a layer's inputs" if spec.needs else \
+            "it is trained on the calibration data through the layers' inputs"
         raise ConfigError("model.targets", f"selects the embedding {name}, which method {spec.name} cannot compress: "
-                          f"it needs calibration statistics {list(spec.needs)} of a layer's inputs and an "
-                          "embedding's inputs are token ids (leave the embedding out of model.targets, or use "
-                          "a data-free method)", free)
+                          f"{why} and an embedding's inputs are token ids (leave the embedding out of "
+                          "model.targets, or use a data-free method)", free)
 
 
 def resolve_device(device: str) -> str:
@@ -181,12 +182,13 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)), bool(cfg.get("dry_run")))
     layers = targets(cfg)
+    for name, target in layers.items():
+        if target.embedding:
+            check_embedding_method(name, spec)
     schedule.check(cfg, spec, opts)
     spanning.check(cfg, spec, opts, {name: t.shape for name, t in layers.items() if not t.embedding})
     allocate.check(cfg, spec, opts, {name: t.shape for name, t in layers.items()})
     for name, target in layers.items():
-        if target.embedding:
-            check_embedding_method(name, spec)
         try:
             resolve_rank(spec, *target.shape, rank, bits, cfg.budget, opts, ratio)
         except ConfigError as e:

@@ -99,7 +99,7 @@ TARGET_RUN_IDS = {"method=asvd": "e3c5cc707190", "method=caldera": "e637ee3b8883
 SCHEMA_1_LATER = {"param_ratio": None, "eval.ppl_drop_last": False, "eval.ppl_bos": False, "calib.sampling": "stream",
                   "eval.probe_refit": False,
                   "calib.bos": False, "calib.fisher": "batch", "allocation": "uniform", "method.solver": "exact",
-                  "method.side": "output", "method.power": 0.5}
+                  "method.side": "output", "method.power": 0.5, "method.update": False}
 
 
 def _at(config, path):

@@ -22,8 +22,9 @@ from lrsweep.save import save_compressed
 from lrsweep.validate import targets, validate
 
 V, H = 320, 48
-DATA_FREE = sorted(m for m, s in methods.REGISTRY.items() if not s.needs)
-DATA_AWARE = sorted(m for m, s in methods.REGISTRY.items() if s.needs)
+# data-aware: statistics of a layer's inputs, or trained on calibration data (dobi_svd's prepare)
+DATA_FREE = sorted(m for m, s in methods.REGISTRY.items() if not s.needs and s.prepare is None)
+DATA_AWARE = sorted(m for m, s in methods.REGISTRY.items() if s.needs or s.prepare is not None)
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -49,8 +49,8 @@ def test_conf_composes_with_the_compose_api_without_importing_lrsweep_first(tmp_
     out = _compose_fresh(tmp_path, CONF, "method/base", "config", "method=asvd", "method.alpha=0.25")
     assert out["sources"] == ["hydra", "main", "lrsweep", "schema"]
     assert out["listed"] == METHODS and out["heavy_after_listing"] == []  # listing imports nothing heavy
-    assert out["method"] == {"name": "asvd", "scheme": "uniform", "group_size": 128, "driver": "auto", "alpha": 0.25,
-                          "eps": 1e-06, "solver": "exact"}
+    assert out["method"] == {"name": "asvd", "scheme": "uniform", "group_size": 128, "grid": "auto",
+                             "observer": "absmax", "driver": "auto", "alpha": 0.25, "eps": 1e-06, "solver": "exact"}
 
 
 def test_a_foreign_app_composes_as_before_and_imports_nothing_of_lrsweep(tmp_path):

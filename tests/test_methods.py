@@ -18,7 +18,9 @@ from lrsweep.methods.lplr import cr_rank
 from lrsweep.quant import SUPPORTED_BITS
 
 N, D, R = 96, 64, 8
-ALL = sorted(REGISTRY)
+# methods that factorize one matrix alone; basis_sharing (one basis across layers) and dobi_svd
+# (truncation trained on the model) are tested on models: tests/test_basis_sharing.py, test_dobi_svd.py
+ALL = sorted(m for m in REGISTRY if REGISTRY[m].spans is None and REGISTRY[m].prepare is None)
 RANKED = [m for m in ALL if REGISTRY[m].has_rank]
 XTX = [m for m in ALL if "xtx" in REGISTRY[m].needs]
 

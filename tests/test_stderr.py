@@ -108,13 +108,12 @@ def test_sweep_plan_logs_the_one_seed_line(compose, monkeypatch, caplog, tmp_pat
 
     cfgs = {("method=lplr", "rank=32"): compose(["method=lplr", "rank=32", "sweep_name=x", f"results_dir={tmp_path}"]),
             ("method=svd", "rank=32"): compose(["method=svd", "rank=32", "sweep_name=x", f"results_dir={tmp_path}"])}
-    monkeypatch.setattr(planning, "sweep_configs", lambda _l, _c, grid: [cfgs[tuple(g[:2])] for g in grid])
+    monkeypatch.setattr(planning, "sweep_configs", lambda _l, _c, grid, **_: [cfgs[tuple(g[:2])] for g in grid])
+
+    from omegaconf import OmegaConf
 
     class Launcher:
-        class config:
-            class hydra:
-                class sweep:
-                    dir = str(tmp_path / "hydra" / "x")
+        config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "hydra" / "x")}}})
         hydra_context = type("H", (), {"config_loader": None})
         _EXECUTOR = "local"
         params: dict = {}
