@@ -143,3 +143,25 @@ def in_process_jobs(monkeypatch):
     monkeypatch.setattr(submit, "submit_local", submit_in_process)
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
     return executors
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """Put the logging configuration back after each test: Hydra's apps and run_job configure the root
+    logger with handlers on the streams of the moment (pytest's captured stdout), which a later test
+    would find closed ("--- Logging error ---" on its stderr)."""
+    import logging
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    saved = {lg: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+    yield
+    for lg in [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger))]:
+        handlers, level, propagate, disabled = saved.get(lg, ([], logging.NOTSET, True, False))
+        pytests = [h for h in lg.handlers if type(h).__module__.startswith("_pytest")]  # pytest's own capture
+        for h in lg.handlers:
+            if h not in handlers and h not in pytests:
+                h.close()
+        lg.handlers[:] = [*(h for h in handlers if h not in pytests), *pytests]
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
