@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from hydra.core.singleton import Singleton
 
 from lrsweep.job import PointFailed
-from lrsweep.row import now, row_status
+from lrsweep.row import now
 from lrsweep.sweep import space, submit
 from lrsweep.sweep.returns import collect, dead_row, job_return, row_of
 from lrsweep.sweep.planning import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name  # noqa: F401
@@ -65,11 +65,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.info(f"[lrsweep]   #{p.index} {p.run_id}: still queued or running as job {active[p.run_id]}, "
                      "not submitted again")
     points = [p for p in points if p.run_id not in active or p.cfg.get("force")]
-    todo = [p for p in points if p.cfg.get("force") or row_status(p.results_dir, p.run_id) != "ok"]
+    rows = {p.index: row_of(p) for p in points}  # each row read once: the skip check and its JobReturn
+    done = {p.index for p in points if not p.cfg.get("force") and rows[p.index] is not None
+            and rows[p.index].status == "ok"}
+    todo = [p for p in points if p.index not in done]
     out = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo),
                   todo=[p.run_id for p in todo])
     log.info(f"[lrsweep] {len(points)} grid points: {len(todo)} to run, {len(points) - len(todo)} already ok")
-    returns = {p.index: job_return(p, row_of(p), "an earlier launch") for p in points if p not in todo}
+    returns = {p.index: job_return(p, rows[p.index], "an earlier launch") for p in points if p.index in done}
     if todo:
         jobs = pack(todo, per_job, slots(launcher))
         if len(jobs) < len(todo):

@@ -31,13 +31,18 @@ def is_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in FULL
 
 
-def free_bytes(path: str | os.PathLike) -> int | None:
-    """Free bytes on the filesystem of ``path`` (of its nearest existing ancestor); None if unknown."""
+def existing(path: str | os.PathLike) -> Path:
+    """``path`` if it exists, else its nearest existing ancestor."""
     p = Path(os.path.abspath(path))
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem of ``path`` (of its nearest existing ancestor); None if unknown."""
     try:
-        return shutil.disk_usage(p).free
+        return shutil.disk_usage(existing(path)).free
     except OSError:
         return None
 
@@ -90,17 +95,15 @@ def where(points: list[Any], params: dict[str, Any]) -> list[tuple[str, str]]:
 def check(key: str, path: str, room: int, write: bool) -> None:
     """ConfigError unless ``path`` is (or can be made) a writable directory with ``room`` bytes free;
     ``write``: make it and write a probe file there (else only look, for a dry run)."""
-    p = Path(path)
-    existing = p
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == p else f"is under {str(existing)!r}, which is a file"
+    p = Path(os.path.abspath(path))
+    found = existing(p)
+    if not found.is_dir():
+        what = "is a file" if found == p else f"is under {str(found)!r}, which is a file"
         raise ConfigError(key, f"{path!r} {what}, not a directory", ["a writable directory"])
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(key, f"{path!r} is not writable (permission denied on {str(existing)!r})",
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"{path!r} is not writable (permission denied on {str(found)!r})",
                           ["a writable directory"])
-    free = free_bytes(existing)
+    free = free_bytes(found)
     if free is not None and free < room:
         raise ConfigError(key, f"{path!r} has {size(free)} free; a sweep needs at least {size(room)} there "
                           "(a row and a job's pickle)", ["free some space", "another directory"])
