@@ -60,7 +60,10 @@ NOT_DENSE_MODEL: dict[str, str] = {
 def device_type(cfg: DictConfig, auto_device: str | None = None) -> str:
     """cpu or cuda: the type of device the grid point runs on (cuda:1 is cuda); ``device=auto`` is
     ``auto_device`` when given, else this machine's."""
-    device = str(cfg.get("device", "cpu"))
+    return _device_type(str(cfg.get("device", "cpu")), auto_device)
+
+
+def _device_type(device: str, auto_device: str | None) -> str:
     if device == "auto":
         if auto_device is not None:
             return auto_device
@@ -74,31 +77,42 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config without Hydra's node, interpolations resolved, as plain dicts and lists."""
+    return {key: _plain(cfg[key]) for key in cfg if key != "hydra"}
+
+
 def experiment_config(cfg: DictConfig, auto_device: str | None = None) -> dict[str, Any]:
     """The config as the run_id hashes it: without :data:`NOT_EXPERIMENT`, the device as its type, a
     built-in method by its name (a ``_target_`` naming the built-in's own function is that built-in)."""
-    out = {key: _plain(cfg[key]) for key in cfg if key not in NOT_EXPERIMENT}
-    out["device"] = device_type(cfg, auto_device)
+    return experiment_of({key: _plain(cfg[key]) for key in cfg if key not in NOT_EXPERIMENT},
+                         device_type(cfg, auto_device))
+
+
+def experiment_of(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """:func:`experiment_config` of a resolved config (:func:`resolved`), ``device`` its type."""
+    out = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT}
+    out["device"] = device
     method = out.get("method")
     if isinstance(method, dict) and "_target_" in method:
         from lrsweep.methods import REGISTRY
 
         spec = REGISTRY.get(str(method.get("name")))
         if spec is not None and spec.builtin and method["_target_"] == spec.target:
-            del method["_target_"]
-    if isinstance(out.get("calib"), dict) and "fisher" not in _needs(cfg):
-        out["calib"].pop("fisher", None)
+            out["method"] = {k: v for k, v in method.items() if k != "_target_"}
+    if isinstance(out.get("calib"), dict) and "fisher" not in _needs(config.get("method")):
+        out["calib"] = {k: v for k, v in out["calib"].items() if k != "fisher"}
     return out
 
 
-def _needs(cfg: DictConfig) -> tuple[str, ...]:
-    """The calibration statistics of the configured method (all of them when it cannot be resolved)."""
+def _needs(method: Any) -> tuple[str, ...]:
+    """The calibration statistics of a method config (all of them when it cannot be resolved)."""
     from lrsweep.compress import method_spec
     from lrsweep.errors import ConfigError
 
     try:
-        return method_spec(cfg.method).needs
-    except ConfigError:
+        return method_spec(method).needs
+    except (ConfigError, AttributeError):
         return ("fisher",)
 
 
@@ -110,6 +124,11 @@ def digest(experiment: dict[str, Any]) -> str:
 
 def run_id(cfg: DictConfig, auto_device: str | None = None) -> str:
     return digest(experiment_config(cfg, auto_device))
+
+
+def run_id_of(config: dict[str, Any], auto_device: str | None = None) -> str:
+    """:func:`run_id` of a resolved config (:func:`resolved`)."""
+    return digest(experiment_of(config, _device_type(str(config.get("device", "cpu")), auto_device)))
 
 
 def run_name(cfg: DictConfig, auto_device: str | None = None) -> str:
@@ -129,5 +148,10 @@ def run_name(cfg: DictConfig, auto_device: str | None = None) -> str:
 
 def dense_key(cfg: DictConfig) -> str:
     """What the dense model, its metrics and calibration depend on: points with the same key share them."""
-    return json.dumps({key: _plain(cfg[key]) for key in cfg if key not in NOT_DENSE_MODEL}, sort_keys=True,
+    return dense_key_of({key: _plain(cfg[key]) for key in cfg if key not in NOT_DENSE_MODEL})
+
+
+def dense_key_of(config: dict[str, Any]) -> str:
+    """:func:`dense_key` of a resolved config (:func:`resolved`)."""
+    return json.dumps({key: value for key, value in config.items() if key not in NOT_DENSE_MODEL}, sort_keys=True,
                       default=str)

@@ -7,7 +7,8 @@ it with one seed says so in its plan, with the override that adds seeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -17,7 +18,11 @@ from lrsweep.errors import ConfigError
 
 def check(cfg: DictConfig) -> None:
     """ConfigError unless ``seed`` is one integer (a list is a sweep: ``-m seed=0,1``)."""
-    seed = cfg.get("seed")
+    check_value(cfg.get("seed"))
+
+
+def check_value(seed: Any) -> None:
+    """:func:`check` of the value of ``seed``."""
     if OmegaConf.is_list(seed) or isinstance(seed, list | tuple):
         values = ",".join(str(s) for s in seed) or "0,1,2"
         raise ConfigError("seed", f"{list(seed)} is a list; one run takes one integer, a sweep over seeds is "
@@ -26,13 +31,14 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("seed", f"{seed!r} is not an integer", ["an integer, e.g. 0", "-m seed=0,1,2"])
 
 
-def single_seed_note(cfgs: Iterable[DictConfig]) -> str | None:
-    """One line naming the randomized methods that the grid runs with a single seed (None: none does)."""
+def single_seed_note(cfgs: Iterable[Mapping[str, Any]]) -> str | None:
+    """One line naming the randomized methods that the grid runs with a single seed (None: none does);
+    ``cfgs``: the points' configs, or their resolved dicts (lrsweep.identity.resolved)."""
     seeds: dict[str, set[int]] = {}
     for cfg in cfgs:
-        spec = method_spec(cfg.method)
-        if spec.is_randomized(**method_options(cfg.method)):
-            seeds.setdefault(spec.name, set()).add(int(cfg.seed))
+        spec = method_spec(cfg["method"])
+        if spec.is_randomized(**method_options(cfg["method"])):
+            seeds.setdefault(spec.name, set()).add(int(cfg["seed"]))
     single = sorted(m for m, s in seeds.items() if len(s) == 1)
     if not single:
         return None

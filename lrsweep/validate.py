@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from typing import Any
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -85,11 +86,12 @@ def _targets(model_json: str, cache_dir: str) -> dict[str, Target]:
         lambda value: {n: Target(tuple(t["shape"]), t["embedding"], tuple(t["tied"])) for n, t in value.items()})
 
 
-def targets(cfg: DictConfig) -> dict[str, Target]:
-    """The weights ``model.targets`` compresses, by leading module (tied modules folded in), in model order."""
+def targets(cfg: DictConfig | dict[str, Any]) -> dict[str, Target]:
+    """The weights ``model.targets`` compresses, by leading module (tied modules folded in), in model order.
+    ``cfg``: a config, or a resolved one (lrsweep.identity.resolved)."""
     cache_dir = str(cfg.get("cache_dir") or "")
-    return _targets(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True),
-                    os.path.abspath(cache_dir) if cache_dir else "")
+    model = cfg["model"] if isinstance(cfg, dict) else OmegaConf.to_container(cfg.model, resolve=True)
+    return _targets(json.dumps(model, sort_keys=True), os.path.abspath(cache_dir) if cache_dir else "")
 
 
 def check_embedding_method(name: str, spec: MethodSpec) -> None:
@@ -141,10 +143,18 @@ def check_name(key: str, value: object) -> None:
 
 def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     """Raise ConfigError for the first problem of this grid point's config."""
+    seeds.check(cfg)
+    validate_experiment(cfg, check_device=check_device)
+
+
+def validate_experiment(cfg: DictConfig, *, check_device: bool = True, resolved: dict[str, Any] | None = None
+                        ) -> None:
+    """:func:`validate` but for ``seed``, which nothing here reads: points that differ only in their seed
+    pass or fail it alike (a sweep planner checks such a grid's points once and each seed alone).
+    ``resolved``: the config resolved (lrsweep.identity.resolved) when the caller has it."""
     if cfg.model.get("kind") not in models.KINDS:
         raise ConfigError("model.kind", f"{cfg.model.get('kind')!r} is unknown", models.KINDS)
     models.model_dtype(cfg.model)
-    seeds.check(cfg)
     bits = cfg.bits
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
@@ -181,7 +191,7 @@ def validate(cfg: DictConfig, *, check_device: bool = True) -> None:
     if check_device:
         resolve_device(str(cfg.device))
     check_results_dir(os.path.abspath(str(cfg.results_dir)), bool(cfg.get("dry_run")))
-    layers = targets(cfg)
+    layers = targets(resolved if resolved is not None else cfg)
     for name, target in layers.items():
         if target.embedding:
             check_embedding_method(name, spec)

@@ -81,3 +81,58 @@ def test_a_searchpath_sends_every_point_through_hydra(hydra_loader, monkeypatch,
     cfgs = sweep_configs(loader, master, grid)
     assert calls == [grid[0], []]  # the first alone; the second from the composition of no group choice
     assert [c.rank for c in cfgs] == [4, 8]
+
+
+# The grid of value overrides a point's resolved config is computed for without composing it (or, where
+# that might differ, with): every kind of value, keys that interpolations name, and shared ones.
+VALUES = [["method=svd", "rank=8", "seed=0", "results_dir=/tmp/r"],
+          ["method=svd", "rank=16", "seed=1", "results_dir=/tmp/r"],
+          ["method=svd", "rank=8", "seed=2", "bits=4", "results_dir=/tmp/r"],  # bits: heal and budget name it
+          ["method=svd", "rank=8", "seed=3", "eval.latency.shapes=[[1,8],[2,4]]", "results_dir=/tmp/r"],
+          ["method=svd", "rank=8", "seed=4", "param_ratio=0.5", "results_dir=/tmp/r"],
+          ["method=svd", "rank=8", "seed=5", "data=bbc", "results_dir=/tmp/r"],  # a group choice
+          ["method=svd", "rank=8", "seed=6", "model.targets=encoder\\.layer\\.0\\..*", "results_dir=/tmp/r"],
+          ["method=svd", "rank=8", "seed=7", "+extra.note='a b'", "results_dir=/tmp/r"],  # adds: composed
+          ["method=svd", "rank=8", "seed=8", "logger=wandb", "results_dir=/tmp/r"],  # logger.dir names it
+          ["method=lplr", "rank=8", "seed=9", "method.iters=3", "results_dir=/tmp/r"],
+          ["method=svd", "rank=8", "seed=10", "budget=${bits}", "results_dir=/tmp/r"]]  # an interpolation
+
+
+@pytest.mark.parametrize("with_hydra", [True, False], ids=["sweep", "dry run"])
+def test_resolved_points_equal_their_composed_configs(hydra_loader, with_hydra, monkeypatch):
+    """Each point's resolved config and run_id are those of Hydra's own composition of it; the points
+    that only set values get them without their config being made (no copy until ``cfg`` is read)."""
+    from lrsweep import identity
+    from lrsweep.sweep import compose as compose_module
+
+    loader, master = hydra_loader
+    made = []
+    real = compose_module._with_values
+    monkeypatch.setattr(compose_module, "_with_values", lambda *a: made.append(1) or real(*a))
+    points = compose_module.sweep_points(loader, master, VALUES, with_hydra=with_hydra)
+    lazy = len(made)
+    for ov, point in zip(VALUES, points):
+        want = loader.load_sweep_config(master, ov)
+        assert point.resolved == identity.resolved(want), ov
+        assert identity.run_id_of(point.resolved, "cpu") == identity.run_id(want, "cpu"), ov
+        assert identity.dense_key_of(point.resolved) == identity.dense_key(want), ov
+        assert identity.resolved(point.cfg) == point.resolved and ("hydra" in point.cfg) == with_hydra, ov
+    assert lazy == 3  # +extra.note (adds a key), bits (interpolations name it), budget=${bits}
+
+
+def test_a_point_read_in_place_leaves_its_template_as_it_was(hydra_loader):
+    """Composed.applied sets the point's values in its template's config and puts them back, an
+    interpolation (``budget: ${bits}`` of this experiment) as an interpolation."""
+    from lrsweep.sweep.compose import sweep_points
+
+    loader, master = hydra_loader
+    grid = [["experiment=minilm_layers", f"rank={r}", f"budget={b}", "eval.latency.shapes=[[1,2]]"]
+            for r, b in ((4, 3), (8, 2))]
+    points = sweep_points(loader, master, grid, with_hydra=False)
+    template = points[0]._template
+    before = OmegaConf.to_container(template.cfg, resolve=False)
+    assert before["budget"] == "${bits}"
+    with points[1].applied() as cfg:
+        assert cfg.rank == 8 and cfg.budget == 2 and cfg.eval.latency.shapes == [[1, 2]]
+    assert OmegaConf.to_container(template.cfg, resolve=False) == before
+    assert points[0].cfg.rank == 4 and points[1].cfg.rank == 8  # each made from the template as it was

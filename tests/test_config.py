@@ -138,7 +138,7 @@ def schema_1_row(compose, overrides, drop_later):
             del node[leaf]
             if drop_later:
                 del _at(config, path)[0][leaf]
-    if "fisher" not in _needs(cfg) and isinstance(exp.get("calib"), dict):
+    if "fisher" not in _needs(cfg.method) and isinstance(exp.get("calib"), dict):
         exp["calib"].pop("fisher", None)
     payload = json.dumps({"schema_version": 1, **exp}, sort_keys=True, default=str)
     return config, hashlib.sha256(payload.encode()).hexdigest()[:12]

@@ -288,3 +288,20 @@ def test_plan_keys_device_auto_by_the_device_its_jobs_get(compose, monkeypatch, 
         launcher._EXECUTOR = executor
         [point] = sweep.plan(launcher, [["rank=4"]], 0)
         assert point.run_id == run_id(compose([*base, "rank=4", f"device={device}"])), executor
+
+
+def test_points_that_differ_only_in_their_seed_are_checked_once_and_each_seed_alone(launch, monkeypatch):
+    """lrsweep.validate.validate_experiment (everything but the seed) runs once for a seed grid's points
+    of one config; a bad seed among them fails that point only, the others' checks are unchanged."""
+    from lrsweep import validate
+
+    calls = []
+    real = validate.validate_experiment
+    monkeypatch.setattr(validate, "validate_experiment", lambda cfg, **kw: calls.append(cfg.rank) or real(cfg, **kw))
+    launch({"rank": [4, 8], "seed": [0, 1, 2]}, "dry_run=true")
+    assert sorted(calls) == [4, 8]
+    with pytest.raises(ConfigError) as e:
+        launch({"rank": [4, 400], "seed": [0, "x"]}, "dry_run=true")
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 3 and "(rank=4 seed=x): seed: 'x' is not an integer" in lines[0]
+    assert "(rank=400 seed=0): rank" in lines[1] and "(rank=400 seed=x): seed" in lines[2]

@@ -104,11 +104,14 @@ def test_one_seed_note_names_randomized_methods_in_one_line(compose):
 def test_sweep_plan_logs_the_one_seed_line(compose, monkeypatch, caplog, tmp_path):
     """sweep.plan says it, once, for a grid giving lplr one seed (composition stubbed, validation real)."""
     from lrsweep import sweep
+    from lrsweep.identity import resolved
     from lrsweep.sweep import planning
+    from lrsweep.sweep.compose import Composed
 
     cfgs = {("method=lplr", "rank=32"): compose(["method=lplr", "rank=32", "sweep_name=x", f"results_dir={tmp_path}"]),
             ("method=svd", "rank=32"): compose(["method=svd", "rank=32", "sweep_name=x", f"results_dir={tmp_path}"])}
-    monkeypatch.setattr(planning, "sweep_configs", lambda _l, _c, grid, **_: [cfgs[tuple(g[:2])] for g in grid])
+    monkeypatch.setattr(planning, "sweep_points", lambda _l, _c, grid, **_: [
+        Composed(resolved(cfgs[tuple(g[:2])]), cfgs[tuple(g[:2])]) for g in grid])
 
     from omegaconf import OmegaConf
 

@@ -74,11 +74,11 @@ def test_too_little_room_is_a_config_error_naming_the_path_and_free_space(launch
 
 def test_every_directory_of_every_point_that_moves_it_is_checked(compose, tmp_path):
     """The first point's dirs, and those of a later point whose overrides can move them (cache_dir here)."""
-    from types import SimpleNamespace
+    from lrsweep.sweep.planning import Point
 
     def point(*overrides):
         cfg = compose([f"results_dir={tmp_path / 'r'}", "logger=wandb", f"logger.dir={tmp_path / 'w'}", *overrides])
-        return SimpleNamespace(cfg=cfg, results_dir=str(tmp_path / "r"), overrides=list(overrides))
+        return Point(0, list(overrides), cfg, "x")
 
     got = space.where([point("rank=4"), point("rank=8"), point(f"cache_dir={tmp_path / 'c2'}")],
                       {"submitit_folder": f"{tmp_path}/r/hydra/x/.submitit/%j"})

@@ -56,17 +56,17 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     check_gpus(launcher.params, points)
     active = submit.active(points) if slurm else {}
     results_dir = points[0].results_dir if points else ""
-    if points and points[0].cfg.get("dry_run"):
+    if points and points[0].get("dry_run"):
         space.preflight(points, launcher.params, 0, write=False)
         dry_run(points, active)
         return Outcome(results_dir, [p.run_id for p in points], dry_run=True)
     for p in points:
-        if p.run_id in active and not p.cfg.get("force"):
+        if p.run_id in active and not p.get("force"):
             log.info(f"[lrsweep]   #{p.index} {p.run_id}: still queued or running as job {active[p.run_id]}, "
                      "not submitted again")
-    points = [p for p in points if p.run_id not in active or p.cfg.get("force")]
+    points = [p for p in points if p.run_id not in active or p.get("force")]
     rows = {p.index: row_of(p) for p in points}  # each row read once: the skip check and its JobReturn
-    done = {p.index for p in points if not p.cfg.get("force") and rows[p.index] is not None
+    done = {p.index for p in points if not p.get("force") and rows[p.index] is not None
             and rows[p.index].status == "ok"}
     todo = [p for p in points if p.index not in done]
     out = Outcome(results_dir, [p.run_id for p in points], len(todo), len(points) - len(todo),

@@ -19,45 +19,226 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lrsweep import identity
+
 
 def sweep_configs(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequence[str]],
                   with_hydra: bool = True) -> list[Any]:
     """Each point's config as ``loader.load_sweep_config(master, overrides)`` composes it; an exception
     (Hydra's, for that point) in place of a config the point cannot have. ``with_hydra=False``: the
-    configs of the points that share a composition come without the ``hydra`` node (a dry run: no job
-    runs them; copying that node is two thirds of a point's planning time and memory)."""
+    configs of the points that share a composition come without the ``hydra`` node."""
+    return [c if isinstance(c, Exception) else c.cfg for c in sweep_points(loader, master, points, with_hydra)]
+
+
+def sweep_points(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequence[str]],
+                 with_hydra: bool = True, extra: dict[str, Any] | None = None) -> list[Any]:
+    """:func:`sweep_configs` as :class:`Composed` points, whose configs are made when first asked for
+    (a dry run's never are); ``extra``: keys set in every point's config (added where missing).
+    ``with_hydra=False``: without the ``hydra`` node (a dry run: no job runs them; copying that node is
+    two thirds of a point's config)."""
+    extra = extra or {}
     if not _shareable(master):
-        return [_alone(loader, master, ov) for ov in points]
-    parser, groups_of, shared, out = OverridesParser.create(), _Groups(loader), {}, []
-    for ov in points:
-        try:
-            parsed = parser.parse_overrides(overrides=list(ov))
-        except Exception as e:  # noqa: BLE001  (Hydra's error for this point, raised by its caller)
-            out.append(e)
+        return [_alone(loader, master, ov, extra) for ov in points]
+    groups_of, shared, out = _Groups(loader), {}, []
+    parsed_all = _parse(points)
+    common = _common_values(parsed_all, groups_of)
+    for ov, parsed in zip(points, parsed_all):
+        if isinstance(parsed, Exception):  # Hydra's error for this point, raised by its caller
+            out.append(parsed)
             continue
         if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
-            out.append(_alone(loader, master, ov))
+            out.append(_alone(loader, master, ov, extra))
             continue
         is_value = [_value_override(o, groups_of) for o in parsed]
-        values = [o for o, v in zip(parsed, is_value) if v]
-        groups = tuple(o.input_line for o, v in zip(parsed, is_value) if not v)
+        values = [o for o, v in zip(parsed, is_value) if v and o.input_line not in common]
+        groups = tuple(o.input_line for o, v in zip(parsed, is_value) if not v or o.input_line in common)
         if groups not in shared:
-            shared[groups] = _alone(loader, master, list(groups))
-            if not with_hydra and not isinstance(shared[groups], Exception):
-                full = shared[groups]
-                shared[groups] = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
-                OmegaConf.set_struct(shared[groups], OmegaConf.is_struct(full))
+            shared[groups] = _template(loader, master, list(groups), with_hydra, extra)
         template = shared[groups]
-        cfg = None if isinstance(template, Exception) else _with_values(template, master, parsed, values)
-        out.append(cfg if cfg is not None else _alone(loader, master, ov))
+        point = None if isinstance(template, Exception) else template.point(master, parsed, values)
+        out.append(point if point is not None else _alone(loader, master, ov, extra))
     return out
+
+
+def _parse(points: Sequence[Sequence[str]]) -> list[list[Override] | Exception]:
+    """Each point's overrides parsed by Hydra's parser, each distinct override once; Hydra's exception
+    for a point with one it cannot parse."""
+    parser, seen, out = OverridesParser.create(), {}, []
+    for ov in points:
+        try:
+            for line in ov:
+                if line not in seen:
+                    seen[line] = parser.parse_overrides(overrides=[line])[0]
+            out.append([seen[line] for line in ov])
+        except Exception as e:  # noqa: BLE001
+            out.append(e)
+    return out
+
+
+def _common_values(parsed_all: list[list[Override] | Exception], groups_of: _Groups) -> set[str]:
+    """The value overrides every point has (a sweep's fixed ``results_dir=...``), each the only
+    override of its key in each point: composed into the shared configs, as Hydra would apply them."""
+    lists = [p for p in parsed_all if not isinstance(p, Exception)]
+    if not lists:
+        return set()
+    common = set.intersection(*({o.input_line for o in p if _value_override(o, groups_of)} for p in lists))
+    for p in lists:
+        keys = [o.key_or_group for o in p]
+        common -= {o.input_line for o in p if keys.count(o.key_or_group) > 1}
+    return common
+
+
+class Composed:
+    """A point's config: ``resolved`` (lrsweep.identity.resolved: plain, interpolations resolved, without
+    Hydra's node) at once; the DictConfig (``cfg``) made from its template when first asked for."""
+
+    def __init__(self, resolved: dict[str, Any], cfg: DictConfig | None = None, make: Any = None,
+                 template: Template | None = None, values: Sequence[Override] = ()):
+        self.resolved, self._cfg, self._make, self._template, self._values = resolved, cfg, make, template, values
+
+    @property
+    def cfg(self) -> DictConfig:
+        if self._cfg is None:
+            self._cfg, self._make, self._template = self._make(), None, None
+        return self._cfg
+
+    @contextmanager
+    def applied(self) -> Iterator[DictConfig]:
+        """The point's config to read while the block runs: made in place in its template's config and
+        put back after (:meth:`Template.applied`) if it was not made yet, so no copy is made."""
+        if self._template is None:
+            yield self.cfg
+        else:
+            with self._template.applied(self._values) as cfg:
+                yield cfg
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with its config, not its template
+        return {"resolved": self.resolved, "_cfg": self.cfg, "_make": None, "_template": None, "_values": ()}
+
+
+class Template:
+    """One composition, shared by the points that differ from it only in value overrides. A point's
+    resolved config is the template's with the overridden values set, where that is exactly what
+    composing it would give (:meth:`resolve`); its DictConfig is a copy of the template's with the
+    overrides applied (:func:`apply`), made when asked for."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        try:
+            self.base: dict[str, Any] | None = identity.resolved(cfg)
+        except Exception:  # noqa: BLE001  (an interpolation that does not resolve: each point composes alone)
+            self.base = None
+        self.interpolations, self.leaves = _raw_leaves(cfg)
+        self.raw = OmegaConf.to_container(cfg, resolve=False) if self.base is not None else {}
+
+    def point(self, master: DictConfig, parsed: list[Override], values: list[Override]) -> Composed | None:
+        """The point of these overrides; None where Hydra would refuse one of them."""
+        resolved = self.resolve(values)
+        if resolved is not None:
+            return Composed(resolved, make=lambda: _with_values(self.cfg, master, parsed, values), template=self,
+                            values=values)
+        cfg = _with_values(self.cfg, master, parsed, values)
+        return None if cfg is None else Composed(identity.resolved(cfg), cfg)
+
+    def resolve(self, values: list[Override]) -> dict[str, Any] | None:
+        """The point's resolved config without composing it: the template's with each overridden value
+        set. None where that might differ from composing it: an override that adds, deletes or merges
+        (a dict value), one of a key the template lacks or types, an interpolation as a value, or an
+        interpolation of the template that names an overridden key (its value would change)."""
+        if self.base is None:
+            return None
+        out = dict(self.base)
+        copied: set[str] = set()
+        for o in values:
+            key, value = o.key_or_group, o.value()
+            if o.is_delete() or o.is_add() or o.package is not None or not _plain_value(value) \
+                    or key.startswith("hydra.") or key not in self.leaves:
+                return None
+            if any(part in raw for raw in self.interpolations for part in key.split(".")):
+                return None
+            parts = key.split(".")
+            node = out
+            for i, part in enumerate(parts[:-1]):  # copy the dicts on the way (the template's stay as they are)
+                path = ".".join(parts[:i + 1])
+                if path not in copied:
+                    node[part] = dict(node[part])
+                    copied.add(path)
+                node = node[part]
+            node[parts[-1]] = copy.deepcopy(value)
+        return out
+
+    @contextmanager
+    def applied(self, values: list[Override]) -> Iterator[DictConfig]:
+        """The template's config with the overrides of a point that :meth:`resolve` resolves set in
+        place, then put back: the point's config without a copy."""
+        raws = [(o.key_or_group, _select(self.raw, o.key_or_group)) for o in values]
+        try:
+            apply(values, self.cfg)
+            yield self.cfg
+        finally:
+            for key, raw in reversed(raws):
+                OmegaConf.update(self.cfg, key, raw, merge=False)
+
+
+def _template(loader: ConfigLoader, master: DictConfig, groups: list[str], with_hydra: bool,
+              extra: dict[str, Any]) -> Template | Exception:
+    full = _compose(loader, master, groups, extra)
+    if isinstance(full, Exception):
+        return full
+    if not with_hydra:
+        cfg = OmegaConf.masked_copy(full, [k for k in full if k != "hydra"])
+        OmegaConf.set_struct(cfg, OmegaConf.is_struct(full))
+        full = cfg
+    return Template(full)
+
+
+def _raw_leaves(cfg: DictConfig) -> tuple[list[str], set[str]]:
+    """The raw text of every interpolation outside Hydra's node, and the dotted keys of the leaf values
+    of its plain (not structured: untyped) dicts, lists included (an override replaces a list)."""
+    interpolations, leaves = [], set()
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        raw = OmegaConf.to_container(node, resolve=False)
+        plain = OmegaConf.get_type(node) is dict
+        for key in node:
+            if not prefix and key == "hydra":
+                continue
+            if OmegaConf.is_interpolation(node, key):
+                interpolations.append(str(raw[key]))
+                if plain:
+                    leaves.add(f"{prefix}{key}")
+            elif not OmegaConf.is_missing(node, key) and OmegaConf.is_dict(child := node[key]):
+                walk(child, f"{prefix}{key}.")
+            elif plain:
+                leaves.add(f"{prefix}{key}")
+
+    walk(cfg, "")
+    return interpolations, leaves
+
+
+def _select(raw: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a plain dict."""
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def _plain_value(value: Any) -> bool:
+    """A value that a point's resolved config holds as given: not a dict (merged), nor an interpolation."""
+    if isinstance(value, str):
+        return "${" not in value
+    if isinstance(value, list | tuple):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, bool | int | float)
 
 
 class _Groups:
@@ -85,11 +266,22 @@ def _shareable(master: DictConfig) -> bool:
     return not searchpath and not any(str(o).startswith("hydra.searchpath") for o in task)
 
 
-def _alone(loader: ConfigLoader, master: DictConfig, overrides: Sequence[str]) -> Any:
+def _compose(loader: ConfigLoader, master: DictConfig, overrides: Sequence[str], extra: dict[str, Any]) -> Any:
+    """Hydra's composition of these overrides, with the ``extra`` keys set; Hydra's exception if it fails."""
     try:
-        return loader.load_sweep_config(master, list(overrides))
+        cfg = loader.load_sweep_config(master, list(overrides))
     except Exception as e:  # noqa: BLE001
         return e
+    with open_dict(cfg):
+        for key, value in extra.items():
+            cfg[key] = value
+    return cfg
+
+
+def _alone(loader: ConfigLoader, master: DictConfig, overrides: Sequence[str], extra: dict[str, Any]) -> Any:
+    """A point Hydra composes by itself (:class:`Composed`), or Hydra's exception."""
+    cfg = _compose(loader, master, overrides, extra)
+    return cfg if isinstance(cfg, Exception) else Composed(identity.resolved(cfg), cfg)
 
 
 def apply(overrides: list[Override], cfg: DictConfig) -> None:

@@ -8,11 +8,12 @@ import shlex
 import statistics
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.utils import JobReturn
-from omegaconf import DictConfig
 
 from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status
 from lrsweep.sweep.planning import Point
@@ -67,9 +68,10 @@ def estimates(rows: list[ResultRow]) -> dict[tuple[str, str], float]:
     return {key: statistics.median(t) for key, t in times.items()}
 
 
-def estimate(by_kind: dict[tuple[str, str], float], cfg: DictConfig) -> float | None:
-    """The point's estimated seconds (:func:`estimates` of its model and method); None when unknown."""
-    return by_kind.get((str(cfg.model.name), str(cfg.method.name)))
+def estimate(by_kind: dict[tuple[str, str], float], cfg: Mapping[str, Any]) -> float | None:
+    """The point's estimated seconds (:func:`estimates` of its model and method); None when unknown.
+    ``cfg``: its config or resolved config (lrsweep.identity.resolved)."""
+    return by_kind.get((str(cfg["model"]["name"]), str(cfg["method"]["name"])))
 
 
 def dry_run(points: list[Point], active: dict[str, str]) -> None:
@@ -84,10 +86,10 @@ def dry_run(points: list[Point], active: dict[str, str]) -> None:
     for p in points:
         row = by_id.get(p.run_id)
         status = "queued-or-running" if p.run_id in active else (row.status if row else "missing")
-        if status == "ok" and p.cfg.get("force"):
+        if status == "ok" and p.get("force"):
             status = "ok (force: rerun)"
         counts[status] = counts.get(status, 0) + 1
-        est = estimate(by_kind, p.cfg)
+        est = estimate(by_kind, p.resolved)
         runs = status not in ("ok", "queued-or-running")
         if runs and est is None:
             unknown += 1

@@ -8,37 +8,55 @@ packed into one job (``hydra.launcher.points_per_job``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.utils import filter_overrides
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lrsweep import identity, seeds
 from lrsweep.errors import ConfigError
-from lrsweep.sweep.compose import sweep_configs
+from lrsweep.sweep.compose import Composed, sweep_points
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Point:
-    """One grid point: its index in the grid, the overrides that make it, its config and run_id."""
+    """One grid point: its index in the grid, the overrides that make it, its config and run_id.
 
-    index: int
-    overrides: list[str]
-    cfg: DictConfig
-    run_id: str
+    ``cfg`` is the point's DictConfig, or a :class:`~lrsweep.sweep.compose.Composed` that makes it when a
+    job first needs it; ``resolved`` (lrsweep.identity.resolved) is what planning reads, so a dry run
+    composes no point's config."""
+
+    def __init__(self, index: int, overrides: list[str], cfg: DictConfig | Composed, run_id: str):
+        self.index, self.overrides, self.run_id = index, overrides, run_id
+        self._composed = cfg if isinstance(cfg, Composed) else Composed(identity.resolved(cfg), cfg)
+
+    @property
+    def cfg(self) -> DictConfig:
+        return self._composed.cfg
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return self._composed.resolved
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A top-level key of the point's resolved config."""
+        return self.resolved.get(key, default)
 
     @property
     def results_dir(self) -> str:
-        return os.path.abspath(str(self.cfg.results_dir))
+        return os.path.abspath(str(self.get("results_dir")))
 
     def describe(self) -> str:
         return " ".join(filter_overrides(self.overrides))
+
+    def __repr__(self) -> str:
+        return f"Point(#{self.index} {self.run_id} {self.describe()!r})"
 
 
 def sweep_name(launcher: Any) -> str:
@@ -46,36 +64,61 @@ def sweep_name(launcher: Any) -> str:
     return Path(str(launcher.config.hydra.sweep.dir)).name
 
 
+class Checks:
+    """:func:`lrsweep.validate.validate` of a sweep's points: ``seed`` checked for each, the rest once
+    for the points whose resolved configs differ only in their seed (a seed sweep's other checks do
+    not repeat; lrsweep.validate.validate_experiment reads no seed)."""
+
+    def __init__(self, check_device: bool):
+        self.check_device, self.done = check_device, {}
+
+    def __call__(self, composed: Composed) -> None:
+        from lrsweep.validate import validate_experiment
+
+        seeds.check_value(composed.resolved.get("seed"))
+        key = json.dumps({k: v for k, v in composed.resolved.items() if k != "seed"}, sort_keys=True, default=str)
+        if key not in self.done:
+            try:
+                with composed.applied() as cfg:
+                    validate_experiment(cfg, check_device=self.check_device, resolved=composed.resolved)
+                self.done[key] = None
+            except ConfigError as e:
+                self.done[key] = e
+        if self.done[key] is not None:
+            raise self.done[key]
+
+
 def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Point]:
     """Compose and validate every point; ConfigError (nothing launched) if any is invalid."""
-    from lrsweep.validate import validate
-
     name = sweep_name(launcher)
     points, seen, errors = [], set(), []
     # a dry run's points are listed, not run: composed without Hydra's node (unless one is not a dry run)
     dry = bool(OmegaConf.select(launcher.config, "dry_run", default=False))
-    configs = sweep_configs(launcher.hydra_context.config_loader, launcher.config, job_overrides, with_hydra=not dry)
-    if dry and not all(isinstance(c, Exception) or c.get("dry_run") for c in configs):
-        configs = sweep_configs(launcher.hydra_context.config_loader, launcher.config, job_overrides)
-    for i, (ov, cfg) in enumerate(zip(job_overrides, configs)):
-        if isinstance(cfg, Exception):  # Hydra could not compose the point: its error
-            raise cfg
-        with open_dict(cfg):
-            cfg.sweep_name = name
+    loader, extra = launcher.hydra_context.config_loader, {"sweep_name": name}
+    composed = sweep_points(loader, launcher.config, job_overrides, with_hydra=not dry, extra=extra)
+    if dry and not all(isinstance(c, Exception) or c.resolved.get("dry_run") for c in composed):
+        composed = sweep_points(loader, launcher.config, job_overrides, extra=extra)
+    check, device = Checks(check_device=launcher._EXECUTOR == "local"), auto_device(launcher)
+    for i, (ov, c) in enumerate(zip(job_overrides, composed)):
+        if isinstance(c, Exception):  # Hydra could not compose the point: its error
+            raise c
         try:
-            validate(cfg, check_device=launcher._EXECUTOR == "local")
+            check(c)
         except ConfigError as e:
             errors.append(f"point #{initial_job_idx + i} ({' '.join(filter_overrides(ov))}): {e}")
             continue
-        rid = identity.run_id(cfg, auto_device(launcher))
+        rid = identity.run_id_of(c.resolved, device)
         if rid not in seen:  # two override lists, one experiment: run it once
             seen.add(rid)
-            points.append(Point(initial_job_idx + i, list(ov), cfg, rid))
+            points.append(Point(initial_job_idx + i, list(ov), c, rid))
     if errors:
         raise ConfigError("sweep", f"{len(errors)} of {len(job_overrides)} grid points are invalid, "
                           "nothing was launched:\n  " + "\n  ".join(errors))
-    if note := seeds.single_seed_note(p.cfg for p in points):
+    if note := seeds.single_seed_note(p.resolved for p in points):
         log.warning(note)
+    if not dry:  # a job's config is made here, once, so that its errors are the planner's
+        for p in points:
+            p.cfg  # noqa: B018
     return points
 
 
@@ -91,13 +134,11 @@ def pack(points: list[Point], per_job: int | str, slots: int) -> list[list[Point
     """Jobs of points that share the dense model (lrsweep.job.dense_key): K points in grid order, or
     (``auto``) each group's points dealt round-robin into as few jobs of at most ceil(points / slots)
     points, so that the jobs of a method x rank grid hold a similar mix of methods and end together."""
-    from lrsweep.job import dense_key
-
     if per_job == 1:
         return [[p] for p in points]
     groups: dict[str, list[Point]] = {}
     for p in points:
-        groups.setdefault(dense_key(p.cfg), []).append(p)
+        groups.setdefault(identity.dense_key_of(p.resolved), []).append(p)
     jobs = []
     for group in groups.values():
         n = len(group)
@@ -137,6 +178,6 @@ def check_gpus(params: dict[str, Any], points: list[Point]) -> None:
     if gpus_requested(params):
         return
     for p in points:
-        if str(p.cfg.device).startswith("cuda"):
-            raise ConfigError("device", f"{p.cfg.device!r} but the jobs ask for no GPU "
+        if str(p.get("device")).startswith("cuda"):
+            raise ConfigError("device", f"{p.get('device')!r} but the jobs ask for no GPU "
                               "(hydra.launcher.gpus_per_node=0)", ["auto", "cpu", "hydra.launcher.gpus_per_node=1"])

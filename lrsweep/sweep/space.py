@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
-
 from lrsweep.errors import ConfigError
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -74,14 +72,13 @@ def where(points: list[Any], params: dict[str, Any]) -> list[tuple[str, str]]:
     out: dict[str, str] = {}
     moved = [p for p in points[1:] if any(o.lstrip("+~").startswith(MOVES) for o in p.overrides)]
     for p in points[:1] + moved:
-        cfg = p.cfg
         results = p.results_dir
         out.setdefault(results, "results_dir")
         out.setdefault(os.path.join(results, "rows"), "results_dir")
-        cache = OmegaConf.select(cfg, "cache_dir", default=None)
+        cache = p.get("cache_dir")
         if cache:
             out.setdefault(os.path.abspath(str(cache)), "cache_dir")
-        wandb = OmegaConf.select(cfg, "logger.dir", default=None) if "logger" in cfg else None
+        wandb = (p.get("logger") or {}).get("dir")
         if wandb:
             out.setdefault(os.path.abspath(str(wandb)), "logger.dir")
     folder = params.get("submitit_folder")
