@@ -13,9 +13,10 @@ import json
 import math
 import os
 import traceback as tb
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lrsweep import atomic
 
@@ -25,7 +26,7 @@ STATUSES = ("ok", "failed")
 
 def now() -> str:
     """The UTC time of a row's started_at / finished_at."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass

@@ -41,7 +41,7 @@ def write_manifest(results_dir: str | os.PathLike, sweep: str, array_job_id: str
                    points: list[dict[str, Any]]) -> Path:
     """Record a submitted array: its points (index, run_id, job_id, overrides) and its command."""
     data = {"sweep": sweep, "array_job_id": array_job_id, "submitit_folder": submitit_folder,
-            "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "submitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "cwd": os.getcwd(), "argv": [sys.executable, "-m", "lrsweep", *sys.argv[1:]], "points": points}
     return atomic.write_json(manifest_dir(results_dir) / f"{sweep}-{array_job_id}.json", data)
 

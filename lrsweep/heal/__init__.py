@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig

@@ -13,8 +13,9 @@ Layers that are embeddings or tied to another module stay as they are (listed in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
