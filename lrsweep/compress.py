@@ -31,7 +31,7 @@ def method_spec(mcfg: DictConfig | dict) -> MethodSpec:
     """The method of a config: the registered ``name`` (a built-in's config has no ``_target_``), or
     the callable at ``_target_`` (a method outside the package, or another function under a built-in's
     name and options)."""
-    if OmegaConf.is_config(mcfg) and "_target_" in mcfg.keys() and OmegaConf.is_missing(mcfg, "_target_"):
+    if OmegaConf.is_config(mcfg) and OmegaConf.is_missing(mcfg, "_target_"):
         raise ConfigError("method._target_", f"method={mcfg.get('name')} needs the callable of your method",
                           ["method._target_=mypkg.mymodule.myfn"])
     name, target = mcfg.get("name"), mcfg.get("_target_")

@@ -320,7 +320,7 @@ def test_the_check_stops_at_the_first_look_when_the_verdict_is_clear():
             return base.detach() * (1 - cand) + cand * (shift + 0.01 * torch.arange(8.0))
         return loss
 
-    for shift, stopped, ships, looks in [(1e3, "futility", "uniform", 1), (-1e3, "efficacy", "candidate", 1)]:
+    for shift, stopped, ships in [(1e3, "futility", "uniform"), (-1e3, "efficacy", "candidate")]:
         seen.clear()
         # the uniform losses are the toy's own (positive); the candidate's a constant far above or below them
         ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, shifted(shift))

@@ -6,7 +6,6 @@ lrsweep has no special cases for them.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -55,7 +54,7 @@ def faulted(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fault_sweep_nine_ok_three_failed_with_cause(faulted):
-    root, first, rows, _, _ = faulted
+    _root, first, rows, _, _ = faulted
     out = first.stdout + first.stderr
     assert first.returncode == 1, out
     assert "9 ok, 3 failed, 0 skipped" in first.stdout, out

@@ -28,7 +28,7 @@ TEXTS = ["a film to remember", "nothing works in this one, sadly", "the cast is 
 
 def compressed(minilm, compose, overrides):
     """(cfg, compressed copy of minilm, dense copy, layer results, originals) for a heal config."""
-    base, tok = minilm
+    base, _tok = minilm
     cfg = compose([*FAST, BLOCKS, *DATA, *overrides])
     model = copy.deepcopy(base)
     before = heal.snapshot(model)
@@ -48,7 +48,7 @@ def ctx_for(cfg, tok):
 
 
 def test_replaced_and_swapped_give_the_dense_teacher(minilm, compose):
-    cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=distill"])
+    _cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=distill"])
     assert set(originals) == {r.name for r in results} and len(originals) == 12
     assert all(isinstance(m, torch.nn.Linear) for m in originals.values())
     base, tok = minilm

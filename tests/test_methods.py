@@ -5,6 +5,7 @@ Small matrices (96 x 64) keep the whole file to a few seconds on one core.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -176,7 +177,7 @@ def test_missing_statistics_name_the_statistic(method):
 def test_lplr_error_falls_as_bits_rise():
     W = typical()
     errs = [compress_matrix(W, "lplr", rank=16, bits=b, seed=0).rel_error(W) for b in (2, 3, 4, 8, 16, 32)]
-    assert all(a > b for a, b in zip(errs, errs[1:-1])), errs
+    assert all(a > b for a, b in itertools.pairwise(errs[:-1])), errs
     assert errs[-1] <= errs[-2] * (1 + 1e-4)
 
 

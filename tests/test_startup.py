@@ -5,7 +5,6 @@ the end-of-sweep report's modules imported while the last jobs run, and one timi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

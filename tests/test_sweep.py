@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_sweep_writes_four_ok_rows(sweep):
     assert len({r.extra["packed"]["job_points"] for r in rows}) == 1 and len({r.latency_ms_dense for r in rows}) == 1
     assert all("measured once for this sweep's jobs on" in r.extra["latency_measurement"]["dense"] for r in rows)
     # each point's messages (logging) are in its Hydra job's log file: <sweep dir>/<job num>/cli.log
-    logs = "".join(open(f).read() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
+    logs = "".join(Path(f).read_text() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
     for r in rows:
         assert f"[lrsweep] row {results / 'rows' / r.run_id}.json (ok)" in logs
     assert (results / "tradeoff.png").stat().st_size > 0
@@ -212,7 +213,7 @@ def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
     assert len(lines) == 6
     ok = {r.run_id: r for r in read_rows(results)}
     for line in lines:
-        index, rid, status, est = line.split()[:4]
+        _index, rid, status, est = line.split()[:4]
         assert status == ("ok" if rid in ok else "missing")
         method = "svd" if "method=svd" in line else "lplr"
         expected = sorted(r.wall_seconds for r in ok.values() if r.method == method)
@@ -290,7 +291,7 @@ def test_single_run_without_m(tmp_path):
     # messages go through logging: on stdout as before, and in the run's Hydra log file
     assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in proc.stdout
     (log,) = glob.glob(str(tmp_path / "hydra" / "*" / "*.log"))
-    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in open(log).read()
+    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in Path(log).read_text()
 
 
 def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):

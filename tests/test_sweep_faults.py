@@ -6,6 +6,7 @@ the end interrupts a real local sweep's driver."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 from collections import namedtuple
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -90,7 +92,7 @@ def test_every_directory_of_every_point_that_moves_it_is_checked(compose, tmp_pa
 
 def test_the_dry_run_checks_without_writing(launch, tmp_path):
     target = tmp_path / "not-yet"
-    launcher, rets = launch({"rank": [4, 8]}, f"results_dir={target}", "dry_run=true")
+    _launcher, rets = launch({"rank": [4, 8]}, f"results_dir={target}", "dry_run=true")
     assert rets == [] and not (target / "rows").exists()
     assert not list(target.rglob(".lrsweep-probe-*")) if target.exists() else True
     (tmp_path / "rows").write_text("x")
@@ -176,7 +178,7 @@ def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys):
 class Interrupting(FakeJob):
     """A running job: done() is False until ``interrupt`` fires (KeyboardInterrupt or a signal); cancel() is recorded."""
 
-    cancelled: list[str] = []
+    cancelled: ClassVar[list[str]] = []
     interrupt = None
 
     def done(self) -> bool:
@@ -296,10 +298,8 @@ def test_sigint_to_a_local_sweeps_driver_cancels_its_jobs_and_exits_130(tmp_path
         if proc.poll() is None:
             proc.kill()
         for pid in _processes_mentioning(str(tmp_path / "results")):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------- the dry run over existing rows
