@@ -19,8 +19,6 @@ import torch
 from lrsweep import atomic, cache, status
 from lrsweep import row as rows_
 from lrsweep.row import ResultRow, read_rows, row_path, row_status, write_row
-from test_cli import cli  # noqa: F401  (the in-process CLI fixture)
-from test_launch import launch  # noqa: F401  (the in-process sweep fixture)
 
 # every namespace the package keeps safetensors entries in (lrsweep.cache.get_or_compute / shared_parts)
 KINDS = ["calib", "embeddings", "probe", "perplexity", "sensitivity", "output_fisher", "zeroshot", "lm_eval"]
@@ -293,7 +291,7 @@ def test_analysis_loads_around_a_damaged_row(tmp_path, capsys, caplog):
     assert len(warnings_about(caplog, tmp_path / "rows" / "empty.json")) == 1
 
 
-def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewrites_it(  # noqa: F811
+def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewrites_it(
         launch, tmp_path, capsys, caplog, monkeypatch):
     launch({"rank": [4, 8]})
     rows = {r.rank: r for r in read_rows(tmp_path)}
@@ -314,7 +312,7 @@ def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewri
 
 # ---------------------------------------------------------------- a dry run writes nothing
 @pytest.mark.parametrize("multirun", [True, False])
-def test_a_dry_run_leaves_a_new_results_dir_absent(cli, tmp_path, multirun):  # noqa: F811
+def test_a_dry_run_leaves_a_new_results_dir_absent(cli, tmp_path, multirun):
     from conftest import FAST
 
     args = ["-m", "rank=4,8"] if multirun else ["rank=4"]

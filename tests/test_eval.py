@@ -18,17 +18,6 @@ from lrsweep.validate import validate
 BLOCK0 = r"model.targets='encoder\.layer\.0\..*'"
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    """A real (random-weight) Llama causal LM, small enough to score by hand."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     """-log p(ids[i] | ids[:i]) for i >= 1 of one window, from the logits."""
     logp = torch.log_softmax(model(ids[None]).logits[0].double(), -1)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST
-from test_eval import _token_nll, tiny_lm  # noqa: F401  (tiny_lm: the fixture, a random-weight Llama)
+from test_eval import _token_nll
 from lrsweep import calib, data, evaluate, identity, job
 from lrsweep.errors import ConfigError
 from lrsweep.validate import validate

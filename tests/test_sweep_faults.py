@@ -1,4 +1,4 @@
-"""A sweep's launcher side under faults, in-process with test_launch.py's fake launcher and jobs (the
+"""A sweep's launcher side under faults, in-process with fakelaunch.py's fake launcher and jobs (the
 real lrsweep.sweep code): directories it cannot write to (the preflight: exit 2 before any job), full
 disks (one line, failed rows where they fit, no partial files, exit 1), Ctrl-C and SIGTERM (the jobs
 cancelled, the summary, exit 130), and the dry run's one pass over existing rows. The e2e test at
@@ -19,12 +19,12 @@ from typing import ClassVar
 
 import pytest
 
+from fakelaunch import FakeExecutor, FakeJob
 from faultlib.cli import TINY, env
 from lrsweep import sweep
 from lrsweep.errors import ConfigError
 from lrsweep.row import ResultRow, now, read_rows, write_row
 from lrsweep.sweep import outcome, space, submit
-from test_launch import FakeExecutor, FakeJob, launch  # noqa: F401  (launch: the fixture)
 
 Usage = namedtuple("Usage", "total used free")
 
