@@ -308,7 +308,7 @@ class Kronecker(Factorization):
 
     def values(self) -> torch.Tensor:
         A, B = self.factors()
-        return sum(torch.kron(a, b) for a, b in zip(A, B))
+        return sum(torch.kron(a, b) for a, b in zip(A, B, strict=True))
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         A, B = self.factors()

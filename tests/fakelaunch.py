@@ -63,7 +63,8 @@ class FakeExecutor:
         return job
 
     def map_array(self, launcher, packs, states, sinces, peers) -> list[FakeJob]:  # SLURM: an array, a task per job
-        jobs = [self.submit(launcher, pts, state, since) for pts, state, since in zip(packs, states, sinces)]
+        jobs = [self.submit(launcher, pts, state, since)
+                for pts, state, since in zip(packs, states, sinces, strict=True)]
         array = next(ARRAY_IDS)  # as SLURM: every array its own id (two sweeps may share a second)
         for i, job in enumerate(jobs):
             job.job_id = f"{array}_{i}"

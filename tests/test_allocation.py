@@ -20,14 +20,14 @@ from lrsweep.validate import validate
 def brute_force(choices: list[Choice], cap: int) -> float:
     best = -np.inf
     for ks in itertools.product(*(range(len(c.cost)) for c in choices)):
-        if sum(int(c.cost[k]) for c, k in zip(choices, ks)) <= cap:
-            best = max(best, sum(float(c.gain[:k].sum()) for c, k in zip(choices, ks)))
+        if sum(int(c.cost[k]) for c, k in zip(choices, ks, strict=True)) <= cap:
+            best = max(best, sum(float(c.gain[:k].sum()) for c, k in zip(choices, ks, strict=True)))
     return best
 
 
 def value(choices: list[Choice], ranks: list[int]) -> tuple[float, int]:
-    return (sum(float(c.gain[:r - c.lo].sum()) for c, r in zip(choices, ranks)),
-            sum(int(c.cost[r - c.lo]) for c, r in zip(choices, ranks)))
+    return (sum(float(c.gain[:r - c.lo].sum()) for c, r in zip(choices, ranks, strict=True)),
+            sum(int(c.cost[r - c.lo]) for c, r in zip(choices, ranks, strict=True)))
 
 
 def random_choices(seed: int, layers: int = 3, equal_step: bool = False) -> list[Choice]:
@@ -52,7 +52,7 @@ def test_exact_knapsack_is_optimal_and_within_budget(seed):
         got, spent = value(choices, ranks)
         assert solver == "exact"
         assert spent <= cap
-        assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks))
+        assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks, strict=True))
         assert got == pytest.approx(brute_force(choices, cap))
 
 
@@ -65,7 +65,7 @@ def test_greedy_knapsack_within_budget_and_one_step_of_optimal(monkeypatch, seed
     ranks, solver = knapsack(choices, cap)
     got, spent = value(choices, ranks)
     assert solver == "greedy" and spent <= cap
-    assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks))
+    assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks, strict=True))
     assert got >= brute_force(choices, cap) - max(float(c.gain.max()) for c in choices) - 1e-12
     # one cost per step and decreasing gains: greedy is exactly optimal
     equal = random_choices(seed, equal_step=True)

@@ -128,7 +128,7 @@ def test_shared_parts_recompute_only_the_damaged_part(tmp_path, caplog):
     cut_in_half(cache._path(tmp_path, "embeddings", {**key, "part": 1, "parts": 3}))
     caplog.set_level(logging.WARNING)
     again = cache.shared_parts(tmp_path, "embeddings", key, 3, lambda i: (done.append(i), {"e": torch.full((2000,), i)})[1])
-    assert done == [0, 1, 2, 1] and all(torch.equal(a["e"], b["e"]) for a, b in zip(first, again))
+    assert done == [0, 1, 2, 1] and all(torch.equal(a["e"], b["e"]) for a, b in zip(first, again, strict=True))
     assert len([r for r in caplog.records if "damaged cache entry" in r.getMessage()]) == 1
 
 

@@ -202,7 +202,8 @@ def twin_runs(tmp_path_factory):
                                              *CALIB_RUN]) for name in ("a", "b")]
     GlobalHydra.instance().clear()
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_job, args=(cfg, str(root / f"{name}.status"))) for cfg, name in zip(cfgs, "ab")]
+    procs = [ctx.Process(target=_job, args=(cfg, str(root / f"{name}.status")))
+             for cfg, name in zip(cfgs, "ab", strict=True)]
     for p in procs:
         p.start()
     for p in procs:

@@ -165,15 +165,15 @@ def test_sample_fisher_equals_per_sample_backward_passes(minilm):
     weights = [layers[n].weight for n in NAMES]
     expected = [0] * len(NAMES)
     alone = [0] * len(NAMES)
-    for b, group in zip(batches, texts):
+    for b, group in zip(batches, texts, strict=True):
         losses = _masked_mean_sq(model, b)
         for i in range(len(losses)):  # B backward passes, one per sample, in the padded batch
             grads = torch.autograd.grad(losses[i], weights, retain_graph=True)
-            expected = [e + g.double() ** 2 for e, g in zip(expected, grads)]
+            expected = [e + g.double() ** 2 for e, g in zip(expected, grads, strict=True)]
         for t in group:  # and each text on its own, unpadded: the padding masks are honoured
             grads = torch.autograd.grad(_masked_mean_sq(model, dict(tok([t], return_tensors="pt")))[0], weights)
-            alone = [a + g.double() ** 2 for a, g in zip(alone, grads)]
-    for n, e, a in zip(NAMES, expected, alone):
+            alone = [a + g.double() ** 2 for a, g in zip(alone, grads, strict=True)]
+    for n, e, a in zip(NAMES, expected, alone, strict=True):
         torch.testing.assert_close(stats[n].fisher, e.float(), rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(stats[n].fisher, a.float(), rtol=2e-3, atol=1e-9)
     batch = calib.collect(model, layers, batches, ("fisher",), "cpu", _masked_mean_sq, "batch")

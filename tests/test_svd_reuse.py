@@ -26,7 +26,7 @@ def test_reused_truncation_is_bitwise_the_fresh_one():
         again = svd_mod.truncated_svd(W.clone(), 7)  # same bytes, another tensor: a hit
         other = svd_mod.truncated_svd(W + 1e-6, 7)  # other bytes: decomposed on its own
     assert scope["hits"] == 1 and len(scope["svds"]) == 2
-    for a, b in zip(fresh[:3], again[:3]):
+    for a, b in zip(fresh[:3], again[:3], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(first[1], fresh[1][:3])
     assert not torch.equal(other[1], fresh[1])

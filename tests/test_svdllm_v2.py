@@ -79,7 +79,7 @@ def test_ratio_rule_keeps_more_of_the_matrices_that_lose_more_within_the_budget(
     L = [math.sqrt(float(spectra[nm].tail()[u])) for nm in names[:3]]
     w = [1 / math.log1p(x) for x in L]
     c = [3 * (1 - u / full) * wi / sum(w) for wi in w]
-    for nm, ci in zip(names[:3], c):
+    for nm, ci in zip(names[:3], c, strict=True):
         assert abs(ranks[nm] - full * (1 - ci)) <= 2
 
 

@@ -119,7 +119,7 @@ def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
     pack = Pack(len(points), reuse=True)
     packed = [job.run(c, pack) for c in cfgs["packed"]]
     assert [r.extra["packed"]["dense_reused"] for r in packed] == [False, True, True]
-    for a, b in zip(alone, packed):
+    for a, b in zip(alone, packed, strict=True):
         assert a.status == b.status == "ok", (a.error, b.error)
         for key in ("recon_rel_err", "accuracy", "accuracy_dense", "bits_compressed", "params_compressed"):
             assert getattr(a, key) == getattr(b, key), key

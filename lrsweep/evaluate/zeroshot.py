@@ -53,7 +53,7 @@ def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> tuple[float, int]:
     """(accuracy, test texts scored)."""
     texts, labels, verbalizers = zeroshot_split(ctx)
     preds = zeroshot_predictions(model, ctx.tokenizer, texts, ctx.cfg.eval.zeroshot.template, verbalizers, ctx.device)
-    return sum(p == y for p, y in zip(preds, labels)) / len(labels), len(labels)
+    return sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels), len(labels)
 
 
 def _zeroshot_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
