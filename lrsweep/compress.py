@@ -204,7 +204,8 @@ class LayerResult:
         return self.storage_bits >= self.dense_bits
 
 
-def target_layers(model: nn.Module, targets: str | Iterable[str] | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
+def target_layers(model: nn.Module,
+                  targets: str | Iterable[str] | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
     """The modules ``targets`` names: every nn.Linear (None), those whose qualified name fully matches a
     regex (str, as ``model.targets``), the named ones (names), or ``targets`` itself (name -> module)."""
     if isinstance(targets, Mapping):

@@ -68,7 +68,7 @@ class ResultRow:
     allocation_shipped: str | None = None
     allocation_loss_uniform: float | None = None
     allocation_loss: float | None = None
-    bits_predicted: int | None = None  # stored bits the ranks should give (method's storage_bits); achieved: bits_compressed
+    bits_predicted: int | None = None  # stored bits the ranks should give (storage_bits); achieved: bits_compressed
     layers_compressed: int | None = None
     exceeds_break_even: bool | None = None
     # quality

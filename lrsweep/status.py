@@ -131,8 +131,9 @@ def collect(results_dir: str | os.PathLike, query_slurm: bool = True) -> tuple[l
             out.append(PointStatus(rid, "pending" if state == "PENDING" else "running", job_id, state, overrides))
         elif row is not None:
             err = row.error or {}
+            first_line = str(err.get("message", "")).splitlines()[0] if err.get("message") else ""
             out.append(PointStatus(rid, "failed", row.slurm_job_id or job_id, state,
-                                   f"{row.run_name}: {err.get('type', '')}: {str(err.get('message', '')).splitlines()[0] if err.get('message') else ''}"))
+                                   f"{row.run_name}: {err.get('type', '')}: {first_line}"))
         else:
             detail = f"damaged row {lost[rid]}: a rerun rewrites it" if rid in lost and not overrides else overrides
             out.append(PointStatus(rid, "missing", job_id, state, detail))

@@ -97,7 +97,8 @@ def minilm(_minilm_loaded):
     return copy.deepcopy(model), tok
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m lrsweep <args>`` as a user would; returns the completed process."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]),
                 **(env or {})}

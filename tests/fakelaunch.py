@@ -33,9 +33,10 @@ class FakeJob:
 
     def __post_init__(self):
         for p in self.points[:self.rows_before_death if self.dies else None]:
-            write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", rank=p.cfg.rank, method=str(p.cfg.method.name),
-                                               model=str(p.cfg.model.name), finished_at=now(), wall_seconds=1.0,
-                                               bits_per_weight=4.0, accuracy=0.5))
+            write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", rank=p.cfg.rank,
+                                               method=str(p.cfg.method.name), model=str(p.cfg.model.name),
+                                               finished_at=now(), wall_seconds=1.0, bits_per_weight=4.0,
+                                               accuracy=0.5))
 
     def done(self) -> bool:
         return True

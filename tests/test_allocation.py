@@ -181,7 +181,8 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
     ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, loss)
     d = -gain.detach().double().numpy()
     assert ranks is better and c.samples == 8
-    assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5) and c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
+    assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5)
+    assert c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
 
     noise = torch.tensor([1.0, -1.0] * 4) * 50 * float(gain.detach().abs().max())  # same mean gain, huge spread
 
@@ -209,7 +210,8 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
 
 def test_uniform_is_unchanged(compose):
     base = compose()
-    assert run_id(compose(["allocation=uniform"])) == run_id(base)  # its default is the run without it (rekey: schema-1 rows)
+    # its default is the run without it (rekey: schema-1 rows)
+    assert run_id(compose(["allocation=uniform"])) == run_id(base)
     assert run_id(compose(["allocation=spectrum", "param_ratio=0.5"])) != run_id(compose(["param_ratio=0.5"]))
     assert "-spectrum-" in run_name(compose(["allocation=spectrum", "param_ratio=0.5"]))
     assert allocate.allocate(None, {}, type("C", (), {"cfg": base})(), None) == (None, {})

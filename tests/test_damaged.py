@@ -124,10 +124,15 @@ def test_an_entry_without_a_checksum_is_computed_again(tmp_path, caplog):
 def test_shared_parts_recompute_only_the_damaged_part(tmp_path, caplog):
     key = {"texts": "t"}
     done = []
-    first = cache.shared_parts(tmp_path, "embeddings", key, 3, lambda i: (done.append(i), {"e": torch.full((2000,), i)})[1])
+
+    def part(i):
+        done.append(i)
+        return {"e": torch.full((2000,), i)}
+
+    first = cache.shared_parts(tmp_path, "embeddings", key, 3, part)
     cut_in_half(cache._path(tmp_path, "embeddings", {**key, "part": 1, "parts": 3}))
     caplog.set_level(logging.WARNING)
-    again = cache.shared_parts(tmp_path, "embeddings", key, 3, lambda i: (done.append(i), {"e": torch.full((2000,), i)})[1])
+    again = cache.shared_parts(tmp_path, "embeddings", key, 3, part)
     assert done == [0, 1, 2, 1] and all(torch.equal(a["e"], b["e"]) for a, b in zip(first, again, strict=True))
     assert len([r for r in caplog.records if "damaged cache entry" in r.getMessage()]) == 1
 
@@ -205,13 +210,18 @@ def test_the_gguf_model_folder_is_a_verified_cache_folder(tmp_path, monkeypatch,
         @staticmethod
         def from_pretrained(path, **kw):
             built.append(kw["gguf_file"])
-            return type("M", (), {"save_pretrained": lambda self, d, **k: (Path(d).mkdir(parents=True, exist_ok=True),
-                                                                             (Path(d) / "model.safetensors").write_bytes(b"w" * 9000))})()
+
+            def save_pretrained(self, d, **k):
+                Path(d).mkdir(parents=True, exist_ok=True)
+                (Path(d) / "model.safetensors").write_bytes(b"w" * 9000)
+
+            return type("M", (), {"save_pretrained": save_pretrained})()
 
     monkeypatch.setattr(models, "_auto_class", lambda kind: Fake)
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
-                        lambda path, **kw: type("T", (), {"save_pretrained": lambda self, d: (Path(d) / "tokenizer.json").write_text("{}")})())
-    mcfg = OmegaConf.create({"gguf_file": "tiny.gguf", "kind": "causal_lm", "trust_remote_code": False, "revision": None})
+    tokenizer = type("T", (), {"save_pretrained": lambda self, d: (Path(d) / "tokenizer.json").write_text("{}")})
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path, **kw: tokenizer())
+    mcfg = OmegaConf.create({"gguf_file": "tiny.gguf", "kind": "causal_lm", "trust_remote_code": False,
+                             "revision": None})
     folder = Path(models._gguf_as_folder(mcfg, str(tmp_path / "src"), tmp_path / "cache"))
     assert models._gguf_as_folder(mcfg, str(tmp_path / "src"), tmp_path / "cache") == str(folder) and len(built) == 1
     zero_block(folder / "model.safetensors", 4096)
@@ -252,7 +262,8 @@ def test_a_damaged_row_is_one_warning_naming_it_and_counts_as_missing(tmp_path, 
     bad = _row(tmp_path, "bad1")
     ROW_DAMAGES[damage](bad)
     caplog.set_level(logging.WARNING)
-    assert rows_.load_row(bad) is None and row_status(tmp_path, "bad1") is None and row_status(tmp_path, "good1") == "ok"
+    assert rows_.load_row(bad) is None and row_status(tmp_path, "bad1") is None
+    assert row_status(tmp_path, "good1") == "ok"
     assert [r.run_id for r in read_rows(tmp_path)] == ["good1"] and rows_.load_row(good).run_id == "good1"
     (line,) = warnings_about(caplog, bad)  # once per process, however many readers meet it
     assert line.startswith(f"[lrsweep] damaged row {bad} (") and line.endswith("a rerun of its point rewrites it")

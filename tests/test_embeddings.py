@@ -228,7 +228,8 @@ def test_minilm_run_with_the_word_embedding(compose, config_error, tmp_path):
     assert row["accuracy"] is not None and row["bits_per_weight"] < 4
 
     line = config_error(*FAST, targets_, "method=asvd", f"results_dir={tmp_path / 'bad'}")
-    assert line.startswith("lrsweep: config error: model.targets: selects the embedding embeddings.word_embeddings"), line
+    assert line.startswith("lrsweep: config error: model.targets: selects the embedding "
+                           "embeddings.word_embeddings"), line
     assert "method asvd" in line and "valid: " in line and "svd" in line and "Traceback" not in line
     assert not (tmp_path / "bad" / "rows").exists()
 

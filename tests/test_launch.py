@@ -51,7 +51,8 @@ def test_points_pack_into_jobs_and_a_dead_job_fails_only_its_points_without_a_ro
     assert [rows[k].status for k in (4, 8, 16)] == ["ok"] * 3
     dead = rows[32]
     assert dead.status == "failed" and dead.extra["job_state"] == "FAILED" and dead.error["type"] == "RuntimeError"
-    assert dead.error["message"].startswith("job 1 ended without a row (state FAILED; killed, out of memory or crashed)")
+    assert dead.error["message"].startswith("job 1 ended without a row "
+                                            "(state FAILED; killed, out of memory or crashed)")
     assert "has not produced any output" in dead.error["message"] and "killed" in dead.error["traceback"]
     assert dead.log_path == "/dev/null" and dead.slurm_job_id is None and dead.method == "svd"
     assert sweep.report(launcher.outcome) == 1

@@ -52,7 +52,8 @@ def exact_input(method: str, rank: int, seed: int = 0) -> torch.Tensor:
 def calib(seed: int = 1, n_tokens: int = 256, x_rank: int | None = None) -> dict:
     """inputs= and fisher= arguments accepted by every method (methods ignore what they do not need)."""
     g = gen(seed)
-    X = torch.randn(n_tokens, x_rank or D, generator=g) @ (torch.randn(x_rank, D, generator=g) if x_rank else torch.eye(D))
+    mix = torch.randn(x_rank, D, generator=g) if x_rank else torch.eye(D)
+    X = torch.randn(n_tokens, x_rank or D, generator=g) @ mix
     X = X * torch.rand(D, generator=g) * 2  # uneven channel magnitudes
     F = torch.rand(N, D, generator=g) * torch.logspace(-3, 1, N)[:, None]  # uneven row importance
     return {"inputs": X, "fisher": F}

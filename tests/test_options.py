@@ -81,7 +81,8 @@ def test_a_target_on_a_built_in_is_that_function_under_its_name(compose, monkeyp
         assert spec.name == "svd" and spec.fn.__name__ == "fails_above" and spec.option_type is None
     assert method_spec(compose(["method=svd", "method._target_=lrsweep.methods.svd.svd"]).method) is REGISTRY["svd"]
     assert config_error("method=svd", "method.alpha=0.5", f"results_dir={tmp_path}", "logger=none") == \
-        "lrsweep: config error: method.alpha: is not an option of method svd (valid: driver, grid, group_size, observer, scheme)"
+        ("lrsweep: config error: method.alpha: is not an option of method svd "
+         "(valid: driver, grid, group_size, observer, scheme)")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -53,7 +53,8 @@ def test_fwsvd_with_a_flat_fisher_on_its_side_is_svd(side):
 @pytest.mark.parametrize("rank", [1, 3, 6])
 def test_fwsvd_minimizes_its_weighted_objective_exactly(side, rank):
     W = torch.randn(N, D, generator=gen(rank), dtype=torch.float64)
-    F = torch.rand(N, D, generator=gen(10 + rank), dtype=torch.float64) * torch.logspace(-3, 2, N, dtype=torch.float64)[:, None]
+    F = (torch.rand(N, D, generator=gen(10 + rank), dtype=torch.float64)
+         * torch.logspace(-3, 2, N, dtype=torch.float64)[:, None])
     F = F if side == "output" else F.T.reshape(N, D)  # uneven importance on the weighted side either way
     w = side_weights(F, side)
     W_hat = compress_matrix(W, "fwsvd", rank=rank, bits=32, fisher=F, side=side).reconstruct()
@@ -62,7 +63,8 @@ def test_fwsvd_minimizes_its_weighted_objective_exactly(side, rank):
     # brute force: no rank-`rank` matrix from random factors, nor any small step from the optimum, does better
     g = gen(99)
     for _ in range(200):
-        L, R = torch.randn(N, rank, generator=g, dtype=torch.float64), torch.randn(rank, D, generator=g, dtype=torch.float64)
+        L = torch.randn(N, rank, generator=g, dtype=torch.float64)
+        R = torch.randn(rank, D, generator=g, dtype=torch.float64)
         assert weighted_error(W, L @ R, w, side) >= err
         U, S, Vh = torch.linalg.svd(W_hat.double())
         bump = (U[:, :rank] + 1e-3 * torch.randn(N, rank, generator=g, dtype=torch.float64)) * S[:rank]
@@ -211,7 +213,8 @@ def test_lm_loss_is_each_windows_mean_nll():
         mask = torch.tensor([[1] * 7 + [0] * 3])
         short = model(input_ids=ids[1:2, :7], labels=ids[1:2, :7]).loss
     torch.testing.assert_close(per[1], one)
-    torch.testing.assert_close(loss(model, {"input_ids": padded, "attention_mask": mask})[0], short, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss(model, {"input_ids": padded, "attention_mask": mask})[0], short,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_the_estimator_is_part_of_the_cache_key(compose):

@@ -114,7 +114,8 @@ def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, mon
     calls, runs = [], []
     real, real_t = svd_mod._truncated_svd, svdllm_mod.truncated_svd
     monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))
-    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a, **k: runs.append(1) or real_t(*a, **k))  # one per svdllm run
+    # one per svdllm run
+    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a, **k: runs.append(1) or real_t(*a, **k))
     cfg = compose([*FAST, "param_ratio=0.5", "allocation=spectrum", "method=svdllm", "calib.n_samples=16",
                    "model.targets='encoder\\.layer\\.0\\..*'", f"results_dir={tmp_path}", "logger=none",
                    "eval.latency.repeats=1", "eval.latency.shapes=[]"])

@@ -307,7 +307,8 @@ def test_points_differing_only_in_how_they_compress_share_the_dense_model(compos
     from lrsweep.job import dense_key
 
     base = dense_key(compose())
-    for point in (["param_ratio=0.6"], ["budget=4"], ["allocation=spectrum", "param_ratio=0.8"], ["method=lplr", "rank=64"]):
+    for point in (["param_ratio=0.6"], ["budget=4"], ["allocation=spectrum", "param_ratio=0.8"],
+                  ["method=lplr", "rank=64"]):
         assert dense_key(compose(point)) == base, point
     for other in (["seed=1"], ["data=bbc"], ["model.targets=encoder\\.layer\\.0\\..*"]):
         assert dense_key(compose(other)) != base, other

@@ -176,7 +176,8 @@ def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- Ctrl-C, SIGTERM
 class Interrupting(FakeJob):
-    """A running job: done() is False until ``interrupt`` fires (KeyboardInterrupt or a signal); cancel() is recorded."""
+    """A running job: done() is False until ``interrupt`` fires (KeyboardInterrupt or a signal);
+    cancel() is recorded."""
 
     cancelled: ClassVar[list[str]] = []
     interrupt = None
