@@ -1,10 +1,11 @@
 """Load result rows into one pandas DataFrame (columns from the shared row schema).
 
 Sources are results dirs (``<dir>/rows/*.json``; without rows, the offline W&B runs in
-``<dir>/wandb/``) or W&B projects written as ``wandb:<entity>/<project>``. One row per run_id: the newest ok row wins, else the newest
-failed one. Failed runs are kept (``ok`` is False, ``error_line`` says why). The nested
-config is flattened into ``config.<dotted.key>`` columns. Dtypes follow the row's type hints:
-optional ints are ``Int64``, floats ``float64``, optional bools ``boolean``, times UTC.
+``<dir>/wandb/``) or W&B projects written as ``wandb:<entity>/<project>``. One row per run_id: the
+newest ok row wins, else the newest failed one. Failed runs are kept (``ok`` is False,
+``error_line`` says why). The nested config is flattened into ``config.<dotted.key>`` columns.
+Dtypes follow the row's type hints: optional ints are ``Int64``, floats ``float64``, optional bools
+``boolean``, times UTC.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import pandas as pd
 
 from lrsweep.row import ResultRow, read_rows
 
-TABLE_COLUMNS = ["model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "seed", "heal", "bits_per_weight",
-                 "compression_ratio", "recon_rel_err", "accuracy_dense", "accuracy_pre_heal", "accuracy", "accuracy_refit", "perplexity_dense",
-                 "perplexity_pre_heal", "perplexity", "latency_ms_dense", "latency_ms"]
+TABLE_COLUMNS = ["model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "seed", "heal",
+                 "bits_per_weight", "compression_ratio", "recon_rel_err", "accuracy_dense", "accuracy_pre_heal",
+                 "accuracy", "accuracy_refit", "perplexity_dense", "perplexity_pre_heal", "perplexity",
+                 "latency_ms_dense", "latency_ms"]
 # columns added here, next to the schema's
 DERIVED = ["ok", "error_line", "speedup", "source"]
 WANDB_PREFIX = "wandb:"

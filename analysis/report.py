@@ -18,9 +18,11 @@ from analysis.load import load
 CSS = """body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ccc}
 img{max-width:100%;border:1px solid #eee;margin:.4em 0}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}.fail td{color:#a00}.note{color:#666;font-size:.9em}
-.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:0 1 calc(50% - .5em)}figcaption{font-size:.85em;color:#555}"""
+.figs{display:flex;flex-wrap:wrap;gap:1em}.figs figure{margin:0;flex:0 1 calc(50% - .5em)}
+figcaption{font-size:.85em;color:#555}"""
 
 
 def _paper_html(df: pd.DataFrame, rows: Sequence[str], cols: Sequence[str], metric: str) -> str:

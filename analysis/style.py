@@ -45,7 +45,8 @@ METRICS = ("accuracy", "accuracy_refit", "perplexity", "recon_rel_err", "speedup
 # the dense model's value of a metric, where it is not <metric>_dense (a probe refitted on the dense
 # model's embeddings is the dense probe)
 DENSE_OF = {"accuracy_refit": "accuracy_dense"}
-GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "heal")  # one configuration; seeds are repeats
+GROUP_KEYS = ("model", "method", "rank", "bits", "budget", "param_ratio", "allocation",
+              "heal")  # one configuration; seeds are repeats
 
 
 def label(col: str, tex: bool = True) -> str:
@@ -124,8 +125,9 @@ def stderr_column(y: str) -> str:
 def aggregate(df: pd.DataFrame, keys: Sequence[str], y: str) -> pd.DataFrame:
     """Per ``keys``: mean, std (ddof=1, 0 for a single seed) and count of ``y``; ``se``: the mean of the
     evaluation's standard error (NaN without it); ``err``: the error bar, std over seeds, for a single
-    seed (or seeds that agree exactly: a deterministic method) ``se`` (0 without it); ``sem``: the standard error of the mean, sqrt(std² / count + se²)
-    (the seeds' spread and the test set's sampling noise, independent; the terms missing are 0)."""
+    seed (or seeds that agree exactly: a deterministic method) ``se`` (0 without it); ``sem``: the
+    standard error of the mean, sqrt(std² / count + se²) (the seeds' spread and the test set's
+    sampling noise, independent; the terms missing are 0)."""
     keys = list(dict.fromkeys(keys))
     d = df.dropna(subset=[y]).copy()
     for k in keys:  # a key column that is all NaN (e.g. budget) must not drop every row

@@ -87,7 +87,8 @@ def main() -> None:
             with allocate.Swap(layers, {n: spectra[n].approx(uniform[n]) for n in leaders}):
                 base = task.evaluate(model, ctx, state)
             metric = "perplexity" if "perplexity" in base else "accuracy"
-            rows.append([method, ratio, "uniform", "", base[metric], "", round(spectra_s, 1), 0.0, round(compress_s, 1)])
+            rows.append([method, ratio, "uniform", "", base[metric], "", round(spectra_s, 1), 0.0,
+                         round(compress_s, 1)])
             print(tabulate(rows[-1:], tablefmt="plain"), flush=True)
             for strategy in args.strategies.split(","):
                 c = cfg.copy()
@@ -111,7 +112,8 @@ def main() -> None:
             ctx.cfg = cfg
         scope.__exit__(None, None, None)
     print(tabulate(rows, headers=["method", "param_ratio", "allocation", "ships", metric,
-                                  "params / uniform's", "alloc s", "beyond the SVDs s", "compress s", "held-out loss cand vs unif"]))
+                                  "params / uniform's", "alloc s", "beyond the SVDs s", "compress s",
+                                  "held-out loss cand vs unif"]))
 
 
 if __name__ == "__main__":

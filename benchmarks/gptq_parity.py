@@ -42,7 +42,8 @@ LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.o_proj",
 XTX_OF = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # layers sharing their input
 
 
-def theirs(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp: float, our_grid: bool = False) -> torch.Tensor:
+def theirs(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, damp: float,
+           our_grid: bool = False) -> torch.Tensor:
     """llm-compressor's GPTQ with its observer's scales, or (``our_grid``) with quantize()'s default scales of W."""
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group)
     Wg = W.reshape(W.shape[0], -1, group)
@@ -86,7 +87,8 @@ def main(calib_path: str, model_path: str, bits: int = 4, group: int = 64, damp:
             ratios = [werr[k] / werr["narrow"] for k in ("llm-compressor", "auto", "auto, mse")]
             wrows.append([name, f"{W.shape[0]}x{W.shape[1]}", *werr.values(), *ratios, t_rtn, t_rtn_mse])
             (narrow, _, _) = gptq_quantize(W, H, bits, "group", group, damp, act_order=False, grid="narrow")
-            (auto, _, _), t_auto = timed(lambda W=W, H=H: gptq_quantize(W, H, bits, "group", group, damp, act_order=False))
+            (auto, _, _), t_auto = timed(lambda W=W, H=H: gptq_quantize(W, H, bits, "group", group, damp,
+                                                                        act_order=False))
             (mse, _, _), t_mse = timed(lambda W=W, H=H: gptq_quantize(W, H, bits, "group", group, damp, act_order=False,
                                                               observer="mse"))
             errs = {k: output_error(W - v, H) / total for k, v in (

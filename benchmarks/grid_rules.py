@@ -27,7 +27,8 @@ def main(model_path: str) -> None:
     rows = []
     for scheme, group in (("group", 32), ("group", 64), ("group", 128), ("channel", 0)):
         for bits in range(2, 9):
-            err = {g: [float((quantize(W, bits, scheme, group or 128, grid=g).value - W).square().sum()) for W in weights]
+            err = {g: [float((quantize(W, bits, scheme, group or 128, grid=g).value - W).square().sum())
+                       for W in weights]
                    for g in ("narrow", "full", "tight")}
             ratio = {g: [n / e for n, e in zip(err["narrow"], err[g], strict=True)] for g in ("full", "tight")}
             best = min(err, key=lambda g: sum(err[g]))

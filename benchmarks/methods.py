@@ -8,7 +8,8 @@ and the two-GEMM floor (W @ S and Q^T @ W, the matrix products any rank-r method
 The weights are synthetic with a power-law spectrum (sigma_i ~ i^-0.5, like trained
 projections); data-aware methods get statistics of N = 2 d synthetic inputs with uneven
 channel scales, computed outside the timed region. Times are the fastest of ``--repeats`` runs
-(more for fast methods; after one warm-up on CUDA); ``x floor`` = time / two-GEMM time, ``svd/x`` = torch.linalg.svd time / time,
+(more for fast methods; after one warm-up on CUDA); ``x floor`` = time / two-GEMM time,
+``svd/x`` = torch.linalg.svd time / time,
 ``out err`` = ||(W - W_hat) X^T|| / ||W X^T|| on the synthetic inputs (when a data-aware method ran);
 ``err +%`` = relative error above the Eckart-Young optimum of rank r (data-aware methods
 minimize the output error instead, so they sit above it by design; losparse stores more).

@@ -69,7 +69,8 @@ def sweep(launcher: str, points: int, slots: int, results: str, per_job: str) ->
     par = [f"hydra.launcher.array_parallelism={slots}", "hydra.launcher.mem_gb=2"] if launcher == "slurm" \
         else [f"hydra.launcher.parallelism={slots}"]
     cmd = [sys.executable, "-m", "lrsweep", "-m", f"hydra/launcher={launcher}", "hydra.launcher.cpus_per_task=1",
-           *par, f"hydra.launcher.points_per_job={per_job}", f"rank=range(1,{points + 1})", *TINY, f"results_dir={results}"]
+           *par, f"hydra.launcher.points_per_job={per_job}", f"rank=range(1,{points + 1})", *TINY,
+           f"results_dir={results}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0

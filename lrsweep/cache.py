@@ -17,12 +17,14 @@ minutes to compute an entry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from filelock import FileLock, Timeout
@@ -132,10 +134,8 @@ def _remove(path: Path, why: str, what: str = "cache entry") -> None:
     from lrsweep import atomic
 
     atomic.damaged(path, what, why, DAMAGED)
-    try:
+    with contextlib.suppress(OSError):
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------- safetensors entries
@@ -235,10 +235,8 @@ def json_value(cache_dir: str | os.PathLike, namespace: str, key: dict[str, Any]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or a value of an older shape
         pass
     value = compute()
-    try:
+    with contextlib.suppress(OSError):
         atomic.write_bytes(path, _sealed_json(value))
-    except OSError:
-        pass
     return load(value)
 
 

@@ -31,7 +31,7 @@ def method_spec(mcfg: DictConfig | dict) -> MethodSpec:
     """The method of a config: the registered ``name`` (a built-in's config has no ``_target_``), or
     the callable at ``_target_`` (a method outside the package, or another function under a built-in's
     name and options)."""
-    if OmegaConf.is_config(mcfg) and "_target_" in mcfg.keys() and OmegaConf.is_missing(mcfg, "_target_"):
+    if OmegaConf.is_config(mcfg) and OmegaConf.is_missing(mcfg, "_target_"):
         raise ConfigError("method._target_", f"method={mcfg.get('name')} needs the callable of your method",
                           ["method._target_=mypkg.mymodule.myfn"])
     name, target = mcfg.get("name"), mcfg.get("_target_")
@@ -204,7 +204,8 @@ class LayerResult:
         return self.storage_bits >= self.dense_bits
 
 
-def target_layers(model: nn.Module, targets: str | Iterable[str] | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
+def target_layers(model: nn.Module,
+                  targets: str | Iterable[str] | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
     """The modules ``targets`` names: every nn.Linear (None), those whose qualified name fully matches a
     regex (str, as ``model.targets``), the named ones (names), or ``targets`` itself (name -> module)."""
     if isinstance(targets, Mapping):

@@ -112,7 +112,7 @@ def load_dataset(dcfg: DictConfig, key: str = "data"):
                                    **_builder_kwargs(dcfg))
     for column, values in (dcfg.get("exclude") or {}).items():
         drop = set(values)
-        ds = ds.filter(lambda row: row[column] not in drop)
+        ds = ds.filter(lambda row, column=column, drop=drop: row[column] not in drop)
     if dcfg.get("keep_empty", False):
         return ds
     text = dcfg.get("text_column", "text")

@@ -4,8 +4,9 @@ A factorization knows the tensors it stores (``stored``: name -> QTensor), how t
 W_hat from them, how many bits it occupies, and how to turn itself into an ``nn.Module``
 that computes ``x @ W_hat.T + bias`` efficiently (``as_module``), into an embedding whose
 table is W_hat (``as_embedding``: row i embeds token i), and into an output head tied to
-that embedding (``tied_head``: the same parameter objects, as tied input/output embeddings). New structures (sparse, Kronecker, ...)
-subclass :class:`Factorization` and register themselves in ``KINDS`` for saving/loading.
+that embedding (``tied_head``: the same parameter objects, as tied input/output embeddings). New
+structures (sparse, Kronecker, ...) subclass :class:`Factorization` and register themselves in
+``KINDS`` for saving/loading.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class LowRank(Factorization):
 
     @classmethod
     def of(cls, L: QTensor, R: QTensor, **info: Any) -> LowRank:
-        return cls(shape=(L.value.shape[0], R.value.shape[1]), rank=L.value.shape[1], stored={"L": L, "R": R}, info=info)
+        return cls(shape=(L.value.shape[0], R.value.shape[1]), rank=L.value.shape[1], stored={"L": L, "R": R},
+                   info=info)
 
     def values(self) -> torch.Tensor:
         return self.stored["L"].value @ self.stored["R"].value
@@ -222,7 +224,8 @@ class LowRankHead(nn.Module):
         self.L, self.R = embedding.L, embedding.R  # shared, not copied
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device=self.L.device, dtype=self.L.dtype,
                                                                             copy=True))
-        self.num_embeddings, self.embedding_dim, self.rank = embedding.num_embeddings, embedding.embedding_dim, embedding.rank
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.rank = embedding.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.R), self.L, self.bias)
@@ -308,7 +311,7 @@ class Kronecker(Factorization):
 
     def values(self) -> torch.Tensor:
         A, B = self.factors()
-        return sum(torch.kron(a, b) for a, b in zip(A, B))
+        return sum(torch.kron(a, b) for a, b in zip(A, B, strict=True))
 
     def as_module(self, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         A, B = self.factors()
@@ -403,7 +406,7 @@ class QuantLowRankLinear(nn.Module):
         super().__init__()
         dtype = dtype or Q.dtype
         self.weight = nn.Parameter(Q.detach().to(dtype=dtype, copy=True))
-        self.bias = nn.Parameter(bias.detach().to(device=Q.device, dtype=dtype, copy=True)) if bias is not None else None
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(device=Q.device, dtype=dtype, copy=True))
         self.register_buffer("perm", None if perm is None else perm.to(Q.device))
         self.lowrank = LowRankLinear(L, R, None, dtype) if L is not None else None
         self.out_features, self.in_features = Q.shape

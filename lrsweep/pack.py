@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class Pack:
         try:
             if not _restore(d, device):
                 self.dense = None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning(f"[lrsweep] dense model not restored ({e}); the next point reloads it")
             self.dense = None
 

@@ -3,6 +3,7 @@ submitit / SLURM job that ran it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -38,10 +39,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("lrsweep", "torch", "transformers", "datasets", "hydra-core", "submitit", "wandb"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -10,8 +10,8 @@ Supported ``bits``: 2..15 (integer codes), 16 (fp16), 32 (fp32, i.e. unquantized
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

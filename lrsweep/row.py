@@ -13,9 +13,10 @@ import json
 import math
 import os
 import traceback as tb
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lrsweep import atomic
 
@@ -25,7 +26,7 @@ STATUSES = ("ok", "failed")
 
 def now() -> str:
     """The UTC time of a row's started_at / finished_at."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ResultRow:
     allocation_shipped: str | None = None
     allocation_loss_uniform: float | None = None
     allocation_loss: float | None = None
-    bits_predicted: int | None = None  # stored bits the ranks should give (method's storage_bits); achieved: bits_compressed
+    bits_predicted: int | None = None  # stored bits the ranks should give (storage_bits); achieved: bits_compressed
     layers_compressed: int | None = None
     exceeds_break_even: bool | None = None
     # quality

@@ -111,7 +111,8 @@ def save_compressed(model: nn.Module, factorizations: dict[str, Factorization], 
                          "dtype": str(next(module.parameters()).dtype),
                          "info": json.loads(json.dumps(f.info, default=str))}
     prefixes = tuple(f"{n}." for n in replaced)
-    dense = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    dense = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()
+             if not k.startswith(prefixes)}
     save_file(factors, str(path / "factors.safetensors"), metadata={"format": FORMAT})
     save_file(dense, str(path / "dense.safetensors"), metadata={"format": FORMAT})
     model.config.save_pretrained(path)

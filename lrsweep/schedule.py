@@ -222,7 +222,7 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
         if needs:
             acc = calib.stats.Accumulator(block_layers, needs)
             try:
-                for (args, kwargs), mask in zip(inputs, masks):
+                for (args, kwargs), mask in zip(inputs, masks, strict=True):
                     acc.mask = mask.reshape(-1).bool().to(device) if mask is not None else None
                     outputs.append(_run_block(block, args, kwargs))
             finally:
@@ -232,7 +232,7 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
                                   offload=offload(ctx))
         if sequential:  # the next block sees this block compressed
             outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
-        inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs)]
+        inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
         block.to("cpu")
         if cuda:
             torch.cuda.synchronize(device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def job_id(env: Mapping[str, str] | None = None) -> str | None:

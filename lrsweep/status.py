@@ -41,7 +41,7 @@ def write_manifest(results_dir: str | os.PathLike, sweep: str, array_job_id: str
                    points: list[dict[str, Any]]) -> Path:
     """Record a submitted array: its points (index, run_id, job_id, overrides) and its command."""
     data = {"sweep": sweep, "array_job_id": array_job_id, "submitit_folder": submitit_folder,
-            "submitted_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "submitted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "cwd": os.getcwd(), "argv": [sys.executable, "-m", "lrsweep", *sys.argv[1:]], "points": points}
     return atomic.write_json(manifest_dir(results_dir) / f"{sweep}-{array_job_id}.json", data)
 
@@ -131,8 +131,9 @@ def collect(results_dir: str | os.PathLike, query_slurm: bool = True) -> tuple[l
             out.append(PointStatus(rid, "pending" if state == "PENDING" else "running", job_id, state, overrides))
         elif row is not None:
             err = row.error or {}
+            first_line = str(err.get("message", "")).splitlines()[0] if err.get("message") else ""
             out.append(PointStatus(rid, "failed", row.slurm_job_id or job_id, state,
-                                   f"{row.run_name}: {err.get('type', '')}: {str(err.get('message', '')).splitlines()[0] if err.get('message') else ''}"))
+                                   f"{row.run_name}: {err.get('type', '')}: {first_line}"))
         else:
             detail = f"damaged row {lost[rid]}: a rerun rewrites it" if rid in lost and not overrides else overrides
             out.append(PointStatus(rid, "missing", job_id, state, detail))

@@ -31,11 +31,11 @@ def window_mean(losses: Sequence[float], weights: Sequence[float]) -> tuple[floa
     if len(losses) != len(weights) or not losses:
         raise ValueError(f"{len(losses)} window losses for {len(weights)} weights")
     total = float(sum(weights))
-    mean = sum(w * x for w, x in zip(weights, losses)) / total
+    mean = sum(w * x for w, x in zip(weights, losses, strict=True)) / total
     k = len(losses)
     if k < 2 or not math.isfinite(mean):
         return mean, None
-    var = k / (k - 1) * sum((w * (x - mean)) ** 2 for w, x in zip(weights, losses)) / total**2
+    var = k / (k - 1) * sum((w * (x - mean)) ** 2 for w, x in zip(weights, losses, strict=True)) / total**2
     return mean, math.sqrt(var)
 
 

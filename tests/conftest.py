@@ -97,7 +97,8 @@ def minilm(_minilm_loaded):
     return copy.deepcopy(model), tok
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m lrsweep <args>`` as a user would; returns the completed process."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]),
                 **(env or {})}
@@ -143,6 +144,63 @@ def in_process_jobs(monkeypatch):
     monkeypatch.setattr(submit, "submit_local", submit_in_process)
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="in-process"))
     return executors
+
+
+@pytest.fixture
+def launch(compose, tmp_path, monkeypatch):
+    """launch(grid, *overrides, **launcher params) -> (launcher, JobReturns): grid is e.g. {"rank": [4, 8]};
+    lrsweep.sweep.launch with fakelaunch.py's fake launcher and jobs, in-process."""
+    from fakelaunch import BLOCK0, FakeLauncher
+
+    from lrsweep import sweep
+
+    base = [*FAST, BLOCK0, f"results_dir={tmp_path}"]
+    monkeypatch.setenv("LRSWEEP_THREADS", "")  # launch() sets it for its jobs: restored after the test
+
+    def _launch(grid: dict[str, list], *overrides: str, die_at=(), rows_before_death=0, **params):
+        launcher = FakeLauncher(compose, [*base, *overrides], die_at, rows_before_death, **params)
+        points = [[]]
+        for key, values in grid.items():
+            points = [[*p, f"{key}={v}"] for p in points for v in values]
+        launcher.outcome = sweep.launch(launcher, points, 0)
+        return launcher, launcher.outcome.returns
+
+    yield _launch
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """cli(*args) -> (exit code, stdout, stderr) of ``python -m lrsweep <args> results_dir=<tmp>``,
+    in-process (``lrsweep.cli.main`` with ``sys.argv`` set as the shell would)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lrsweep.cli import main
+
+    monkeypatch.setenv("LRSWEEP_THREADS", "")  # a launch sets it for its jobs: restored after the test
+
+    def _cli(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["lrsweep", *args, f"results_dir={tmp_path / 'results'}"])
+        GlobalHydra.instance().clear()
+        try:
+            with pytest.raises(SystemExit) as e:
+                main()
+        finally:
+            GlobalHydra.instance().clear()
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    return _cli
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A real (random-weight) Llama causal LM, small enough to score by hand."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(autouse=True)

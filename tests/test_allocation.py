@@ -20,14 +20,14 @@ from lrsweep.validate import validate
 def brute_force(choices: list[Choice], cap: int) -> float:
     best = -np.inf
     for ks in itertools.product(*(range(len(c.cost)) for c in choices)):
-        if sum(int(c.cost[k]) for c, k in zip(choices, ks)) <= cap:
-            best = max(best, sum(float(c.gain[:k].sum()) for c, k in zip(choices, ks)))
+        if sum(int(c.cost[k]) for c, k in zip(choices, ks, strict=True)) <= cap:
+            best = max(best, sum(float(c.gain[:k].sum()) for c, k in zip(choices, ks, strict=True)))
     return best
 
 
 def value(choices: list[Choice], ranks: list[int]) -> tuple[float, int]:
-    return (sum(float(c.gain[:r - c.lo].sum()) for c, r in zip(choices, ranks)),
-            sum(int(c.cost[r - c.lo]) for c, r in zip(choices, ranks)))
+    return (sum(float(c.gain[:r - c.lo].sum()) for c, r in zip(choices, ranks, strict=True)),
+            sum(int(c.cost[r - c.lo]) for c, r in zip(choices, ranks, strict=True)))
 
 
 def random_choices(seed: int, layers: int = 3, equal_step: bool = False) -> list[Choice]:
@@ -52,7 +52,7 @@ def test_exact_knapsack_is_optimal_and_within_budget(seed):
         got, spent = value(choices, ranks)
         assert solver == "exact"
         assert spent <= cap
-        assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks))
+        assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks, strict=True))
         assert got == pytest.approx(brute_force(choices, cap))
 
 
@@ -65,7 +65,7 @@ def test_greedy_knapsack_within_budget_and_one_step_of_optimal(monkeypatch, seed
     ranks, solver = knapsack(choices, cap)
     got, spent = value(choices, ranks)
     assert solver == "greedy" and spent <= cap
-    assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks))
+    assert all(c.lo <= r <= c.hi for c, r in zip(choices, ranks, strict=True))
     assert got >= brute_force(choices, cap) - max(float(c.gain.max()) for c in choices) - 1e-12
     # one cost per step and decreasing gains: greedy is exactly optimal
     equal = random_choices(seed, equal_step=True)
@@ -181,7 +181,8 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
     ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, loss)
     d = -gain.detach().double().numpy()
     assert ranks is better and c.samples == 8
-    assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5) and c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
+    assert c.se == pytest.approx(d.std(ddof=1) / 8 ** 0.5)
+    assert c.loss_candidate - c.loss_uniform == pytest.approx(d.mean())
 
     noise = torch.tensor([1.0, -1.0] * 4) * 50 * float(gain.detach().abs().max())  # same mean gain, huge spread
 
@@ -209,7 +210,8 @@ def test_a_gain_within_the_noise_of_the_held_out_samples_ships_uniform():
 
 def test_uniform_is_unchanged(compose):
     base = compose()
-    assert run_id(compose(["allocation=uniform"])) == run_id(base)  # its default is the run without it (rekey: schema-1 rows)
+    # its default is the run without it (rekey: schema-1 rows)
+    assert run_id(compose(["allocation=uniform"])) == run_id(base)
     assert run_id(compose(["allocation=spectrum", "param_ratio=0.5"])) != run_id(compose(["param_ratio=0.5"]))
     assert "-spectrum-" in run_name(compose(["allocation=spectrum", "param_ratio=0.5"]))
     assert allocate.allocate(None, {}, type("C", (), {"cfg": base})(), None) == (None, {})
@@ -320,7 +322,7 @@ def test_the_check_stops_at_the_first_look_when_the_verdict_is_clear():
             return base.detach() * (1 - cand) + cand * (shift + 0.01 * torch.arange(8.0))
         return loss
 
-    for shift, stopped, ships, looks in [(1e3, "futility", "uniform", 1), (-1e3, "efficacy", "candidate", 1)]:
+    for shift, stopped, ships in [(1e3, "futility", "uniform"), (-1e3, "efficacy", "candidate")]:
         seen.clear()
         # the uniform losses are the toy's own (positive); the candidate's a constant far above or below them
         ranks, c = allocate.against_uniform(model, layers, spectra, uniform, better, batches, shifted(shift))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -85,8 +86,8 @@ def test_wandb_rows_from_api_runs():
     row = make_row("w1", "a", 8, 0, 0.8, 0.4)
 
     class Run:
-        summary = {**row.summary(), "layer_errors": row.layer_errors, "_runtime": 3}
-        config = {**row.config, "_wandb": {}}
+        summary: ClassVar[dict] = {**row.summary(), "layer_errors": row.layer_errors, "_runtime": 3}
+        config: ClassVar[dict] = {**row.config, "_wandb": {}}
 
     class Api:
         def runs(self, project):

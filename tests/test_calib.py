@@ -183,7 +183,8 @@ def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):
     cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'", *extra,
                    *model_cfg_overrides])
     m, tok = models.load(cfg.model, "cpu", os.environ["LRSWEEP_CACHE"])
-    out, info = schedule.compress(m, models.target_modules(m, cfg.model.targets), _ctx(cfg, tok, tmp_path), progress=False)
+    out, info = schedule.compress(m, models.target_modules(m, cfg.model.targets), _ctx(cfg, tok, tmp_path),
+                                  progress=False)
     return {r.name: r.rel_err for r in out}, info
 
 

@@ -1,38 +1,15 @@
-"""``lrsweep.cli.main`` in-process (``sys.argv`` set as the shell would): the exit code and the one
-line a refused command prints, and a dry run. The same through a real ``python -m lrsweep``:
-test_validation.py (a few cases, default run) and the e2e tier (test_sweep.py, test_heal.py)."""
+"""``lrsweep.cli.main`` in-process (conftest.py's ``cli`` fixture: ``sys.argv`` set as the shell
+would): the exit code and the one line a refused command prints, and a dry run. The same through a
+real ``python -m lrsweep``: test_validation.py (a few cases, default run) and the e2e tier
+(test_sweep.py, test_heal.py)."""
 
 from __future__ import annotations
 
 import sys
 
-import pytest
-
 from conftest import FAST, PLUGINS
-from lrsweep.cli import main
 
 LAYER0 = r"model.targets=encoder\.layer\.0\.attention\.self\.query"
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys, tmp_path):
-    """cli(*args) -> (exit code, stdout, stderr) of ``python -m lrsweep <args> results_dir=<tmp>``."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    monkeypatch.setenv("LRSWEEP_THREADS", "")  # a launch sets it for its jobs: restored after the test
-
-    def _cli(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["lrsweep", *args, f"results_dir={tmp_path / 'results'}"])
-        GlobalHydra.instance().clear()
-        try:
-            with pytest.raises(SystemExit) as e:
-                main()
-        finally:
-            GlobalHydra.instance().clear()
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-
-    return _cli
 
 
 def test_a_swept_group_key_is_one_line_naming_plus_plus(cli, tmp_path):

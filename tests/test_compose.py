@@ -43,10 +43,10 @@ def test_every_point_equals_hydras_own_composition(hydra_loader, with_hydra):
     """A dry run's points (with_hydra=False: listed, never run) are Hydra's less the ``hydra`` node."""
     loader, master = hydra_loader
     fast = sweep_configs(loader, master, GRID, with_hydra=with_hydra)
-    for ov, got in zip(GRID, fast):
+    for ov, got in zip(GRID, fast, strict=True):
         try:
             want = loader.load_sweep_config(master, ov)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             assert isinstance(got, type(e)) and str(got) == str(e), ov
             continue
         if not with_hydra:

@@ -19,8 +19,6 @@ import torch
 from lrsweep import atomic, cache, status
 from lrsweep import row as rows_
 from lrsweep.row import ResultRow, read_rows, row_path, row_status, write_row
-from test_cli import cli  # noqa: F401  (the in-process CLI fixture)
-from test_launch import launch  # noqa: F401  (the in-process sweep fixture)
 
 # every namespace the package keeps safetensors entries in (lrsweep.cache.get_or_compute / shared_parts)
 KINDS = ["calib", "embeddings", "probe", "perplexity", "sensitivity", "output_fisher", "zeroshot", "lm_eval"]
@@ -126,11 +124,16 @@ def test_an_entry_without_a_checksum_is_computed_again(tmp_path, caplog):
 def test_shared_parts_recompute_only_the_damaged_part(tmp_path, caplog):
     key = {"texts": "t"}
     done = []
-    first = cache.shared_parts(tmp_path, "embeddings", key, 3, lambda i: (done.append(i), {"e": torch.full((2000,), i)})[1])
+
+    def part(i):
+        done.append(i)
+        return {"e": torch.full((2000,), i)}
+
+    first = cache.shared_parts(tmp_path, "embeddings", key, 3, part)
     cut_in_half(cache._path(tmp_path, "embeddings", {**key, "part": 1, "parts": 3}))
     caplog.set_level(logging.WARNING)
-    again = cache.shared_parts(tmp_path, "embeddings", key, 3, lambda i: (done.append(i), {"e": torch.full((2000,), i)})[1])
-    assert done == [0, 1, 2, 1] and all(torch.equal(a["e"], b["e"]) for a, b in zip(first, again))
+    again = cache.shared_parts(tmp_path, "embeddings", key, 3, part)
+    assert done == [0, 1, 2, 1] and all(torch.equal(a["e"], b["e"]) for a, b in zip(first, again, strict=True))
     assert len([r for r in caplog.records if "damaged cache entry" in r.getMessage()]) == 1
 
 
@@ -207,13 +210,18 @@ def test_the_gguf_model_folder_is_a_verified_cache_folder(tmp_path, monkeypatch,
         @staticmethod
         def from_pretrained(path, **kw):
             built.append(kw["gguf_file"])
-            return type("M", (), {"save_pretrained": lambda self, d, **k: (Path(d).mkdir(parents=True, exist_ok=True),
-                                                                             (Path(d) / "model.safetensors").write_bytes(b"w" * 9000))})()
+
+            def save_pretrained(self, d, **k):
+                Path(d).mkdir(parents=True, exist_ok=True)
+                (Path(d) / "model.safetensors").write_bytes(b"w" * 9000)
+
+            return type("M", (), {"save_pretrained": save_pretrained})()
 
     monkeypatch.setattr(models, "_auto_class", lambda kind: Fake)
-    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained",
-                        lambda path, **kw: type("T", (), {"save_pretrained": lambda self, d: (Path(d) / "tokenizer.json").write_text("{}")})())
-    mcfg = OmegaConf.create({"gguf_file": "tiny.gguf", "kind": "causal_lm", "trust_remote_code": False, "revision": None})
+    tokenizer = type("T", (), {"save_pretrained": lambda self, d: (Path(d) / "tokenizer.json").write_text("{}")})
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path, **kw: tokenizer())
+    mcfg = OmegaConf.create({"gguf_file": "tiny.gguf", "kind": "causal_lm", "trust_remote_code": False,
+                             "revision": None})
     folder = Path(models._gguf_as_folder(mcfg, str(tmp_path / "src"), tmp_path / "cache"))
     assert models._gguf_as_folder(mcfg, str(tmp_path / "src"), tmp_path / "cache") == str(folder) and len(built) == 1
     zero_block(folder / "model.safetensors", 4096)
@@ -254,7 +262,8 @@ def test_a_damaged_row_is_one_warning_naming_it_and_counts_as_missing(tmp_path, 
     bad = _row(tmp_path, "bad1")
     ROW_DAMAGES[damage](bad)
     caplog.set_level(logging.WARNING)
-    assert rows_.load_row(bad) is None and row_status(tmp_path, "bad1") is None and row_status(tmp_path, "good1") == "ok"
+    assert rows_.load_row(bad) is None and row_status(tmp_path, "bad1") is None
+    assert row_status(tmp_path, "good1") == "ok"
     assert [r.run_id for r in read_rows(tmp_path)] == ["good1"] and rows_.load_row(good).run_id == "good1"
     (line,) = warnings_about(caplog, bad)  # once per process, however many readers meet it
     assert line.startswith(f"[lrsweep] damaged row {bad} (") and line.endswith("a rerun of its point rewrites it")
@@ -293,7 +302,7 @@ def test_analysis_loads_around_a_damaged_row(tmp_path, capsys, caplog):
     assert len(warnings_about(caplog, tmp_path / "rows" / "empty.json")) == 1
 
 
-def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewrites_it(  # noqa: F811
+def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewrites_it(
         launch, tmp_path, capsys, caplog, monkeypatch):
     launch({"rank": [4, 8]})
     rows = {r.rank: r for r in read_rows(tmp_path)}
@@ -314,7 +323,7 @@ def test_the_skip_check_and_the_dry_run_report_a_damaged_row_and_the_rerun_rewri
 
 # ---------------------------------------------------------------- a dry run writes nothing
 @pytest.mark.parametrize("multirun", [True, False])
-def test_a_dry_run_leaves_a_new_results_dir_absent(cli, tmp_path, multirun):  # noqa: F811
+def test_a_dry_run_leaves_a_new_results_dir_absent(cli, tmp_path, multirun):
     from conftest import FAST
 
     args = ["-m", "rank=4,8"] if multirun else ["rank=4"]
@@ -329,9 +338,9 @@ def test_the_dry_run_still_refuses_an_unwritable_results_dir(tmp_path):
 
     (tmp_path / "file").write_text("x")
     for dry in (True, False):
-        with pytest.raises(ConfigError, match="results_dir: .* is not writable"):
+        with pytest.raises(ConfigError, match=r"results_dir: .* is not writable"):
             check_results_dir(str(tmp_path / "file" / "results"), dry)
-        with pytest.raises(ConfigError, match="results_dir: .* is not writable"):
+        with pytest.raises(ConfigError, match=r"results_dir: .* is not writable"):
             check_results_dir(str(tmp_path / "file"), dry)
     check_results_dir(str(tmp_path / "a" / "b"), dry_run=True)
     assert not (tmp_path / "a").exists()

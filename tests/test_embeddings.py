@@ -191,7 +191,7 @@ TINY_TIED = ["model=llama7b_random", "model.num_layers=1", "model.random_init.hi
 def test_validation_sees_the_tie_and_refuses_data_aware_methods(compose, tmp_path):
     both = r"model.targets='model\.embed_tokens|lm_head|model\.layers\.\d+\..*'"
     t = targets(compose([*FAST, *TINY_TIED, both]))
-    assert list(t)[0] == "model.embed_tokens" and "lm_head" not in t  # the skeleton keeps the tie
+    assert next(iter(t)) == "model.embed_tokens" and "lm_head" not in t  # the skeleton keeps the tie
     assert t["model.embed_tokens"].tied == ("lm_head",) and t["model.embed_tokens"].embedding
     for method in DATA_AWARE:
         with pytest.raises(ConfigError, match=rf"^model.targets: selects the embedding model.embed_tokens, which "
@@ -228,7 +228,8 @@ def test_minilm_run_with_the_word_embedding(compose, config_error, tmp_path):
     assert row["accuracy"] is not None and row["bits_per_weight"] < 4
 
     line = config_error(*FAST, targets_, "method=asvd", f"results_dir={tmp_path / 'bad'}")
-    assert line.startswith("lrsweep: config error: model.targets: selects the embedding embeddings.word_embeddings"), line
+    assert line.startswith("lrsweep: config error: model.targets: selects the embedding "
+                           "embeddings.word_embeddings"), line
     assert "method asvd" in line and "valid: " in line and "svd" in line and "Traceback" not in line
     assert not (tmp_path / "bad" / "rows").exists()
 

@@ -6,7 +6,6 @@ lrsweep has no special cases for them.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -55,12 +54,13 @@ def faulted(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fault_sweep_nine_ok_three_failed_with_cause(faulted):
-    root, first, rows, _, _ = faulted
+    _root, first, rows, _, _ = faulted
     out = first.stdout + first.stderr
     assert first.returncode == 1, out
     assert "9 ok, 3 failed, 0 skipped" in first.stdout, out
     assert sorted(rows) == RANKS
-    assert sorted(r for r, row in rows.items() if row.status == "ok") == sorted(set(RANKS) - {SLEEP_AT, RAISE_AT, KILL_AT})
+    ok = sorted(r for r, row in rows.items() if row.status == "ok")
+    assert ok == sorted(set(RANKS) - {SLEEP_AT, RAISE_AT, KILL_AT})
     raised, killed, slept = rows[RAISE_AT], rows[KILL_AT], rows[SLEEP_AT]
     assert raised.status == "failed" and raised.error["type"] == "RuntimeError"
     assert raised.error["message"] == f"injected fault: exception at rank {RAISE_AT}"
@@ -203,7 +203,8 @@ def twin_runs(tmp_path_factory):
                                              *CALIB_RUN]) for name in ("a", "b")]
     GlobalHydra.instance().clear()
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_job, args=(cfg, str(root / f"{name}.status"))) for cfg, name in zip(cfgs, "ab")]
+    procs = [ctx.Process(target=_job, args=(cfg, str(root / f"{name}.status")))
+             for cfg, name in zip(cfgs, "ab", strict=True)]
     for p in procs:
         p.start()
     for p in procs:
@@ -258,7 +259,8 @@ def test_preempted_local_job_is_requeued_and_finishes_with_one_ok_row(tmp_path):
     state.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "lrsweep", "-m", f"results_dir={tmp_path / 'results'}", *TINY,
                              "method._target_=faultlib.faults.checkpointed_svd", f"+method.state_dir={state}",
-                             "rank=4", "hydra.launcher.points_per_job=1"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "rank=4", "hydra.launcher.points_per_job=1"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 300
     while not (state / "waiting").exists():
@@ -306,7 +308,8 @@ def test_preempted_packed_job_resumes_at_its_first_point_without_an_ok_row(tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "lrsweep", "-m", f"results_dir={tmp_path / 'results'}", *TINY,
                              "method._target_=faultlib.faults.checkpointed_svd", f"+method.state_dir={state}",
                              "+method.wait_at=5", "rank=4,5", "hydra.launcher.points_per_job=2"], env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=Path(__file__).parent.parent)
     deadline = time.monotonic() + 300
     while not (state / "waiting").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]

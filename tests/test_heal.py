@@ -28,7 +28,7 @@ TEXTS = ["a film to remember", "nothing works in this one, sadly", "the cast is 
 
 def compressed(minilm, compose, overrides):
     """(cfg, compressed copy of minilm, dense copy, layer results, originals) for a heal config."""
-    base, tok = minilm
+    base, _tok = minilm
     cfg = compose([*FAST, BLOCKS, *DATA, *overrides])
     model = copy.deepcopy(base)
     before = heal.snapshot(model)
@@ -48,7 +48,7 @@ def ctx_for(cfg, tok):
 
 
 def test_replaced_and_swapped_give_the_dense_teacher(minilm, compose):
-    cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=distill"])
+    _cfg, model, results, originals = compressed(minilm, compose, ["method=svd", "rank=8", "heal=distill"])
     assert set(originals) == {r.name for r in results} and len(originals) == 12
     assert all(isinstance(m, torch.nn.Linear) for m in originals.values())
     base, tok = minilm
@@ -103,13 +103,15 @@ def test_dsee_update_is_exact_and_counted(minilm, compose, tmp_path):
         assert isinstance(f, Delta) and isinstance(module, DeltaLinear)
         n, d = r.shape
         nnz = max(1, round(0.002 * n * d))
-        extra = tensor_bits((n, 4), 8, "uniform") + tensor_bits((4, d), 8, "uniform") + tensor_bits((1, nnz), 8, "uniform")
+        extra = (tensor_bits((n, 4), 8, "uniform") + tensor_bits((4, d), 8, "uniform")
+                 + tensor_bits((1, nnz), 8, "uniform"))
         extra += nnz * (d - 1).bit_length() + (n + 1) * nnz.bit_length()  # CSR column indices, row pointers
         assert r.storage_bits == f.storage_bits == before[r.name][0] + extra
         torch.testing.assert_close(f.base.reconstruct(), before[r.name][1])  # the compressed layer stayed frozen
         assert module.U.abs().sum() > 0 and module.values.abs().sum() > 0  # the update trained
         x = torch.randn(3, d)
-        torch.testing.assert_close(module(x), x @ f.reconstruct().T + originals[r.name].bias.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(module(x), x @ f.reconstruct().T + originals[r.name].bias.detach(),
+                                   rtol=1e-4, atol=1e-4)
     path = save_compressed(model, {r.name: r.factorization for r in results}, tmp_path / "m", minilm[1], "encoder")
     loaded, _ = lrsweep.load_compressed(path)
     torch.testing.assert_close(hidden(loaded, minilm[1]), hidden(model, minilm[1]), rtol=1e-5, atol=1e-5)
@@ -130,9 +132,12 @@ def test_heal_config_identity_and_errors(compose):
     assert "heal" not in plain  # rows of runs without healing keep their run_id
     a, b = compose([*FAST, "heal=distill"]), compose([*FAST, "heal=distill", "heal.steps=5"])
     assert len({identity.run_id(plain), identity.run_id(a), identity.run_id(b)}) == 3
-    for overrides, key in [(["heal=distill", "heal.steps=-1"], "heal.steps"), (["heal=distill", "heal.lr=0"], "heal.lr"),
-                           (["heal=dsee", "heal.density=1.5"], "heal.density"), (["heal=dsee", "heal.bits=1"], "heal.bits"),
-                           (["heal=dsee", "heal.rank=0"], "heal.rank"), (["heal=dsee", "heal.scheme=nf4"], "heal.scheme"),
+    for overrides, key in [(["heal=distill", "heal.steps=-1"], "heal.steps"),
+                           (["heal=distill", "heal.lr=0"], "heal.lr"),
+                           (["heal=dsee", "heal.density=1.5"], "heal.density"),
+                           (["heal=dsee", "heal.bits=1"], "heal.bits"),
+                           (["heal=dsee", "heal.rank=0"], "heal.rank"),
+                           (["heal=dsee", "heal.scheme=nf4"], "heal.scheme"),
                            (["heal=distill", "heal.qat=maybe"], "heal.qat")]:
         with pytest.raises(ConfigError) as e:
             validate(compose([*FAST, *overrides]))

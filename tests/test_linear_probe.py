@@ -55,5 +55,5 @@ def test_a_source_reads_only_its_calibration_config(compose):
     alone = OmegaConf.create(OmegaConf.to_container(cfg.calib, resolve=True))
     a, b = SOURCES["encoder"].batches(cfg.calib, tok), SOURCES["encoder"].batches(alone, tok)
     assert [len(x["labels"]) for x in a] == [4, 2]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -85,14 +86,14 @@ def test_adapter_agrees_with_zeroshot_item_by_item(tiny, compose):
     template = cfg.eval.zeroshot.template
     assert [s["doc"]["text"] for s in samples] == texts and [s["target"] for s in samples] == labels
     preds = evaluate.zeroshot_predictions(model, tok, texts, template, verbalizers, "cpu")
-    for s, text, pred in zip(samples, texts, preds):
+    for s, text, pred in zip(samples, texts, preds, strict=True):
         assert [a[:2] for a in s["arguments"]] == [(template.format(text=text), v) for v in verbalizers]
         harness_ll = [r[0][0] for r in s["resps"]]
         ours = [evaluate.continuation_logprob(model, tok, template.format(text=text), v, "cpu") for v in verbalizers]
         assert harness_ll == pytest.approx(ours, abs=1e-3)
         assert max(range(2), key=harness_ll.__getitem__) == pred
     table = lm_eval.metrics(out)["lrsweep_rotten_tomatoes"]
-    assert table["acc"] == sum(p == y for p, y in zip(preds, labels)) / N and table["n"] == N
+    assert table["acc"] == sum(p == y for p, y in zip(preds, labels, strict=True)) / N and table["n"] == N
     assert 0 < table["acc"] < 1 and table["acc_stderr"] > 0 and "acc_norm" in table
 
 
@@ -122,7 +123,7 @@ def test_unknown_task_is_a_config_error_naming_close_ones(compose, tmp_path):
     with pytest.raises(ConfigError, match=r"eval.lm_eval.tasks: 'arc_eazy' is not an lm-eval task; "
                                           r"did you mean 'arc_easy'\?.*valid: lrsweep_rotten_tomatoes, the \d+ tasks"):
         validate(compose([*LM_EVAL, *TINY, typo, f"results_dir={tmp_path}"]))
-    with pytest.raises(ConfigError, match="eval.lm_eval.tasks: is empty"):
+    with pytest.raises(ConfigError, match=re.escape("eval.lm_eval.tasks: is empty")):
         validate(compose([*LM_EVAL, *TINY, "eval.lm_eval.tasks=[]", f"results_dir={tmp_path}"]))
     validate(compose([*LM_EVAL, *TINY, "eval.lm_eval.tasks=[arc_easy,piqa]", f"results_dir={tmp_path}"]))
 

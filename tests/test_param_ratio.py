@@ -95,7 +95,8 @@ def test_a_method_storing_every_weight_refuses_it():
 
 def test_identity(compose):
     base = compose()
-    assert run_id(compose(["param_ratio=null"])) == run_id(base)  # its default is the run without it (rekey: schema-1 rows)
+    # its default is the run without it (rekey: schema-1 rows)
+    assert run_id(compose(["param_ratio=null"])) == run_id(base)
     ids = {run_id(compose([f"param_ratio={p}"])) for p in (0.8, 0.6)}
     assert run_id(base) not in ids and len(ids) == 2
     assert run_name(compose(["param_ratio=0.8"])).startswith("minilm-svd-p0.8-b16-")

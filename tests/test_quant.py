@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_storage_bits_counted_from_stored_tensors(scheme, bits):
 def test_error_falls_as_bits_rise(scheme):
     x = matrix()
     errs = [float((quantize(x, b, scheme, 32).value - x).norm()) for b in (2, 3, 4, 6, 8, 16, 32)]
-    assert all(a > b for a, b in zip(errs, errs[1:-1]))
+    assert all(a > b for a, b in itertools.pairwise(errs[:-1]))
     assert errs[-1] == 0.0
 
 

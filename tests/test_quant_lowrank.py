@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_lqer_below_its_quantizer_and_falling_with_rank(metric, quantizer):
     base_err = output_error(W, base.value if quantizer == "rtn" else base.reconstruct(), X)
     errs = [output_error(W, compress_matrix(W, "lqer", rank=r, bits=3, inputs=X, metric=metric, quantizer=quantizer,
                                             scheme="group", group_size=32).reconstruct(), X) for r in (2, 8, 24, 48)]
-    assert errs[0] < base_err and all(a > b for a, b in zip(errs, errs[1:])), (base_err, errs)
+    assert errs[0] < base_err and all(a > b for a, b in itertools.pairwise(errs)), (base_err, errs)
 
 
 def test_qera_is_the_output_error_optimum_of_the_residual():

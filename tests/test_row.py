@@ -65,10 +65,9 @@ def test_atomic_write_leaves_the_old_file_and_no_temp_file_when_the_writer_raise
 
     target = tmp_path / "d" / "f.json"
     atomic.write_json(target, {"v": 1})
-    with pytest.raises(OSError, match="disk full"):
-        with atomic.replacing(target) as tmp:
-            tmp.write_text('{"v": 2, "part')
-            raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"), atomic.replacing(target) as tmp:
+        tmp.write_text('{"v": 2, "part')
+        raise OSError("disk full")
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
     atomic.write_bytes(target, b"new")

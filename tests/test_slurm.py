@@ -44,7 +44,8 @@ def flaky(W, *, rank, bits=16, seed=0, stats=None, **opts):
         raise RuntimeError(f"injected failure at rank {rank}")
     if f"die{rank}" in how:
         os._exit(3)
-    time.sleep(float(os.environ.get("SLURM_TEST_SLEEP", "0")) if first or os.environ.get("SLURM_TEST_SLEEP_ALWAYS") else 0)
+    if first or os.environ.get("SLURM_TEST_SLEEP_ALWAYS"):
+        time.sleep(float(os.environ.get("SLURM_TEST_SLEEP", "0")))
     return svd(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)
 '''
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3"]  # 2 jobs side by side
@@ -171,7 +172,8 @@ def test_usr2_requeues_the_job_which_ends_with_one_ok_row(cluster, tmp_path, plu
     cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=15", FLAKY, "rank=8", *SMALL,
            f"results_dir={results}"]
     log = tmp_path / "sweep.log"
-    with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
+    with (open(log, "w") as out,
+          subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep):
         marker = Path(plugin["SLURM_TEST_MARKER"]) / "started-8-0"
         for _ in range(240):  # the job is compressing: submitit's USR2 handler is installed
             if marker.exists() or sweep.poll() is not None:
@@ -200,10 +202,12 @@ def test_time_outs_are_requeued_at_most_max_num_timeout_times(cluster, tmp_path,
     # (max_num_timeout=1), the second ends the job with a failed row
     results = tmp_path / "res"
     env = {**os.environ, **plugin, "SLURM_TEST_SLEEP": "2", "SLURM_TEST_SLEEP_ALWAYS": "1"}
-    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=5", "hydra.launcher.signal_delay_s=1",
-           "hydra.launcher.max_num_timeout=1", FLAKY, "rank=8", *SMALL, f"results_dir={results}"]
+    cmd = [sys.executable, "-m", "lrsweep", "-m", *SLURM, "hydra.launcher.timeout_min=5",
+           "hydra.launcher.signal_delay_s=1", "hydra.launcher.max_num_timeout=1", FLAKY, "rank=8", *SMALL,
+           f"results_dir={results}"]
     log = tmp_path / "sweep.log"
-    with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
+    with (open(log, "w") as out,
+          subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep):
         for attempt in (0, 1):
             marker = Path(plugin["SLURM_TEST_MARKER"]) / f"started-8-{attempt}"
             for _ in range(360):
@@ -313,7 +317,8 @@ def test_preempted_packed_task_is_requeued_and_resumes_at_its_first_point_withou
            "hydra.launcher.points_per_job=2", FLAKY, "rank=8,16", *SMALL, f"results_dir={results}"]
     log = tmp_path / "sweep.log"
     marker = Path(plugin["SLURM_TEST_MARKER"])
-    with open(log, "w") as out, subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep:
+    with (open(log, "w") as out,
+          subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT) as sweep):
         for _ in range(480):  # the second point is compressing
             if (marker / "started-16-0").exists() or sweep.poll() is not None:
                 break

@@ -5,7 +5,6 @@ the end-of-sweep report's modules imported while the last jobs run, and one timi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -72,7 +71,8 @@ from hydra import compose, initialize_config_dir
 from lrsweep.logger import log_row
 from lrsweep.row import ResultRow
 with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
-    cfg = compose("config", overrides=["logger=wandb", "logger.mode=offline", f"results_dir={sys.argv[2]}", *sys.argv[3:]])
+    cfg = compose("config", overrides=["logger=wandb", "logger.mode=offline", f"results_dir={sys.argv[2]}",
+                                       *sys.argv[3:]])
 row = ResultRow(run_id="abc123", status="ok", method="svd", run_name="svd-r4", accuracy=0.75, config={"rank": 4})
 print(json.dumps({"run_dir": log_row(cfg, row), "launch_imported": "wandb.sdk.launch" in sys.modules}))
 """
@@ -174,7 +174,8 @@ def test_a_job_prepares_its_dense_metrics_while_a_sibling_times(compose, tmp_pat
 
         task = evaluate.task_for(cfg)
         monkeypatch.setitem(evaluate.TASKS, task.name, dataclasses.replace(task, prepare=prepare))
-        monkeypatch.setattr(evaluate, "speed", lambda model, ctx: calls.append("timed") or evaluate.Speed(1.0, 1.0, {}, 1))
+        monkeypatch.setattr(evaluate, "speed",
+                            lambda model, ctx: calls.append("timed") or evaluate.Speed(1.0, 1.0, {}, 1))
         d = job.load_dense(cfg, "cpu", str(tmp_path), share=None)
     assert d.state == {"prepared": True} and d.speed.median_ms == 1.0
     assert calls == (["prepare", "timed"] if sibling_times else ["timed", "prepare"])
@@ -227,7 +228,8 @@ def test_probe_embeddings_shared_between_jobs_are_the_ones_a_job_computes_alone(
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
         assert torch.equal(evaluate.probe.embed_shared(model, TEXTS, ctx), emb) and calls == []
-        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS[1:], ctx), evaluate.embed(model, tok, TEXTS[1:], ctx))
+        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS[1:], ctx),
+                           evaluate.embed(model, tok, TEXTS[1:], ctx))
     finally:
         handle.remove()
     assert calls  # other texts: other entries, computed

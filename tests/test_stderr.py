@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import ClassVar
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_sweep_plan_logs_the_one_seed_line(compose, monkeypatch, caplog, tmp_pat
         config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "hydra" / "x")}}})
         hydra_context = type("H", (), {"config_loader": None})
         _EXECUTOR = "local"
-        params: dict = {}
+        params: ClassVar[dict] = {}
 
     with caplog.at_level("WARNING", logger="lrsweep.sweep"):
         sweep.plan(Launcher, [list(k) for k in cfgs], 0)

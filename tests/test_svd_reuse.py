@@ -26,7 +26,7 @@ def test_reused_truncation_is_bitwise_the_fresh_one():
         again = svd_mod.truncated_svd(W.clone(), 7)  # same bytes, another tensor: a hit
         other = svd_mod.truncated_svd(W + 1e-6, 7)  # other bytes: decomposed on its own
     assert scope["hits"] == 1 and len(scope["svds"]) == 2
-    for a, b in zip(fresh[:3], again[:3]):
+    for a, b in zip(fresh[:3], again[:3], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(first[1], fresh[1][:3])
     assert not torch.equal(other[1], fresh[1])
@@ -114,7 +114,8 @@ def test_allocated_compression_decomposes_each_layer_once(compose, tmp_path, mon
     calls, runs = [], []
     real, real_t = svd_mod._truncated_svd, svdllm_mod.truncated_svd
     monkeypatch.setattr(svd_mod, "_truncated_svd", lambda W, r, d: calls.append(W.shape) or real(W, r, d))
-    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a, **k: runs.append(1) or real_t(*a, **k))  # one per svdllm run
+    # one per svdllm run
+    monkeypatch.setattr(svdllm_mod, "truncated_svd", lambda *a, **k: runs.append(1) or real_t(*a, **k))
     cfg = compose([*FAST, "param_ratio=0.5", "allocation=spectrum", "method=svdllm", "calib.n_samples=16",
                    "model.targets='encoder\\.layer\\.0\\..*'", f"results_dir={tmp_path}", "logger=none",
                    "eval.latency.repeats=1", "eval.latency.shapes=[]"])

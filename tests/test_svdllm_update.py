@@ -23,7 +23,8 @@ def _data(n=12, d=10, N=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n, d, generator=g, dtype=torch.float64)
     X = torch.randn(N, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64)
-    Xs = X * torch.linspace(2, 0.5, d, dtype=torch.float64) + 0.3 * torch.randn(N, d, generator=g, dtype=torch.float64)  # what compressed predecessors produce
+    # what compressed predecessors produce
+    Xs = X * torch.linspace(2, 0.5, d, dtype=torch.float64) + 0.3 * torch.randn(N, d, generator=g, dtype=torch.float64)
     return W, X, Xs
 
 

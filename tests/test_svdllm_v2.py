@@ -10,7 +10,6 @@ import torch
 from lrsweep import methods
 from lrsweep.allocate import Spectrum
 from lrsweep.compress import compress_matrix
-from lrsweep.methods import LayerStats
 from lrsweep.methods.svdllm_v2 import eig_whitening
 from lrsweep.allocate.rules import svdllm_v2
 from lrsweep.models import layer_type
@@ -28,7 +27,7 @@ def test_output_error_is_the_sum_of_the_discarded_squared_singular_values(N):
     """||(W - W') X^T||^2 = Σ_{i>r} σ_i(W D)^2, also when X^T X is singular (no shift added)."""
     W, X = _data(N=N)
     xtx = X.T @ X
-    D, Dp = eig_whitening(xtx, 1e-10)
+    D, _Dp = eig_whitening(xtx, 1e-10)
     assert D.shape[1] == min(N, X.shape[1])
     assert torch.allclose(D @ D.T, xtx, atol=1e-8 * float(xtx.abs().max()))
     S = torch.linalg.svdvals(W @ D)
@@ -80,7 +79,7 @@ def test_ratio_rule_keeps_more_of_the_matrices_that_lose_more_within_the_budget(
     L = [math.sqrt(float(spectra[nm].tail()[u])) for nm in names[:3]]
     w = [1 / math.log1p(x) for x in L]
     c = [3 * (1 - u / full) * wi / sum(w) for wi in w]
-    for nm, ci in zip(names[:3], c):
+    for nm, ci in zip(names[:3], c, strict=True):
         assert abs(ranks[nm] - full * (1 - ci)) <= 2
 
 

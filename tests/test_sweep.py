@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_sweep_writes_four_ok_rows(sweep):
     assert len({r.extra["packed"]["job_points"] for r in rows}) == 1 and len({r.latency_ms_dense for r in rows}) == 1
     assert all("measured once for this sweep's jobs on" in r.extra["latency_measurement"]["dense"] for r in rows)
     # each point's messages (logging) are in its Hydra job's log file: <sweep dir>/<job num>/cli.log
-    logs = "".join(open(f).read() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
+    logs = "".join(Path(f).read_text() for f in glob.glob(str(results / "hydra" / "*" / "*" / "*.log")))
     for r in rows:
         assert f"[lrsweep] row {results / 'rows' / r.run_id}.json (ok)" in logs
     assert (results / "tradeoff.png").stat().st_size > 0
@@ -118,7 +119,7 @@ def test_packed_points_measure_what_separate_jobs_measure(compose, tmp_path):
     pack = Pack(len(points), reuse=True)
     packed = [job.run(c, pack) for c in cfgs["packed"]]
     assert [r.extra["packed"]["dense_reused"] for r in packed] == [False, True, True]
-    for a, b in zip(alone, packed):
+    for a, b in zip(alone, packed, strict=True):
         assert a.status == b.status == "ok", (a.error, b.error)
         for key in ("recon_rel_err", "accuracy", "accuracy_dense", "bits_compressed", "params_compressed"):
             assert getattr(a, key) == getattr(b, key), key
@@ -212,7 +213,7 @@ def test_dry_run_lists_status_and_estimate_and_writes_nothing(sweep):
     assert len(lines) == 6
     ok = {r.run_id: r for r in read_rows(results)}
     for line in lines:
-        index, rid, status, est = line.split()[:4]
+        _index, rid, status, est = line.split()[:4]
         assert status == ("ok" if rid in ok else "missing")
         method = "svd" if "method=svd" in line else "lplr"
         expected = sorted(r.wall_seconds for r in ok.values() if r.method == method)
@@ -290,7 +291,7 @@ def test_single_run_without_m(tmp_path):
     # messages go through logging: on stdout as before, and in the run's Hydra log file
     assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in proc.stdout
     (log,) = glob.glob(str(tmp_path / "hydra" / "*" / "*.log"))
-    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in open(log).read()
+    assert f"[lrsweep] row {tmp_path / 'rows' / row.run_id}.json (ok)" in Path(log).read_text()
 
 
 def test_dry_run_and_points_per_job_do_not_change_run_ids(compose):
@@ -306,7 +307,8 @@ def test_points_differing_only_in_how_they_compress_share_the_dense_model(compos
     from lrsweep.job import dense_key
 
     base = dense_key(compose())
-    for point in (["param_ratio=0.6"], ["budget=4"], ["allocation=spectrum", "param_ratio=0.8"], ["method=lplr", "rank=64"]):
+    for point in (["param_ratio=0.6"], ["budget=4"], ["allocation=spectrum", "param_ratio=0.8"],
+                  ["method=lplr", "rank=64"]):
         assert dense_key(compose(point)) == base, point
     for other in (["seed=1"], ["data=bbc"], ["model.targets=encoder\\.layer\\.0\\..*"]):
         assert dense_key(compose(other)) != base, other

@@ -1,4 +1,4 @@
-"""A sweep's launcher side under faults, in-process with test_launch.py's fake launcher and jobs (the
+"""A sweep's launcher side under faults, in-process with fakelaunch.py's fake launcher and jobs (the
 real lrsweep.sweep code): directories it cannot write to (the preflight: exit 2 before any job), full
 disks (one line, failed rows where they fit, no partial files, exit 1), Ctrl-C and SIGTERM (the jobs
 cancelled, the summary, exit 130), and the dry run's one pass over existing rows. The e2e test at
@@ -6,6 +6,7 @@ the end interrupts a real local sweep's driver."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -14,15 +15,16 @@ import sys
 import time
 from collections import namedtuple
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
+from fakelaunch import FakeExecutor, FakeJob
 from faultlib.cli import TINY, env
 from lrsweep import sweep
 from lrsweep.errors import ConfigError
 from lrsweep.row import ResultRow, now, read_rows, write_row
 from lrsweep.sweep import outcome, space, submit
-from test_launch import FakeExecutor, FakeJob, launch  # noqa: F401  (launch: the fixture)
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -90,7 +92,7 @@ def test_every_directory_of_every_point_that_moves_it_is_checked(compose, tmp_pa
 
 def test_the_dry_run_checks_without_writing(launch, tmp_path):
     target = tmp_path / "not-yet"
-    launcher, rets = launch({"rank": [4, 8]}, f"results_dir={target}", "dry_run=true")
+    _launcher, rets = launch({"rank": [4, 8]}, f"results_dir={target}", "dry_run=true")
     assert rets == [] and not (target / "rows").exists()
     assert not list(target.rglob(".lrsweep-probe-*")) if target.exists() else True
     (tmp_path / "rows").write_text("x")
@@ -174,9 +176,10 @@ def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- Ctrl-C, SIGTERM
 class Interrupting(FakeJob):
-    """A running job: done() is False until ``interrupt`` fires (KeyboardInterrupt or a signal); cancel() is recorded."""
+    """A running job: done() is False until ``interrupt`` fires (KeyboardInterrupt or a signal);
+    cancel() is recorded."""
 
-    cancelled: list[str] = []
+    cancelled: ClassVar[list[str]] = []
     interrupt = None
 
     def done(self) -> bool:
@@ -296,10 +299,8 @@ def test_sigint_to_a_local_sweeps_driver_cancels_its_jobs_and_exits_130(tmp_path
         if proc.poll() is None:
             proc.kill()
         for pid in _processes_mentioning(str(tmp_path / "results")):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 # ---------------------------------------------------------------- the dry run over existing rows

@@ -27,7 +27,8 @@ def point(tmp_path, i: int, model: str = "m") -> sweep.Point:
 
 
 def ok_row(p: sweep.Point, by: str, finished_at: str | None = None) -> ResultRow:
-    write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", finished_at=finished_at or now(), extra={"by": by}))
+    write_row(p.results_dir, ResultRow(run_id=p.run_id, status="ok", finished_at=finished_at or now(),
+                                       extra={"by": by}))
     return read_row(row_path(p.results_dir, p.run_id))
 
 

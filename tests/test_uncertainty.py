@@ -29,7 +29,8 @@ def test_aggregate_error_is_std_over_seeds_or_the_evaluations_stderr():
     assert g.loc["a", "sem"] == pytest.approx(math.sqrt(np.var([0.6, 0.7], ddof=1) / 2 + se_a**2))
     # a deterministic method run with two seeds: identical values, the bar is the evaluation's error
     same = frame([row("s0", "s", 32, 0, 0.63), row("s1", "s", 32, 1, 0.63)])
-    assert style.aggregate(same, ["method"], "accuracy")["err"].tolist() == pytest.approx([math.sqrt(0.63 * 0.37 / 500)])
+    err = style.aggregate(same, ["method"], "accuracy")["err"].tolist()
+    assert err == pytest.approx([math.sqrt(0.63 * 0.37 / 500)])
     assert table.paper_frame(same, ["method"], ["bits_per_weight"], "accuracy")[0].loc["s", 2.0] == "0.630 ± 0.022"
     # a metric without an evaluation error (reconstruction error): single seeds have no bar
     df["recon_rel_err"] = [0.5, 0.5, 0.4]

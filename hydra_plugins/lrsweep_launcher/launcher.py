@@ -16,9 +16,10 @@ the launcher, which composes every point once (lrsweep.sweep.planning).
 
 import itertools
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -47,14 +48,14 @@ class LrsweepSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.lrsweep_launcher.launcher.SlurmLauncher"
     points_per_job: Any = 1  # an int, or auto: the points sharing model, data and calibration in array_parallelism jobs
     wait: bool = True  # false: submit the array, print job ids and return (detached sweep)
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class GridSweeperConf:
     _target_: str = "hydra_plugins.lrsweep_launcher.launcher.GridSweeper"
-    max_batch_size: Optional[int] = None
-    params: Optional[Dict[str, str]] = None
+    max_batch_size: int | None = None
+    params: dict[str, str] | None = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="lrsweep_local", node=LrsweepLocalConf, provider="lrsweep")
@@ -94,8 +95,8 @@ class SweepLauncher(BaseSubmititLauncher):
 
         return submit.executor(self, per_job_points)
 
-    def __call__(self, points: List[Any], singleton_state: Dict[Any, Any], since: str,  # type: ignore[override]
-                 peers: Any = None) -> List[JobReturn]:
+    def __call__(self, points: list[Any], singleton_state: dict[Any, Any], since: str,  # type: ignore[override]
+                 peers: Any = None) -> list[JobReturn]:
         """In the job: run its grid points (lrsweep.sweep.worker.run_pack), one row each; ``peers``:
         its siblings' points it may take over."""
         from hydra.core.utils import setup_globals
@@ -130,7 +131,7 @@ class GridSweeper(Sweeper):
     of ``max_batch_size`` (all at once by default); a failed point's JobReturn raises its error after
     its batch, as Hydra's basic sweeper does."""
 
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None) -> None:
         self.max_batch_size, self.params = max_batch_size, dict(params or {})
         self.config: Any = None
         self.hydra_context: Any = None
@@ -143,10 +144,10 @@ class GridSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
                                                                 task_function=task_function, config=config)
 
-    def grid(self, arguments: List[str]) -> List[List[str]]:
+    def grid(self, arguments: list[str]) -> list[list[str]]:
         """Every point's overrides, in Hydra's order (the last sweep varies fastest)."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        axes: Dict[str, List[str]] = {}
+        axes: dict[str, list[str]] = {}
         for o in parser.parse_overrides([*(f"{k}={v}" for k, v in self.params.items()), *arguments]):
             key = o.get_key_element()
             if o.is_sweep_override():
@@ -157,7 +158,7 @@ class GridSweeper(Sweeper):
                 axes[key] = [f"{key}={o.get_value_element_as_str()}"]
         return [list(point) for point in itertools.product(*axes.values())]
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         points = self.grid(arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ loading a config imports lrsweep.methods.
 import importlib.util
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
@@ -25,7 +24,7 @@ SCHEME = "lrsweep-methods"
 GROUP = "method/base"
 
 
-def _package_dir() -> Optional[Path]:
+def _package_dir() -> Path | None:
     """The lrsweep package's directory, found without importing it (None: not installed)."""
     try:
         spec = importlib.util.find_spec("lrsweep")
@@ -36,7 +35,7 @@ def _package_dir() -> Optional[Path]:
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
-def _file_dir(path: str) -> Optional[Path]:
+def _file_dir(path: str) -> Path | None:
     """The directory of a search path element on the file system (None: another scheme)."""
     scheme, sep, rest = path.partition("://")
     if sep and scheme != "file":
@@ -73,7 +72,7 @@ class MethodConfigSource(ConfigSource):
         package = _package_dir()
         return self.path == "" and package is not None and (package / "methods").is_dir()
 
-    def _names(self) -> List[str]:
+    def _names(self) -> list[str]:
         package = _package_dir()
         names = {p.stem for p in (package / "methods").glob("*.py") if not p.stem.startswith("_")} if package else set()
         methods = sys.modules.get("lrsweep.methods")
@@ -89,7 +88,7 @@ class MethodConfigSource(ConfigSource):
         name = name.removesuffix(".yaml")
         return group == GROUP and name in self._names()
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
         path = config_path.strip("/")
         groups = {"": ["method"], "method": ["base"]}.get(path, [])
         configs = self._names() if path == GROUP else []

@@ -45,11 +45,11 @@ REFERENCE_RATIO = 0.5  # sensitivity: each unit alone truncated to its layers' p
 # classes) of one sensitivity pass, drawn with calib.seed
 SENSITIVITY_SAMPLES = {"causal_lm": 2, "encoder": 64}
 
-__all__ = ["CHECK_LOOKS", "CHECK_SAMPLES", "CHECK_STOP_Z", "CHECK_Z", "Check", "Choice", "HIGH", "LOW",
-           "REFERENCE_RATIO", "SENSITIVITY_SAMPLES", "STRATEGIES", "Spectrum", "Swap", "against_uniform",
-           "allocate", "budget_value", "calibration_batches", "check", "choose", "fisher_gains", "gains",
-           "knapsack", "layer_cost", "mean_loss", "method_spectrum", "minimum_cost", "output_fisher",
-           "predicted_bits", "record", "sample_losses", "scope", "sensitivity", "spectrum", "units"]
+__all__ = ["CHECK_LOOKS", "CHECK_SAMPLES", "CHECK_STOP_Z", "CHECK_Z", "HIGH", "LOW", "REFERENCE_RATIO",
+           "SENSITIVITY_SAMPLES", "STRATEGIES", "Check", "Choice", "Spectrum", "Swap", "against_uniform", "allocate",
+           "budget_value", "calibration_batches", "check", "choose", "fisher_gains", "gains", "knapsack", "layer_cost",
+           "mean_loss", "method_spectrum", "minimum_cost", "output_fisher", "predicted_bits", "record", "sample_losses",
+           "scope", "sensitivity", "spectrum", "units"]
 
 
 def check(cfg: DictConfig, spec: MethodSpec, opts: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> None:

@@ -60,7 +60,7 @@ def choose(spec: MethodSpec, shapes: dict[str, tuple[int, int]], uniform: dict[s
         choices.append(Choice(lo, cost, gain))
         cap += layer_cost(spec, n, d, u, cfg, opts)
     ranks, solver = knapsack(choices, cap)
-    return dict(zip(shapes, ranks)), {"solver": solver, "cap": cap}
+    return dict(zip(shapes, ranks, strict=True)), {"solver": solver, "cap": cap}
 
 
 def predicted_bits(spec: MethodSpec, shapes: dict[str, tuple[int, int]], ranks: dict[str, int], bits: int,

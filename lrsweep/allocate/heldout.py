@@ -77,7 +77,7 @@ def against_uniform(model: nn.Module, layers: dict[str, nn.Module], spectra: dic
     losses: tuple[list, list] = ([], [])
     forward = 0.0
     for i, batch in enumerate(batches):
-        for rs, out in zip((uniform, ranks), losses):
+        for rs, out in zip((uniform, ranks), losses, strict=True):
             with Swap(layers, {n: spectra[n].approx(r) for n, r in rs.items()}):
                 t0 = time.perf_counter()
                 out.append(sample_losses(model, [batch], loss_fn))

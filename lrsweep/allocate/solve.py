@@ -61,7 +61,7 @@ def _exact(choices: list[Choice], units: int, g: int) -> list[int]:
         picks.append(pick)
     b = int(np.argmax(best))
     ranks = []
-    for c, pick in zip(reversed(choices), reversed(picks)):
+    for c, pick in zip(reversed(choices), reversed(picks), strict=True):
         k = int(pick[b])
         ranks.append(c.lo + k)
         b -= int(c.cost[k] // g)
@@ -88,4 +88,4 @@ def _greedy(choices: list[Choice], cap: int) -> list[int]:
         spent += delta
         steps[i] += 1
         push(heap, i)
-    return [c.lo + k for c, k in zip(choices, steps)]
+    return [c.lo + k for c, k in zip(choices, steps, strict=True)]

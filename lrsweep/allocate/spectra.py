@@ -8,8 +8,9 @@ decomposition when it truncates one through :func:`lrsweep.methods.svd.truncated
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -70,7 +70,7 @@ def sensitivity(model, layers, spectra, ref_ranks, ctx, loss_fn, batches) -> tup
 
     t0 = time.perf_counter()
     tensors, info, hit = cache.get_or_compute(ctx.cache_dir, "sensitivity", key, compute)
-    delta = dict(zip(groups, tensors["delta"].tolist()))
+    delta = dict(zip(groups, tensors["delta"].tolist(), strict=True))
     return delta, {"cache_hit": hit, "seconds": round(time.perf_counter() - t0, 3), "passes": len(groups),
                    "granularity": GRANULARITY, "base_loss": info["base"], "delta": delta}
 

@@ -18,8 +18,9 @@ with one sample per batch (ASVD4LLM's ``calib_fisher_info``).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig

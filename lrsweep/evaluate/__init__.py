@@ -22,7 +22,7 @@ from lrsweep.evaluate.probe import embed
 from lrsweep.evaluate.tasks import DEFAULT_TASK, TASKS, Task, task_for
 from lrsweep.evaluate.zeroshot import continuation_logprob, zeroshot_predictions, zeroshot_split
 
-__all__ = ["Context", "DEFAULT_TASK", "Speed", "TASKS", "Task", "as_dense", "check_inference", "continuation_logprob",
+__all__ = ["DEFAULT_TASK", "TASKS", "Context", "Speed", "Task", "as_dense", "check_inference", "continuation_logprob",
            "embed", "layer_fallback", "lm_eval", "peak_memory_mb", "perplexity", "ppl", "ppl_windows", "probe",
-           "reset_peak", "speed", "task_for", "timed", "times_layers", "timing_lock", "zeroshot", "zeroshot_predictions",
-           "zeroshot_split"]
+           "reset_peak", "speed", "task_for", "timed", "times_layers", "timing_lock", "zeroshot",
+           "zeroshot_predictions", "zeroshot_split"]

@@ -11,15 +11,17 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import resource
 import socket
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -77,7 +79,8 @@ def speed(model: nn.Module, ctx: Context) -> Speed:
     shapes = {}
     for b, t in _shapes(lcfg):
         ids = torch.randint(0, vocab, (b, t), generator=gen).to(ctx.device)
-        shapes[f"b{b}xt{t}"] = timed(lambda: model(input_ids=ids), ctx.device, int(lcfg.warmup), int(lcfg.repeats))
+        shapes[f"b{b}xt{t}"] = timed(functools.partial(model, input_ids=ids), ctx.device, int(lcfg.warmup),
+                                    int(lcfg.repeats))
     first = next(iter(shapes.values()))
     nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return Speed(first["median"], first["p90"], shapes, nbytes)
@@ -149,8 +152,8 @@ def layer_fallback(model: nn.Module, names: list[str], ctx: Context) -> dict[str
         p = next(module.parameters())
         x = torch.randn(tokens, module.in_features, device=ctx.device, dtype=p.dtype)
         dense = as_dense(module, ctx.device)
-        fact = timed(lambda: module(x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
-        dns = timed(lambda: dense(x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
+        fact = timed(functools.partial(module, x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
+        dns = timed(functools.partial(dense, x), ctx.device, int(lcfg.warmup), int(lcfg.repeats))["median"]
         timings[name] = {"factorized_ms": round(fact, 4), "dense_ms": round(dns, 4)}
         if mode == "auto" and dns < fact:
             set_module(model, name, dense)

@@ -74,7 +74,7 @@ def render_local_task(ctx: Context) -> Path:
     import yaml
 
     texts, labels, verbalizers = zeroshot_split(ctx)
-    docs = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels))
+    docs = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels, strict=True))
     name, template = local_task_name(ctx.cfg), str(ctx.cfg.eval.zeroshot.template)
     digest = cache.digest([name, template, verbalizers, docs])
     data_file = Path(ctx.cache_dir) / "lm_eval_tasks" / digest / "test.jsonl"  # where the folder ends up

@@ -53,7 +53,7 @@ def _zeroshot_accuracy(model: nn.Module, ctx: Context) -> tuple[float, int]:
     """(accuracy, test texts scored)."""
     texts, labels, verbalizers = zeroshot_split(ctx)
     preds = zeroshot_predictions(model, ctx.tokenizer, texts, ctx.cfg.eval.zeroshot.template, verbalizers, ctx.device)
-    return sum(p == y for p, y in zip(preds, labels)) / len(labels), len(labels)
+    return sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels), len(labels)
 
 
 def _zeroshot_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
@@ -67,7 +67,8 @@ def _zeroshot_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
 def _zeroshot_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict[str, Any]:
     acc, n = _zeroshot_accuracy(model, ctx)  # the dense accuracy is of the same n texts
     return {"task": f"{ctx.cfg.data.name}_zeroshot", "accuracy_dense": state["accuracy_dense"], "accuracy": acc,
-            "accuracy_dense_stderr": stderr.binomial(state["accuracy_dense"], n), "accuracy_stderr": stderr.binomial(acc, n)}
+            "accuracy_dense_stderr": stderr.binomial(state["accuracy_dense"], n),
+            "accuracy_stderr": stderr.binomial(acc, n)}
 
 
 TASKS["zeroshot"] = Task("zeroshot", _zeroshot_prepare, _zeroshot_evaluate, kinds=("causal_lm",))

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -129,12 +130,12 @@ class _Masters:
 
     @torch.no_grad()
     def load(self, quantized: bool) -> None:
-        for t, m in zip(self.trained, self.masters):
+        for t, m in zip(self.trained, self.masters, strict=True):
             value = t.quantize(m) if quantized and t.quantize else m
             t.param.copy_(value.reshape(t.param.shape).to(t.param.dtype))
 
     def route_grads(self) -> None:
-        for t, m in zip(self.trained, self.masters):
+        for t, m in zip(self.trained, self.masters, strict=True):
             m.grad = t.param.grad.float().reshape(m.shape) if t.param.grad is not None else None
             t.param.grad = None
 

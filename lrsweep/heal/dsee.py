@@ -13,8 +13,9 @@ Layers that are embeddings or tied to another module stay as they are (listed in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from omegaconf import DictConfig
@@ -157,7 +158,8 @@ def check(hcfg: DictConfig) -> None:
     if not isinstance(density, int | float) or not 0 < density < 1:
         raise ConfigError("heal.density", f"{density!r} must be a fraction of entries in (0, 1)")
     if bits not in SUPPORTED_BITS:
-        raise ConfigError("heal.bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
+        raise ConfigError("heal.bits", f"{bits!r} is not supported",
+                          ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
     if hcfg.get("scheme") not in SCHEMES:
         raise ConfigError("heal.scheme", f"{hcfg.get('scheme')!r} is unknown", SCHEMES)
 

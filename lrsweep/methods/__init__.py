@@ -5,8 +5,8 @@ options ``o`` are an instance of its options dataclass (quantizing methods exten
 :class:`QuantizerOptions`). ``@register(name, Options, ...)`` records both; the dataclass is the one
 place of every default: it gives the method config (:func:`config_node`: ``name`` and the options;
 a built-in is known by its name), which Hydra loads as ``method/base/<name>`` through lrsweep's config
-source (hydra_plugins/lrsweep_methods) and conf/method/<name>.yaml extends, the valid option keys (:meth:`MethodSpec.options`) and the types checked
-before launch (:meth:`MethodSpec.parse`).
+source (hydra_plugins/lrsweep_methods) and conf/method/<name>.yaml extends, the valid option keys
+(:meth:`MethodSpec.options`) and the types checked before launch (:meth:`MethodSpec.parse`).
 The hooks (``storage_bits``, ``params``, ``max_rank``, ``rank_rule``, ``check``, ``metric``) take the
 same ``o`` last; the spec calls every one of them with options as keywords (a config's dict), missing
 ones at their defaults.
@@ -32,9 +32,9 @@ import inspect
 import pkgutil
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -73,7 +73,8 @@ def require(stats: LayerStats | None, kind: str, method: str) -> torch.Tensor:
     """The statistic ``kind`` of ``stats``, or a clear error naming what is missing."""
     value = getattr(stats, kind, None) if stats is not None else None
     if value is None:
-        how = {"xtx": "inputs=X or stats=LayerStats(xtx=X.T @ X)", "absmean": "inputs=X or stats=LayerStats(absmean=...)",
+        how = {"xtx": "inputs=X or stats=LayerStats(xtx=X.T @ X)",
+               "absmean": "inputs=X or stats=LayerStats(absmean=...)",
                "fisher": "fisher=F or stats=LayerStats(fisher=F)"}[kind]
         raise ValueError(f"method {method} needs the calibration statistic {kind!r}, which is missing "
                          f"(pass {how}; in a sweep configure calib=...)")
@@ -256,7 +257,8 @@ class MethodSpec:
         accepted = self.options()
         if accepted is not None and set(opts) - accepted:
             bad = sorted(set(opts) - accepted)[0]
-            raise ConfigError(f"method.{bad}", f"is not an option of method {self.name}", sorted(accepted) or ["(none)"])
+            raise ConfigError(f"method.{bad}", f"is not an option of method {self.name}",
+                              sorted(accepted) or ["(none)"])
         if self.option_type is None:
             return dict(opts)
         hints = typing.get_type_hints(self.option_type)

@@ -127,7 +127,7 @@ def gptq_quantize(W: torch.Tensor, xtx: torch.Tensor, bits: int, scheme: str = "
         return quantize(W, bits, scheme, group_size), None, {"gptq": "float bits: no error feedback"}
     check_rule(grid, observer)
     W = W.float().clone()
-    n, d = W.shape
+    _n, d = W.shape
     H = xtx.to(W.device).double().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0

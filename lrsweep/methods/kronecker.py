@@ -21,7 +21,7 @@ from lrsweep.methods.svd import SVDOptions, balanced, truncated_svd
 
 @dataclass
 class KroneckerOptions(SVDOptions):
-    a_shape: list[int] | None = None  # [n1, d1] dividing each layer's (n, d); None: chosen per layer (n1 d1 ~ sqrt(n d))
+    a_shape: list[int] | None = None  # [n1, d1] dividing each layer's (n, d); None: chosen per layer, n1 d1 ~ sqrt(n d)
 
 
 def divisors(m: int) -> list[int]:

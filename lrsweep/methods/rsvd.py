@@ -1,7 +1,9 @@
 """Randomized SVD (Halko, Martinsson, Tropp 2011) with oversampling and power iterations.
 
-Omega ~ N(0, 1) (d x (r+p), p = ``oversample``, default max(10, r/2));  Y = W Omega;  q times: Q = qr(Y), Y = W (W^T Q) re-orthonormalized;
-Q = qr(Y);  B = Q^T W;  (thin QRs by CholeskyQR2 when well conditioned, else Householder);  B = U_b S V^T;  U = Q U_b; truncate to r. Seeded by ``seed`` only.
+Omega ~ N(0, 1) (d x (r+p), p = ``oversample``, default max(10, r/2));  Y = W Omega;
+q times: Q = qr(Y), Y = W (W^T Q) re-orthonormalized;  Q = qr(Y);  B = Q^T W;
+(thin QRs by CholeskyQR2 when well conditioned, else Householder);  B = U_b S V^T;  U = Q U_b;
+truncate to r. Seeded by ``seed`` only.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def truncated_svd(W: torch.Tensor | Callable[[], torch.Tensor], rank: int, drive
     return U[:, :rank], S[:rank], Vh[:rank], solver
 
 
-def _truncated_svd(W: torch.Tensor, rank: int | None, driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+def _truncated_svd(W: torch.Tensor, rank: int | None,
+                   driver: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     if driver == "auto":
         driver = "gesvda" if W.is_cuda else "default"
     if driver == "default" or not W.is_cuda:
