@@ -29,7 +29,8 @@ NOT_EXPERIMENT: dict[str, str] = {
     "logger": "where the row is sent besides its file (W&B or nowhere)",
     "results_dir": "where the row is written",
     "cache_dir": "where models, data and calibration statistics are cached",
-    "threads": "torch threads of the job (by default the launcher's cpus_per_task): local and SLURM runs are one experiment",
+    "threads": "torch threads of the job (by default the launcher's cpus_per_task): local and SLURM runs are one "
+               "experiment",
     "sweep_name": "the W&B group the launcher names the sweep by",
     "progress": "progress bars",
     "verbose": "tracebacks of config errors",

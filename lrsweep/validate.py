@@ -159,7 +159,8 @@ def validate_experiment(cfg: DictConfig, *, check_device: bool = True, resolved:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])
     rank = cfg.rank
-    if cfg.budget is None and cfg.get("param_ratio") is None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+    no_rank = not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+    if cfg.budget is None and cfg.get("param_ratio") is None and no_rank:
         raise ConfigError("rank", f"{rank!r} must be a positive integer")
     if cfg.budget is not None and (not isinstance(cfg.budget, int | float) or cfg.budget <= 0):
         raise ConfigError("budget", f"{cfg.budget!r} must be a positive number of bits per weight or null")

@@ -111,7 +111,7 @@ def test_resolved_points_equal_their_composed_configs(hydra_loader, with_hydra, 
     monkeypatch.setattr(compose_module, "_with_values", lambda *a: made.append(1) or real(*a))
     points = compose_module.sweep_points(loader, master, VALUES, with_hydra=with_hydra)
     lazy = len(made)
-    for ov, point in zip(VALUES, points):
+    for ov, point in zip(VALUES, points, strict=True):
         want = loader.load_sweep_config(master, ov)
         assert point.resolved == identity.resolved(want), ov
         assert identity.run_id_of(point.resolved, "cpu") == identity.run_id(want, "cpu"), ov

@@ -25,7 +25,8 @@ import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from hydra.core.singleton import Singleton
 
@@ -90,7 +91,7 @@ def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | st
     since = now()
     state = Singleton.get_state()
     peers = share_points(jobs) if per_job == "auto" else [None] * len(jobs)
-    args = [(job, state, since, shared) for job, shared in zip(jobs, peers)]
+    args = [(job, state, since, shared) for job, shared in zip(jobs, peers, strict=True)]
     space.preflight([p for job in jobs for p in job], launcher.params,
                     max(space.pickle_bytes((launcher, *a)) for a in args[:1]), write=True)
     ex = launcher.executor(per_job_points=max(len(j) for j in jobs))
@@ -126,8 +127,8 @@ def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | st
                         out.no_space.append(line)
                     return None
 
-            for job, j in zip(jobs, submitted):
-                for p, ret in zip(job, collect(job, j, since, dead, claimed)):
+            for job, j in zip(jobs, submitted, strict=True):
+                for p, ret in zip(job, collect(job, j, since, dead, claimed), strict=True):
                     returns[p.index] = ret
         except KeyboardInterrupt:
             interrupted(out, submitted, slurm)

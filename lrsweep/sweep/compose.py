@@ -51,7 +51,7 @@ def sweep_points(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequ
     groups_of, shared, out = _Groups(loader), {}, []
     parsed_all = _parse(points)
     common = _common_values(parsed_all, groups_of)
-    for ov, parsed in zip(points, parsed_all):
+    for ov, parsed in zip(points, parsed_all, strict=True):
         if isinstance(parsed, Exception):  # Hydra's error for this point, raised by its caller
             out.append(parsed)
             continue
@@ -59,8 +59,8 @@ def sweep_points(loader: ConfigLoader, master: DictConfig, points: Sequence[Sequ
             out.append(_alone(loader, master, ov, extra))
             continue
         is_value = [_value_override(o, groups_of) for o in parsed]
-        values = [o for o, v in zip(parsed, is_value) if v and o.input_line not in common]
-        groups = tuple(o.input_line for o, v in zip(parsed, is_value) if not v or o.input_line in common)
+        values = [o for o, v in zip(parsed, is_value, strict=True) if v and o.input_line not in common]
+        groups = tuple(o.input_line for o, v in zip(parsed, is_value, strict=True) if not v or o.input_line in common)
         if groups not in shared:
             shared[groups] = _template(loader, master, list(groups), with_hydra, extra)
         template = shared[groups]
@@ -79,7 +79,7 @@ def _parse(points: Sequence[Sequence[str]]) -> list[list[Override] | Exception]:
                 if line not in seen:
                     seen[line] = parser.parse_overrides(overrides=[line])[0]
             out.append([seen[line] for line in ov])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out.append(e)
     return out
 
@@ -135,7 +135,7 @@ class Template:
         self.cfg = cfg
         try:
             self.base: dict[str, Any] | None = identity.resolved(cfg)
-        except Exception:  # noqa: BLE001  (an interpolation that does not resolve: each point composes alone)
+        except Exception:
             self.base = None
         self.interpolations, self.leaves = _raw_leaves(cfg)
         self.raw = OmegaConf.to_container(cfg, resolve=False) if self.base is not None else {}
@@ -270,7 +270,7 @@ def _compose(loader: ConfigLoader, master: DictConfig, overrides: Sequence[str],
     """Hydra's composition of these overrides, with the ``extra`` keys set; Hydra's exception if it fails."""
     try:
         cfg = loader.load_sweep_config(master, list(overrides))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return e
     with open_dict(cfg):
         for key, value in extra.items():
@@ -314,7 +314,7 @@ def _with_values(template: DictConfig, master: DictConfig, parsed: list[Override
     cfg = copy.deepcopy(template)
     try:
         apply(values, cfg)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if "hydra" not in template:  # composed for a dry run
         return cfg

@@ -139,7 +139,7 @@ def report(out: Outcome, prefetch: Prefetch | None = None) -> int:
         return 0
     statuses = [row_status(out.results_dir, rid) for rid in out.run_ids]
     ok, failed = statuses.count("ok"), len(statuses) - statuses.count("ok")
-    rows = [read_row(row_path(out.results_dir, rid)) for rid, s in zip(out.run_ids, statuses) if s]
+    rows = [read_row(row_path(out.results_dir, rid)) for rid, s in zip(out.run_ids, statuses, strict=True) if s]
     if prefetch is not None:
         prefetch.wait()
     if rows:

@@ -99,7 +99,7 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
     if dry and not all(isinstance(c, Exception) or c.resolved.get("dry_run") for c in composed):
         composed = sweep_points(loader, launcher.config, job_overrides, extra=extra)
     check, device = Checks(check_device=launcher._EXECUTOR == "local"), auto_device(launcher)
-    for i, (ov, c) in enumerate(zip(job_overrides, composed)):
+    for i, (ov, c) in enumerate(zip(job_overrides, composed, strict=True)):
         if isinstance(c, Exception):  # Hydra could not compose the point: its error
             raise c
         try:
@@ -164,8 +164,8 @@ def gpus_requested(params: Any) -> int:
 
 
 def auto_device(launcher: Any) -> str | None:
-    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.run_id): a job sees the GPUs its
-    launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none without; a local job's
+    """What ``device=auto`` is in this sweep's jobs (for their run_ids, lrsweep.identity.run_id): a job sees
+    the GPUs its launcher requests (submitit's local jobs too: CUDA_VISIBLE_DEVICES), none without; a local job's
     are this machine's (None: cuda when available here), a SLURM job's cuda."""
     if not gpus_requested(launcher.params):
         return "cpu"

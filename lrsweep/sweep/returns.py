@@ -7,7 +7,8 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
@@ -41,10 +42,11 @@ def job_return(p: Point, row: ResultRow | None, job_id: str, error: BaseExceptio
             OmegaConf.update(hydra_cfg, "hydra.job.id", job_id, force_add=True)
         output = Path(str(hydra_cfg.hydra.sweep.dir)) / str(hydra_cfg.hydra.sweep.subdir)
         working_dir = str(output) if hydra_cfg.hydra.job.chdir else os.getcwd()
-    except Exception:  # noqa: BLE001  (no sweep dir, or a subdir naming what only the job sets: ${hydra.job.id})
+    except Exception:
         working_dir = None
     task = OmegaConf.select(p.cfg, "hydra.overrides.task", default=None)
-    ret = JobReturn(overrides=list(p.overrides) if task is None else OmegaConf.to_container(task), cfg=OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]),
+    ret = JobReturn(overrides=list(p.overrides) if task is None else OmegaConf.to_container(task),
+                    cfg=OmegaConf.masked_copy(p.cfg, [k for k in p.cfg if k != "hydra"]),
                     hydra_cfg=hydra_cfg, working_dir=working_dir)
     ret.task_name = OmegaConf.select(hydra_cfg, "hydra.job.name", default=None)
     if row is not None and row.status == "ok":
@@ -64,7 +66,7 @@ def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, 
         while not job.done():  # submitit's results() looks once a second; a result file is a cheap stat
             time.sleep(0.2)
         return job.results()[0]
-    except Exception as e:  # noqa: BLE001  (killed, timed out, out of memory, ...)
+    except Exception as e:
         error = e
     out = []
     for p in pts:

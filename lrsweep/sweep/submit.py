@@ -8,6 +8,7 @@ so a job of N points gets N times it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -16,7 +17,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -69,7 +71,8 @@ def submit_local(launcher: Any, ex: Any, args: list[tuple], while_last: Callable
                 except OSError as e:
                     if not space.is_full(e):
                         raise
-                    log.error(f"[lrsweep] {space.no_space(e, getattr(ex, 'folder', None))}: {len(pending)} jobs not submitted")
+                    line = space.no_space(e, getattr(ex, "folder", None))
+                    log.error(f"[lrsweep] {line}: {len(pending)} jobs not submitted")
                     jobs += [NotSubmitted(e, getattr(ex, "folder", ""))] * len(pending)
                     pending = []
                     break
@@ -164,10 +167,8 @@ def cancel(jobs: list[Any], slurm: bool, wait_s: float = 10.0) -> None:
         return
     live = [j for j in jobs if not j.done()]
     for j in live:
-        try:
+        with contextlib.suppress(Exception):  # a job that ended meanwhile
             j.cancel(check=False)
-        except Exception:  # noqa: BLE001  (already gone)
-            pass
     end = time.monotonic() + wait_s
     while live and time.monotonic() < end:
         live = [j for j in live if not j.done()]
@@ -182,13 +183,13 @@ def submit_slurm(launcher: Any, ex: Any, args: list[tuple], sweep_name: str) -> 
 
     try:
         with no_partial_pickles(ex):
-            jobs = ex.map_array(launcher, *zip(*args))
+            jobs = ex.map_array(launcher, *zip(*args, strict=True))
     except FailedJobError as e:  # sbatch said no: its message verbatim, nothing was submitted
         raise ConfigError("hydra/launcher", f"sbatch refused the job array, nothing was submitted:\n"
                           f"{str(e).strip()}") from None
     array = str(jobs[0].job_id).split("_")[0]
     folder = str(Path(str(launcher.params["submitit_folder"])).parent)
-    points = [(p, j) for (pts, *_), j in zip(args, jobs) for p in pts]
+    points = [(p, j) for (pts, *_), j in zip(args, jobs, strict=True) for p in pts]
     write_manifest(points[0][0].results_dir, sweep_name, array, folder,
                    [{"index": p.index, "run_id": p.run_id, "job_id": str(j.job_id), "overrides": p.describe().split()}
                     for p, j in points])

@@ -17,7 +17,8 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from hydra.core.utils import JobReturn, run_job
 from omegaconf import OmegaConf, open_dict, read_write
@@ -156,7 +157,7 @@ def run_point(launcher: Any, pack: Pack, p: Point, job_id: str, since: str) -> J
         if ret.status.name == "FAILED":
             try:
                 ret.return_value  # noqa: B018  (raises the task's exception)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 error = e
         job.write_failed(p.cfg, error)
     return ret
