@@ -115,10 +115,10 @@ def main() -> None:
         print("lrsweep: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        from lrsweep.sweep import space
+        from lrsweep import disk
 
-        if verbose or not space.is_full(e):
+        if verbose or not disk.is_full(e):
             raise
-        print(f"lrsweep: {space.no_space(e)}", file=sys.stderr)
+        print(f"lrsweep: {disk.no_space(e)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(0)

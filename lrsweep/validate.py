@@ -11,18 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lrsweep import allocate, cache, calib, evaluate, heal, methods, models, schedule, seeds, spanning, tying
+from lrsweep import allocate, cache, calib, disk, evaluate, heal, methods, models, schedule, seeds, spanning, tying
 from lrsweep.compress import method_options, method_spec, resolve_rank
 from lrsweep.errors import ConfigError
 from lrsweep.methods import MethodSpec
@@ -118,21 +116,9 @@ def resolve_device(device: str) -> str:
 
 
 def check_results_dir(path: str, dry_run: bool = False) -> None:
-    """ConfigError unless ``path`` can be written: made if missing and a file written in it; in a dry
-    run, which writes nothing, the permissions of ``path`` or of its nearest existing parent."""
-    p = Path(path)
-    if dry_run:
-        parent = next(d for d in (p, *p.parents) if d.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            why = "not a directory" if not parent.is_dir() else "Permission denied"
-            raise ConfigError("results_dir", f"{path!r} is not writable ({parent}: {why})")
-        return
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError("results_dir", f"{path!r} is not writable ({e.strerror})") from None
+    """ConfigError unless ``path`` can be written (lrsweep.disk.check_dir): made if missing and a file
+    written in it; in a dry run, which writes nothing, only looked at."""
+    disk.check_dir("results_dir", path, 0, write=not dry_run)
 
 
 def check_name(key: str, value: object) -> None:

@@ -338,9 +338,9 @@ def test_the_dry_run_still_refuses_an_unwritable_results_dir(tmp_path):
 
     (tmp_path / "file").write_text("x")
     for dry in (True, False):
-        with pytest.raises(ConfigError, match=r"results_dir: .* is not writable"):
+        with pytest.raises(ConfigError, match=r"results_dir: '.*/file/results' is under '.*/file', which is a file"):
             check_results_dir(str(tmp_path / "file" / "results"), dry)
-        with pytest.raises(ConfigError, match=r"results_dir: .* is not writable"):
+        with pytest.raises(ConfigError, match=r"results_dir: '.*/file' is a file, not a directory"):
             check_results_dir(str(tmp_path / "file"), dry)
     check_results_dir(str(tmp_path / "a" / "b"), dry_run=True)
     assert not (tmp_path / "a").exists()

@@ -24,6 +24,7 @@ from faultlib.cli import TINY, env
 from lrsweep import sweep
 from lrsweep.errors import ConfigError
 from lrsweep.row import ResultRow, now, read_rows, write_row
+from lrsweep import disk
 from lrsweep.sweep import outcome, space, submit
 
 Usage = namedtuple("Usage", "total used free")
@@ -64,8 +65,8 @@ def test_rows_not_writable_is_a_config_error_before_any_job(launch, tmp_path):
 
 
 def test_too_little_room_is_a_config_error_naming_the_path_and_free_space(launch, tmp_path, monkeypatch):
-    real = space.shutil.disk_usage
-    monkeypatch.setattr(space.shutil, "disk_usage",
+    real = disk.shutil.disk_usage
+    monkeypatch.setattr(disk.shutil, "disk_usage",
                         lambda p: Usage(1 << 30, 0, 16 * 1024) if str(p).startswith(str(tmp_path)) else real(p))
     submitted = []
     monkeypatch.setattr(FakeExecutor, "submit", lambda self, *a: submitted.append(a))
@@ -159,7 +160,7 @@ def test_a_submission_that_does_not_fit_leaves_no_partial_pickle(tmp_path, monke
     ex = submitit.AutoExecutor(folder=tmp_path / "jobs" / "%j", cluster="local")
     with pytest.raises(OSError) as e:
         submit.submit_one(ex, print, ("x",))
-    assert space.is_full(e.value) and not list(tmp_path.rglob("*.pkl"))
+    assert disk.is_full(e.value) and not list(tmp_path.rglob("*.pkl"))
 
 
 def test_the_cli_says_a_full_disk_in_one_line(monkeypatch, capsys):

@@ -160,7 +160,8 @@ def test_results_dir_not_writable(config_error, tmp_path):
     blocker = tmp_path / "a-file"  # we run as root: chmod would not stop us, a file in the path does
     blocker.write_text("")
     bad = blocker / "sub"
-    check_line(config_error(f"results_dir={bad}", *TINY), "results_dir", f"'{bad}' is not writable")
+    line = config_error(f"results_dir={bad}", *TINY)
+    check_line(line, "results_dir", f"'{bad}' is under '{blocker}', which is a file")
     nothing_launched(tmp_path)
     assert blocker.read_text() == ""
 
@@ -171,7 +172,7 @@ def test_cli_sweep_results_dir_not_writable(tmp_path):
     blocker.write_text("")
     bad = blocker / "sub"
     res = lrsweep("-m", f"results_dir={bad}", *TINY)
-    refused(res, tmp_path, "results_dir", f"'{bad}' is not writable")
+    refused(res, tmp_path, "results_dir", f"'{bad}' is under '{blocker}', which is a file")
     assert blocker.read_text() == ""
 
 

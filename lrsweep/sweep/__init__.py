@@ -32,6 +32,7 @@ from hydra.core.singleton import Singleton
 
 from lrsweep.job import PointFailed
 from lrsweep.row import now
+from lrsweep import disk
 from lrsweep.sweep import space, submit
 from lrsweep.sweep.returns import collect, dead_row, job_return, row_of
 from lrsweep.sweep.planning import Point, auto_device, check_gpus, pack, plan, points_per_job, slots, sweep_name  # noqa: F401
@@ -107,7 +108,7 @@ def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | st
                 submitted += submit.submit_local(launcher, ex, args, while_last=prefetch.start)
             out.job_ids = [str(j.job_id) for j in submitted]
             out.submitit_folder = str(Path(str(launcher.params["submitit_folder"])).parent)
-            out.no_space += [space.no_space(j.error, getattr(ex, "folder", None)) for j in submitted[-1:]
+            out.no_space += [disk.no_space(j.error, getattr(ex, "folder", None)) for j in submitted[-1:]
                              if isinstance(j, submit.NotSubmitted)]
             if not launcher.params.get("wait", True):
                 out.detached = True
@@ -120,9 +121,9 @@ def _run(launcher: Any, out: Outcome, jobs: list[list[Point]], per_job: int | st
                 try:
                     return dead_row(p, job, error, slurm)
                 except OSError as e:  # the row does not fit either: said once, in the summary
-                    if not space.is_full(e):
+                    if not disk.is_full(e):
                         raise
-                    line = space.no_space(e, os.path.join(p.results_dir, "rows"))
+                    line = disk.no_space(e, os.path.join(p.results_dir, "rows"))
                     if line not in out.no_space:
                         out.no_space.append(line)
                     return None

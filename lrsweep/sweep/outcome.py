@@ -17,7 +17,7 @@ from hydra.core.utils import JobReturn
 
 from lrsweep.row import ResultRow, read_row, read_rows, row_path, row_status
 from lrsweep.sweep.planning import Point
-from lrsweep.sweep.space import is_full, no_space
+from lrsweep.disk import is_full, no_space
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from omegaconf import OmegaConf
 
 from lrsweep.errors import ConfigError, did_you_mean
-from lrsweep.sweep import space
+from lrsweep import disk
 from lrsweep.sweep.planning import Point, gpus_requested, slots
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def submit_local(launcher: Any, ex: Any, args: list[tuple], while_last: Callable
                 try:
                     job = submit_one(ex, launcher, pending[0])
                 except OSError as e:
-                    if not space.is_full(e):
+                    if not disk.is_full(e):
                         raise
-                    line = space.no_space(e, getattr(ex, "folder", None))
+                    line = disk.no_space(e, getattr(ex, "folder", None))
                     log.error(f"[lrsweep] {line}: {len(pending)} jobs not submitted")
                     jobs += [NotSubmitted(e, getattr(ex, "folder", ""))] * len(pending)
                     pending = []
