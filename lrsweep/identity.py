@@ -32,6 +32,7 @@ NOT_EXPERIMENT: dict[str, str] = {
     "threads": "torch threads of the job (by default the launcher's cpus_per_task): local and SLURM runs are one "
                "experiment",
     "sweep_name": "the W&B group the launcher names the sweep by",
+    "seeds": "how many seeds a sweep gives a randomized method: each seed is its own run",
     "progress": "progress bars",
     "verbose": "tracebacks of config errors",
     "force": "reruns a point whose row is ok",

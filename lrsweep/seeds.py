@@ -1,8 +1,11 @@
-"""Seeds: one integer per run, and a note when a sweep gives a randomized method a single seed.
+"""Seeds: one integer per run, more of them for a randomized method in a sweep, and a note when a
+sweep gives a randomized method a single seed.
 
 A randomized method (registered with ``randomized=``: lplr, rsvd, asvd with ``solver=lowrank``)
-draws its projections from ``seed``; one seed is one sample of its quality, so a sweep that runs
-it with one seed says so in its plan, with the override that adds seeds.
+draws its projections from ``seed``; one seed is one sample of its quality. A sweep runs each of
+its points at ``seeds`` seeds (``seed``, ``seed + 1``, ...; :func:`more`) unless the grid sets
+``seed`` itself; a sweep that still runs it with one seed says so in its plan, with the override
+that adds seeds.
 """
 
 from __future__ import annotations
@@ -45,3 +48,31 @@ def single_seed_note(cfgs: Iterable[Mapping[str, Any]]) -> str | None:
     s = min(min(seeds[m]) for m in single)
     return (f"[lrsweep] randomized method{'s' * (len(single) > 1)} {', '.join(single)} with one seed: each point "
             f"is one sample of a random draw, not a trend; add seeds with seed={s},{s + 1},{s + 2}")
+
+
+def more(resolved: Mapping[str, Any], overrides: Iterable[str]) -> list[int]:
+    """The seeds a sweep adds to a point (``resolved``: its resolved config): ``seed + 1`` ..
+    ``seed + seeds - 1`` when its method is randomized and its overrides do not set ``seed``; none
+    for a deterministic method, or a config the planner's validation will refuse."""
+    n, seed = resolved.get("seeds", 1), resolved.get("seed")
+    if not _integer(n) or n <= 1 or not _integer(seed):
+        return []
+    if any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in overrides):
+        return []
+    try:
+        spec = method_spec(resolved["method"])
+        randomized = spec.is_randomized(**method_options(resolved["method"]))
+    except (ConfigError, TypeError):
+        return []
+    return [seed + k for k in range(1, n)] if randomized else []
+
+
+def check_count(n: Any) -> None:
+    """ConfigError unless ``seeds`` is a positive integer."""
+    if not _integer(n) or n < 1:
+        raise ConfigError("seeds", f"{n!r} is not a positive integer: how many seeds a sweep gives each point of a "
+                          "randomized method", ["1", "3"])
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

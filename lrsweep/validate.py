@@ -141,6 +141,7 @@ def validate_experiment(cfg: DictConfig, *, check_device: bool = True, resolved:
     if cfg.model.get("kind") not in models.KINDS:
         raise ConfigError("model.kind", f"{cfg.model.get('kind')!r} is unknown", models.KINDS)
     models.model_dtype(cfg.model)
+    seeds.check_count(cfg.get("seeds", 1))
     bits = cfg.bits
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ConfigError("bits", f"{bits!r} is not supported", ["2..15 (integer codes)", "16 (fp16)", "32 (fp32)"])

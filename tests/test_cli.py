@@ -26,7 +26,8 @@ def test_an_unknown_option_is_one_line_with_did_you_mean(cli):
 
 def test_dry_run_lists_points_writes_nothing_and_exits_0(cli, tmp_path):
     code, out, _ = cli("-m", "method=svd,lplr", "rank=4,8", "dry_run=true", *FAST, LAYER0)
-    assert code == 0 and "4 missing" in out and "nothing was launched" in out
+    assert code == 0 and "8 missing" in out and "nothing was launched" in out  # lplr at seeds 0, 1, 2
+    assert "method=lplr rank=8 dry_run=True" in out and out.count(" seed=2") == 2
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.json"))
     assert not any(a.startswith("hydra.sweep.dir=") for a in sys.argv[:-1])  # argv restored by monkeypatch
 

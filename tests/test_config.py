@@ -130,7 +130,7 @@ def schema_1_row(compose, overrides, drop_later):
         config["method"].setdefault("_target_", REGISTRY[config["method"]["name"]].target)
     exp = {k: copy.deepcopy(v) for k, v in config.items()
            if k not in {"hydra", "logger", "launch", "results_dir", "cache_dir", "device", "verbose", "threads",
-                        "sweep_name", "progress", "force", "dry_run"}}
+                        "sweep_name", "progress", "force", "dry_run", "seeds"}}
     exp["save_compressed"] = False
     for path, value in SCHEMA_1_LATER.items():
         node, leaf = _at(exp, path)

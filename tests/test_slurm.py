@@ -49,7 +49,7 @@ def flaky(W, *, rank, bits=16, seed=0, stats=None, **opts):
     return svd(W, rank=rank, bits=bits, seed=seed, stats=stats, **opts)
 '''
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3"]  # 2 jobs side by side
-SMALL = [*FAST, "eval.probe_train=64", "eval.probe_test=64"]
+SMALL = [*FAST, "eval.probe_train=64", "eval.probe_test=64", "seeds=1"]  # lplr at one seed
 
 
 def _cluster_problem() -> str | None:

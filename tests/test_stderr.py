@@ -128,6 +128,42 @@ def test_sweep_plan_logs_the_one_seed_line(compose, monkeypatch, caplog, tmp_pat
     assert len(lines) == 1 and "lplr" in lines[0] and "seed=0,1,2" in lines[0]
 
 
+def test_a_sweep_gives_randomized_methods_more_seeds(compose):
+    """seeds.more: ``seeds`` - 1 more seeds for a randomized method's point, none for a deterministic
+    one, one whose grid sets ``seed``, or ``seeds=1``."""
+    from lrsweep.identity import resolved
+
+    def more(*overrides, grid=()):
+        return seeds.more(resolved(compose(list(overrides))), list(grid))
+
+    assert more("method=lplr") == [1, 2] and more("method=rsvd", "seed=5") == [6, 7]
+    assert more("method=svd") == [] and more("method=asvd") == []
+    assert more("method=asvd", "method.solver=lowrank", "seeds=2") == [1]
+    assert more("method=lplr", "seeds=1") == [] and more("method=lplr", grid=["seed=0"]) == []
+
+
+def test_the_plan_adds_each_randomized_point_its_seeds_in_grid_order():
+    from lrsweep.sweep.planning import with_seeds
+
+    class Point:
+        def __init__(self, method, seed=0):
+            self.resolved = {"method": {"name": method}, "seed": seed, "seeds": 3}
+
+    grid = [["method=svd"], ["method=lplr", "rank=8"], ["method=lplr", "seed=4"]]
+    made = []
+    out, composed = with_seeds(grid, [Point("svd"), Point("lplr"), Point("lplr", 4)],
+                               lambda g: made.extend(g) or [f"made {' '.join(o)}" for o in g])
+    assert out == [["method=svd"], ["method=lplr", "rank=8"], ["method=lplr", "rank=8", "seed=1"],
+                   ["method=lplr", "rank=8", "seed=2"], ["method=lplr", "seed=4"]]
+    assert composed[2:4] == ["made method=lplr rank=8 seed=1", "made method=lplr rank=8 seed=2"]
+    assert made == out[2:4]  # composed once, together
+
+
+def test_seeds_must_be_a_positive_integer(config_error):
+    line = config_error("seeds=0")
+    assert line is not None and line.startswith("lrsweep: config error: seeds: 0 is not a positive integer")
+
+
 def test_seed_list_for_one_run_is_a_config_error(config_error):
     line = config_error("seed=[0,1]")
     assert line is not None and "\n" not in line

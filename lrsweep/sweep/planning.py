@@ -97,7 +97,9 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
     loader, extra = launcher.hydra_context.config_loader, {"sweep_name": name}
     composed = sweep_points(loader, launcher.config, job_overrides, with_hydra=not dry, extra=extra)
     if dry and not all(isinstance(c, Exception) or c.resolved.get("dry_run") for c in composed):
-        composed = sweep_points(loader, launcher.config, job_overrides, extra=extra)
+        composed, dry = sweep_points(loader, launcher.config, job_overrides, extra=extra), False
+    job_overrides, composed = with_seeds(job_overrides, composed, lambda grid: sweep_points(
+        loader, launcher.config, grid, with_hydra=not dry, extra=extra))
     check, device = Checks(check_device=launcher._EXECUTOR == "local"), auto_device(launcher)
     for i, (ov, c) in enumerate(zip(job_overrides, composed, strict=True)):
         if isinstance(c, Exception):  # Hydra could not compose the point: its error
@@ -120,6 +122,25 @@ def plan(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx:
         for p in points:
             p.cfg  # noqa: B018
     return points
+
+
+def with_seeds(job_overrides: Sequence[Sequence[str]], composed: list[Any], compose: Any
+               ) -> tuple[list[list[str]], list[Any]]:
+    """The grid with each point of a randomized method followed by its points at more seeds
+    (lrsweep.seeds.more: ``seeds`` of them in all, unless the grid sets ``seed``); ``compose`` makes
+    the added points (:func:`~lrsweep.sweep.compose.sweep_points` of their override lists)."""
+    more = {i: seeds.more(c.resolved, ov) for i, (ov, c) in enumerate(zip(job_overrides, composed, strict=True))
+            if not isinstance(c, Exception)}
+    added = [[*job_overrides[i], f"seed={s}"] for i in sorted(more) for s in more[i]]
+    made = iter(compose(added) if added else [])
+    grid, out = [], []
+    for i, (ov, c) in enumerate(zip(job_overrides, composed, strict=True)):
+        grid.append(list(ov))
+        out.append(c)
+        for s in more.get(i, []):
+            grid.append([*ov, f"seed={s}"])
+            out.append(next(made))
+    return grid, out
 
 
 def points_per_job(value: Any) -> int | str:
