@@ -89,6 +89,11 @@ def test_unknown_quantizer_grid_or_observer(refuse, override, key, valid):
     refuse(key, ["bits=4", "method.scheme=group", override], f"'{override.split('=')[1]}' is unknown", valid)
 
 
+def test_unknown_gptq_scale_error(refuse):
+    refuse("method.scale_error", ["method=gptq", "method.scale_error=input"], "'input' is unknown",
+           "valid: output, weight")
+
+
 def test_unknown_eval_task(refuse):
     refuse("eval.task", ["eval.task=prob"], "'prob' is unknown", "valid: auto", "probe")
 
