@@ -22,7 +22,8 @@ defaults (lqer fp16, caldera 4 bits); they store far more than rank r, so they s
     python benchmarks/methods.py --quick --methods quant,gptq,lqer,caldera --observer mse
 
 ``--grid`` and ``--observer`` go to every method (lrsweep.quant: the symmetric grid's scale rule and
-how scales are chosen).
+how scales are chosen); without ``--grid`` each method runs on its own default (``auto``; ``best``
+for gptq, lqer and caldera).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--q-bits", type=int, default=4, help="bits of Q for methods that quantize W itself (default 4)")
     p.add_argument("--methods", default=",".join(sorted(m for m in REGISTRY if REGISTRY[m].has_rank)),
                    help="comma-separated (default: every method with a rank)")
-    p.add_argument("--grid", default="auto", choices=GRIDS, help="the symmetric grid's scale rule (default auto)")
+    p.add_argument("--grid", choices=GRIDS,
+                   help="the symmetric grid's scale rule (default: each method's own, auto or gptq's best)")
     p.add_argument("--observer", default="absmax", choices=OBSERVERS, help="how scales are chosen (default absmax)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, help="timed runs per method at least (default 3; 1 with --quick)")
@@ -147,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     for s in shapes.split(","):
         n, d = (int(v) for v in s.lower().split("x"))
         rows += bench_shape(n, d, rank, args.bits, methods, device, repeats, args.q_bits,
-                            {"grid": args.grid, "observer": args.observer})
+                            {"observer": args.observer, **({"grid": args.grid} if args.grid else {})})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# methods at rank {rank}, bits {args.bits}, grid {args.grid}, observer {args.observer}, on {name}, "
+    print(f"# methods at rank {rank}, bits {args.bits}, grid {args.grid or 'of each method'}, "
+          f"observer {args.observer}, on {name}, "
           f"torch {torch.__version__}, fastest of >= {repeats} runs")
     print(tabulate(rows, headers=["shape", "method", "seconds", "x floor", "svd/x", "rel err", "err +%", "out err"],
                    floatfmt=("", "", ".4f", ".2f", ".1f", ".4f", ".2f", ".4f"), tablefmt="github", missingval="-"))

@@ -28,11 +28,16 @@ SCHEMES = ("uniform", "channel", "group")
 #   tight:  max(max+ / q, max- / (q + 1))  (the smallest scale that clips nothing: all 2^b codes
 #                                    when the negative extreme is the larger one)
 #   auto:   full at 2-3 bits, tight from 4 bits (measured on SmolLM2 weights: AUTO_FULL_BITS)
-GRIDS = ("auto", "full", "tight", "narrow")
+#   best:   per group, whichever of full and tight has the lower error (the squared error, or the
+#           weighted one of ``weight``: gptq's output error)
+GRIDS = ("auto", "full", "tight", "narrow", "best")
+BEST_OF = ("full", "tight")  # the rules ``best`` chooses from, in this order on ties
 AUTO_FULL_BITS = 3  # auto is ``full`` up to this many bits, ``tight`` above
 # How the scale is chosen: absmax (the grid rule on the group's extremes) or mse (the clipping
 # ratio p of the grid rule's range, on MSE_STEPS steps from 1 down to MSE_LOWEST, with the least
 # squared error of the group; uniform: the tensor's min/max range shrunk by p about its midpoint).
+# The error is sum_j weight_j (x_ij - q_ij)^2 with per-column weights when given (gptq passes its own,
+# the share of each column's squared error in the output error), else the plain squared error.
 OBSERVERS = ("absmax", "mse")
 MSE_STEPS, MSE_LOWEST = 100, 0.5
 
@@ -75,32 +80,37 @@ def check_rule(grid: str, observer: str) -> None:
 
 
 def grid_rule(grid: str, bits: int) -> str:
-    """The rule (full, tight or narrow) that ``grid`` stands for at ``bits``."""
+    """The rule (full, tight or narrow) that ``grid`` stands for at ``bits`` (``best`` stands for none:
+    it chooses per group between :data:`BEST_OF`)."""
     if grid == "auto":
         return "full" if bits <= AUTO_FULL_BITS else "tight"
     return grid
 
 
 def quantize(x: torch.Tensor, bits: int, scheme: str = "uniform", group_size: int = 128, grid: str = "auto",
-             observer: str = "absmax") -> QTensor:
+             observer: str = "absmax", weight: torch.Tensor | None = None) -> QTensor:
     """Quantize ``x`` (2-D) at ``bits`` bits with the given scheme.
 
     - ``uniform``: per-tensor min/max grid with 2^b levels (the LPLR paper's quantizer);
     - ``channel``: symmetric integer grid per output row, its scale by the ``grid`` rule (GRIDS);
     - ``group``: the same per group of ``group_size`` consecutive entries of a row.
     ``observer``: ``absmax`` (the range of the values) or ``mse`` (the clipped range with the least
-    squared error, per group; per tensor for ``uniform``).
+    squared error, per group; per tensor for ``uniform``). ``weight`` (one positive number per column,
+    optional): the error that ``mse`` and the ``best`` grid minimize is sum_j weight_j (x_ij - q_ij)^2.
     """
     check_bits(bits)
     check_rule(grid, observer)
     x = x.float()
+    if weight is not None and (weight.shape != x.shape[-1:] or not bool((weight > 0).all())):
+        raise ValueError(f"weight must hold one positive number per column ({x.shape[-1]}), got {tuple(weight.shape)}")
     if bits in FLOAT_BITS:
         dtype = torch.float16 if bits == 16 else torch.float32
         q = QTensor(value=x.to(dtype).float(), bits=bits)
     elif scheme == "uniform":
-        q = _uniform(x, bits, observer)
+        q = _uniform(x, bits, observer, weight)
     elif scheme in ("channel", "group"):
-        q = _absmax(x, bits, x.shape[-1] if scheme == "channel" else min(group_size, x.shape[-1]), grid, observer)
+        q = _absmax(x, bits, x.shape[-1] if scheme == "channel" else min(group_size, x.shape[-1]), grid, observer,
+                    weight)
     else:
         raise ValueError(f"quantizer scheme={scheme!r} is unknown; valid: {', '.join(SCHEMES)}")
     q.scheme, q.group_size = scheme, group_size
@@ -136,17 +146,18 @@ def _codes_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int16
 
 
-def _uniform(x: torch.Tensor, bits: int, observer: str = "absmax") -> QTensor:
+def _uniform(x: torch.Tensor, bits: int, observer: str = "absmax", weight: torch.Tensor | None = None) -> QTensor:
     lo, hi = x.min(), x.max()
     levels = 2**bits - 1
     if observer == "mse" and hi > lo:  # the range shrunk by p about its midpoint, p with the least error
         mid, half = (hi + lo) / 2, (hi - lo) / 2
+        w = _relative(weight)
 
         def shrunk(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # p = 1: absmax's own range, exactly
             return (lo, hi) if float(p) == 1.0 else (mid - p * half, mid + p * half)
 
-        p = _best_ratio(lambda p: _uniform_round(x, shrunk(p)[0], (shrunk(p)[1] - shrunk(p)[0]) / levels,
-                                                 levels)[1].sub(x).square().sum().reshape(1))
+        p = _best_ratio(lambda p: _weighted(_uniform_round(x, shrunk(p)[0], (shrunk(p)[1] - shrunk(p)[0]) / levels,
+                                                           levels)[1].sub(x).square(), w).sum().reshape(1))
         lo, hi = shrunk(p)
     step = (hi - lo) / levels
     if step == 0:  # constant tensor: every code is 0
@@ -165,6 +176,16 @@ def _uniform_round(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, levels
 def mse_ratios(device: torch.device | None = None) -> torch.Tensor:
     """The clipping ratios the mse observer tries: 1, 1 - (1 - MSE_LOWEST) / MSE_STEPS, ..., > MSE_LOWEST."""
     return 1 - torch.arange(MSE_STEPS, device=device, dtype=torch.float32) * ((1 - MSE_LOWEST) / MSE_STEPS)
+
+
+def _relative(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """Column weights over their largest one along the last axis (equal weights are exactly 1: the
+    plain search), None for none."""
+    return None if weight is None else weight.float() / weight.float().amax(-1, keepdim=True)
+
+
+def _weighted(sq_error: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return sq_error if weight is None else sq_error * weight
 
 
 def _best_ratio(error: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -199,9 +220,24 @@ def symmetric_round(xg: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[t
     return codes, codes * scale
 
 
-def symmetric_scales(xg: torch.Tensor, bits: int, grid: str = "auto", observer: str = "absmax") -> torch.Tensor:
+def symmetric_error(xg: torch.Tensor, scale: torch.Tensor, bits: int, weight: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Per group of ``xg`` (..., group) -> (..., 1): the squared error of rounding on ``scale``, each
+    column's times its ``weight`` (broadcast on ``xg``) when given."""
+    return _weighted(symmetric_round(xg, scale, bits)[1].sub(xg).square(), weight).sum(-1, keepdim=True)
+
+
+def symmetric_scales(xg: torch.Tensor, bits: int, grid: str = "auto", observer: str = "absmax",
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
     """The fp16-representable scale of each group of ``xg`` (..., group) -> (..., 1) by the ``grid``
-    rule at ``bits``, and with the ``mse`` observer the ratio of it with the least squared error."""
+    rule at ``bits``, and with the ``mse`` observer the ratio of it with the least error; ``best``: per
+    group the one of :data:`BEST_OF`'s scales with the least error. The error: :func:`symmetric_error`
+    with ``weight`` (per column of a group, broadcast on ``xg``; None: the plain squared error)."""
+    weight = _relative(weight)
+    if grid == "best":
+        scales = [symmetric_scales(xg, bits, rule, observer, weight) for rule in BEST_OF]
+        errors = [symmetric_error(xg, s, bits, weight) for s in scales]
+        return torch.where(errors[1] < errors[0], scales[1], scales[0])
     qmax = 2 ** (bits - 1) - 1
     rule = grid_rule(grid, bits)
     if rule == "tight":
@@ -210,17 +246,17 @@ def symmetric_scales(xg: torch.Tensor, bits: int, grid: str = "auto", observer: 
     else:
         scale = xg.abs().amax(-1, keepdim=True) / (qmax + 0.5 if rule == "full" else qmax)
     if observer == "mse":
-        def error(p: torch.Tensor) -> torch.Tensor:
-            return symmetric_round(xg, _fp16_scale(p * scale), bits)[1].sub(xg).square().sum(-1, keepdim=True)
-
-        scale = _best_ratio(error) * scale
+        scale = _best_ratio(lambda p: symmetric_error(xg, _fp16_scale(p * scale), bits, weight)) * scale
     return _fp16_scale(scale)
 
 
-def _absmax(x: torch.Tensor, bits: int, group: int, grid: str = "auto", observer: str = "absmax") -> QTensor:
+def _absmax(x: torch.Tensor, bits: int, group: int, grid: str = "auto", observer: str = "absmax",
+            weight: torch.Tensor | None = None) -> QTensor:
     n, d = x.shape
     xp = _groups(x, group)
-    scale = symmetric_scales(xp, bits, grid, observer)
+    if weight is not None:  # (groups, group), the padding's weight 0 (its error is 0 anyway)
+        weight = _groups(weight.float().reshape(1, d), group)[0]
+    scale = symmetric_scales(xp, bits, grid, observer, weight)
     codes, value = symmetric_round(xp, scale, bits)
     qmax = 2 ** (bits - 1) - 1
     stored_codes = (codes + qmax + 1).reshape(n, -1)[:, :d].to(_codes_dtype(bits))

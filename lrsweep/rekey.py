@@ -2,7 +2,8 @@
 
 A row's run_id hashes its config with the row schema's version (lrsweep.identity), so a new version
 changes every run_id and a sweep would rerun the rows written before. This migration gives each row
-of an earlier schema its config as written now (:data:`SCHEMA_1`) and the run_id that config has
+of an earlier schema its config as written now (:data:`SCHEMA_1`; :data:`SCHEMA_2` for the keys added
+since, which a schema-2 row written before them lacks too) and the run_id that config has
 now (the device type that ran it, for ``device=auto``), moves the row there and sets its
 schema_version. A row is not moved onto an existing one, nor when its device is unknown (it failed
 before choosing one on ``device=auto``); a row already keyed by its config stays. ``--dry-run``
@@ -33,42 +34,42 @@ SCHEMA_1: dict[str, Any] = {"param_ratio": None, "allocation": "uniform",
                             # the quantizer's symmetric grid before method.grid: absmax / (2^(b-1) - 1)
                             "method.grid": "narrow", "method.observer": "absmax"}
 
+# What a row's config meant by a key added while rows have schema 2 (a row of schema 1 or 2 without it
+# was written before it existed): gptq's scale search (observer mse; gptq, lqer, caldera) minimized
+# the plain squared error. A row without the search (observer absmax; grid best came with the key)
+# computed what the default computes.
+SCHEMA_2: dict[str, Any] = {"method.scale_error": "weight"}
+
 KEPT, UNKNOWN = "kept: a row with the new id exists", "left: device=auto and no device recorded"
 
 
 def current_config(row: ResultRow) -> dict[str, Any]:
     """The row's config as written under the current schema."""
     config = copy.deepcopy(row.config)
-    if row.schema_version < 2:
-        options = _method_options(config.get("method"))
-        for path, value in SCHEMA_1.items():
-            *parents, leaf = path.split(".")
-            node: Any = config
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict) or leaf in node or (parents == ["method"] and leaf not in options):
-                continue
-            if path == "method.grid" and node.get("scheme") == "uniform":
-                value = _default_grid()  # min/max grids: no grid rule changes their numbers
-            node[leaf] = value
+    spec = _builtin(config.get("method"))
+    options, defaults = (spec.options() or set(), spec.defaults()) if spec else (set(), {})
+    for path, value in {**(SCHEMA_1 if row.schema_version < 2 else {}), **SCHEMA_2}.items():
+        *parents, leaf = path.split(".")
+        node: Any = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf in node or (parents == ["method"] and leaf not in options):
+            continue
+        if path == "method.grid" and node.get("scheme") == "uniform":
+            value = defaults["grid"]  # min/max grids: no grid rule changes their numbers
+        if path == "method.scale_error" and node.get("observer") != "mse":
+            value = defaults["scale_error"]  # no scale search ran
+        node[leaf] = value
     return config
 
 
-def _default_grid() -> str:
-    from lrsweep.methods import QuantizerOptions
-
-    return QuantizerOptions().grid
-
-
-def _method_options(method: Any) -> set[str]:
-    """The option keys of the config ``method/<name>`` composes (a built-in's base config, whatever
-    its ``_target_``); none for another name (``method=custom``: only the options it was given)."""
+def _builtin(method: Any) -> Any:
+    """The built-in whose base config ``method/<name>`` composes (whatever its ``_target_``); None for
+    another name (``method=custom``: only the options it was given)."""
     from lrsweep.methods import REGISTRY
 
     spec = REGISTRY.get(str(method.get("name"))) if isinstance(method, dict) else None
-    if spec is None or not spec.builtin:
-        return set()
-    return spec.options() or set()
+    return spec if spec is not None and spec.builtin else None
 
 
 def current_id(row: ResultRow, config: dict[str, Any]) -> str | None:

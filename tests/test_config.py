@@ -124,7 +124,7 @@ def schema_1_row(compose, overrides, drop_later):
 
     cfg = compose(overrides)
     config = OmegaConf.to_container(cfg, resolve=True)
-    for option in ("grid", "observer"):  # the quantizer's options came with schema 2
+    for option in ("grid", "observer", "scale_error"):  # the quantizer's options came with schema 2
         config["method"].pop(option, None)
     if config["method"]["name"] in REGISTRY:
         config["method"].setdefault("_target_", REGISTRY[config["method"]["name"]].target)
@@ -187,8 +187,57 @@ def test_the_default_grid_rule_changes_the_run_id_of_every_quantizing_method(com
         if "grid" in cfg.method:
             narrow = compose(overrides.split())
             narrow.method.grid = "narrow"
-            assert cfg.method.grid == "auto" and run_id(cfg) != run_id(narrow), overrides
+            default = "best" if cfg.method.name in ("gptq", "lqer", "caldera") else "auto"  # gptq's options
+            assert cfg.method.grid == default and run_id(cfg) != run_id(narrow), overrides
     assert run_id(compose(["method.observer=mse"])) != run_id(compose([]))
+    gptq = compose(["method=gptq"])
+    assert run_id(gptq) != run_id(compose(["method=gptq", "method.grid=auto"]))
+    assert run_id(gptq) != run_id(compose(["method=gptq", "method.scale_error=weight"]))
+
+
+@pytest.mark.parametrize("method", ["gptq", "svd"])
+def test_rekey_gives_a_uniform_schema_1_row_its_methods_default_grid(compose, method):
+    """The uniform scheme's min/max grid has no rule: a schema-1 row is keyed to its method's defaults
+    (gptq's grid best, the shared auto), the config a sweep composes for that point now."""
+    from omegaconf import OmegaConf
+
+    from lrsweep import rekey
+    from lrsweep.row import ResultRow
+
+    cfg = compose([f"method={method}", "method.scheme=uniform", "device=cpu"])
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for option in ("grid", "observer", "scale_error"):
+        config["method"].pop(option, None)
+    row = ResultRow(run_id="0123456789ab", device="cpu", config=config, schema_version=1)
+    assert rekey.current_config(row) == OmegaConf.to_container(cfg, resolve=True)
+    assert rekey.current_config(row)["method"]["grid"] == ("best" if method == "gptq" else "auto")
+
+
+@pytest.mark.parametrize("overrides, ran", [
+    ("method=gptq method.grid=auto method.observer=mse", "weight"), ("method=gptq method.grid=auto", "output"),
+    ("method=caldera method.grid=auto method.observer=mse", "weight"),
+    ("method=lqer method.quantizer=gptq method.observer=mse", "weight"), ("method=lqer method.grid=auto", "output")])
+def test_rekey_gives_rows_before_scale_error_the_search_they_ran(compose, tmp_path, overrides, ran):
+    """A schema-2 row of gptq, lqer or caldera written before method.scale_error: its mse search
+    minimized the plain squared error (scale_error weight); without a search (observer absmax, no grid
+    best) it computed what the default computes. rekey moves it to the run_id of that config, never onto
+    the new default's (grid best, searched on the output error)."""
+    from omegaconf import OmegaConf
+
+    from lrsweep import identity, rekey
+    from lrsweep.row import ResultRow, read_rows, write_row
+
+    config = OmegaConf.to_container(compose([*overrides.split(), "device=cpu"]), resolve=True)
+    del config["method"]["scale_error"]
+    old = identity.run_id(OmegaConf.create(config))
+    write_row(tmp_path, ResultRow(run_id=old, status="ok", device="cpu", run_name=f"x-{old}", config=config,
+                                  schema_version=2))
+    new = run_id(compose([*overrides.split(), f"method.scale_error={ran}", "device=cpu"]))
+    assert new != old and rekey.rekey(tmp_path) == [(old, new, "moved")]
+    (row,) = read_rows(tmp_path)
+    assert row.run_id == new and row.config["method"]["scale_error"] == ran and row.schema_version == 2
+    assert new != run_id(compose([overrides.split()[0], "device=cpu"]))  # the default: grid best
+    assert rekey.rekey(tmp_path) == []
 
 
 def test_built_in_method_configs_have_no_target(compose):

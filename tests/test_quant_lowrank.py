@@ -69,14 +69,16 @@ def test_gptq_on_uncorrelated_unit_inputs_is_round_to_nearest():
     W = weight()
     f = compress_matrix(W, "gptq", bits=3, stats=LayerStats(xtx=torch.eye(D, dtype=torch.float64) * 7),
                         scheme="channel", act_order=False)
-    torch.testing.assert_close(f.reconstruct(), quantize(W, 3, "channel").value)
+    torch.testing.assert_close(f.reconstruct(), quantize(W, 3, "channel", grid="best").value)  # gptq's default grid
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "channel", "group"])
-@pytest.mark.parametrize("grid, observer", [("narrow", "absmax"), ("full", "mse"), ("tight", "mse"), ("auto", "mse")])
+@pytest.mark.parametrize("grid, observer", [("narrow", "absmax"), ("full", "mse"), ("tight", "mse"), ("auto", "mse"),
+                                            ("best", "absmax"), ("best", "mse")])
 def test_gptq_rounds_on_quantizes_grid_rule_and_observer(scheme, grid, observer):
     """H = c I again: whatever the grid rule and observer, gptq's Q is quantize()'s with them (its group
-    scales, chosen as each group starts, see the weights quantize sees)."""
+    scales, chosen as each group starts, see the weights quantize sees), and the output error its
+    searches minimize (scale_error output, the default) weighs every column alike: the plain search's."""
     W = weight(outliers=3.0)
     H = torch.eye(D, dtype=torch.float64) * 7
     f = compress_matrix(W, "gptq", bits=3, stats=LayerStats(xtx=H), scheme=scheme, group_size=32, act_order=False,
@@ -84,6 +86,24 @@ def test_gptq_rounds_on_quantizes_grid_rule_and_observer(scheme, grid, observer)
     q = quantize(W, 3, scheme, 32, grid=grid, observer=observer)
     torch.testing.assert_close(f.reconstruct(), q.value)
     assert torch.equal(f.stored["Q"].codes, q.codes)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "channel", "group"])
+@pytest.mark.parametrize("grid", ["best", "tight"])
+def test_gptq_weighs_a_heavy_input_channel(scheme, grid):
+    """H diagonal (no feedback: GPTQ rounds to nearest) with one input channel 1000 times the others':
+    the mse search on the output error keeps that column's rounding error below the plain search's
+    (scale_error weight), and the output error tr(D H D^T) falls."""
+    W = weight(outliers=3.0)
+    W[0, 5] = 1.5 * float(W.abs().max())  # the tensor's, row's and group's extreme: the plain search clips it
+    h = torch.ones(D, dtype=torch.float64)
+    h[5] = 1000.0
+    H = torch.diag(h)
+    f = {e: compress_matrix(W, "gptq", bits=3, stats=LayerStats(xtx=H), scheme=scheme, group_size=32,
+                            act_order=False, grid=grid, observer="mse", scale_error=e) for e in ("output", "weight")}
+    col = {e: float((v.reconstruct() - W)[:, 5].square().sum()) for e, v in f.items()}
+    out = {e: float(((v.reconstruct() - W) @ H.float() * (v.reconstruct() - W)).sum()) for e, v in f.items()}
+    assert col["output"] < 0.7 * col["weight"] and out["output"] < out["weight"], (col, out)
 
 
 @pytest.mark.parametrize("bits, scheme", [(3, "group"), (4, "group"), (3, "channel")])
@@ -97,6 +117,38 @@ def test_gptq_with_the_mse_observer_at_most_without(bits, scheme):
         err[grid, observer] = (output_error(W, f.reconstruct(), X), f.storage_bits)
     assert err["auto", "mse"][0] < err["auto", "absmax"][0] < err["narrow", "absmax"][0]
     assert len({bits for _, bits in err.values()}) == 1
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_default_best_and_output_weighted_mse(bits, act_order):
+    """On a layer with outlier directions and correlated inputs (channels of uneven scale): the default
+    (grid best, chosen on the output error) is below grid auto; the mse search on the output error is
+    below the default, and below the plain mse search (scale_error weight)."""
+    W = weight(outliers=3.0)
+    opts = dict(bits=bits, inputs=X, scheme="group", group_size=32, act_order=act_order)
+    err = {(g, o, e): output_error(
+        W, compress_matrix(W, "gptq", grid=g, observer=o, scale_error=e, **opts).reconstruct(), X)
+           for g, o, e in (("auto", "absmax", "output"), ("best", "absmax", "output"), ("best", "mse", "output"),
+                           ("best", "mse", "weight"))}
+    assert compress_matrix(W, "gptq", **opts).reconstruct().equal(
+        compress_matrix(W, "gptq", grid="best", observer="absmax", scale_error="output", **opts).reconstruct())
+    assert err["best", "mse", "output"] < err["best", "absmax", "output"] < err["auto", "absmax", "output"], err
+    assert err["best", "mse", "output"] < err["best", "mse", "weight"], err
+
+
+@pytest.mark.parametrize("scale_error", ["output", "weight"])
+def test_lqer_and_caldera_take_gptqs_scale_search(scale_error):
+    """lqer's gptq quantizer and caldera's first Q are gptq's Q with the same grid, observer and scale_error."""
+    W = weight(outliers=3.0)
+    opts = dict(bits=3, inputs=X, scheme="group", group_size=32, grid="best", observer="mse")
+    Q = compress_matrix(W, "gptq", scale_error=scale_error, **opts).stored["Q"]
+    other = compress_matrix(W, "gptq", scale_error={"output": "weight", "weight": "output"}[scale_error], **opts)
+    assert not torch.equal(other.stored["Q"].codes, Q.codes)  # the option changes Q on this layer
+    lqer = compress_matrix(W, "lqer", rank=4, quantizer="gptq", scale_error=scale_error, **opts)
+    caldera = compress_matrix(W, "caldera", rank=4, iters=1, lr_iters=0, scale_error=scale_error, **opts)
+    for f in (lqer, caldera):
+        assert torch.equal(f.stored["Q"].codes, Q.codes) and torch.equal(f.stored["Q"].meta["scale"], Q.meta["scale"])
 
 
 def test_gptq_zeroes_columns_that_never_see_an_input():
@@ -113,7 +165,7 @@ def test_gptq_zeroes_columns_that_never_see_an_input():
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
 def test_lqer_below_its_quantizer_and_falling_with_rank(metric, quantizer):
     W = weight()
-    base = quantize(W, 3, "group", 32) if quantizer == "rtn" else \
+    base = quantize(W, 3, "group", 32, grid="best") if quantizer == "rtn" else \
         compress_matrix(W, "gptq", bits=3, inputs=X, scheme="group", group_size=32)
     base_err = output_error(W, base.value if quantizer == "rtn" else base.reconstruct(), X)
     errs = [output_error(W, compress_matrix(W, "lqer", rank=r, bits=3, inputs=X, metric=metric, quantizer=quantizer,
@@ -128,7 +180,7 @@ def test_qera_is_the_output_error_optimum_of_the_residual():
     errs = {m: output_error(W, compress_matrix(W, "lqer", rank=8, bits=3, lr_bits=32, inputs=X, metric=m,
                                                scheme="group", group_size=32).reconstruct(), X)
             for m in ("qera", "lqer")}
-    Q = quantize(W, 3, "group", 32).value
+    Q = quantize(W, 3, "group", 32, grid="best").value  # lqer's default grid (gptq's options)
     U, S, Vh = torch.linalg.svd(W - Q)
     plain = output_error(W, Q + (U[:, :8] * S[:8]) @ Vh[:8], X)
     assert errs["qera"] < errs["lqer"] and errs["qera"] < plain
@@ -211,7 +263,7 @@ def test_deterministic_and_module_computes_q_plus_lowrank(method):
     ("lqer", {"quantizer": "awq"}, "method.quantizer"), ("lqer", {"metric": "l2"}, "method.metric"),
     ("gptq", {"scheme": "nf4"}, "method.scheme"), ("gptq", {"damp": -1}, "method.damp"),
     ("caldera", {"iters": 0}, "method.iters"), ("gptq", {"observer": "minmax"}, "method.observer"),
-    ("lqer", {"grid": "wide"}, "method.grid"),
+    ("lqer", {"grid": "wide"}, "method.grid"), ("gptq", {"scale_error": "input"}, "method.scale_error"),
 ])
 def test_bad_options_are_config_errors(method, opts, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -83,10 +83,15 @@ def test_unknown_group_option_did_you_mean(refuse, override, key, fragments):
 
 @pytest.mark.parametrize("override, key, valid", [
     ("method.observer=minmax", "method.observer", "valid: absmax, mse"),
-    ("method.grid=wide", "method.grid", "valid: auto, full, tight, narrow"),
+    ("method.grid=wide", "method.grid", "valid: auto, full, tight, narrow, best"),
 ])
 def test_unknown_quantizer_grid_or_observer(refuse, override, key, valid):
     refuse(key, ["bits=4", "method.scheme=group", override], f"'{override.split('=')[1]}' is unknown", valid)
+
+
+def test_unknown_gptq_scale_error(refuse):
+    refuse("method.scale_error", ["method=gptq", "method.scale_error=input"], "'input' is unknown",
+           "valid: output, weight")
 
 
 def test_unknown_eval_task(refuse):

@@ -100,7 +100,8 @@ def caldera(W: torch.Tensor, o: CalderaOptions, *, rank: int, bits: int = 2, see
     LR = torch.zeros_like(W)
     best, errors = None, []
     for _ in range(o.iters):
-        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule)
+        Q, perm, qinfo = gptq_quantize(W - LR, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule,
+                                       scale_error=o.scale_error)
         A = W - in_w_order(Q, perm)
         L, R, err, linfo = fit_lowrank(A, H, LayerStats(xtx=xtx), rank, o.lr_bits, o, o.lr_iters, o.shift)
         LR = L.value @ R.value

@@ -63,7 +63,8 @@ def quantize_q(W: torch.Tensor, xtx: torch.Tensor | None, bits: int, o: LQEROpti
     """(Q, perm, info) by round-to-nearest or GPTQ (``o.quantizer``), on ``o``'s grid."""
     if o.quantizer == "rtn":
         return o.quantize(W.float(), bits), None, {}
-    return gptq_quantize(W, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule)
+    return gptq_quantize(W, xtx, bits, o.scheme, o.group_size, o.damp, o.act_order, **o.rule,
+                         scale_error=o.scale_error)
 
 
 def in_w_order(Q: QTensor, perm: torch.Tensor | None) -> torch.Tensor:
