@@ -96,7 +96,7 @@ def read_json(path: str | os.PathLike, what: str, check: Callable[[Any], T] = la
     :func:`damaged` as ``what`` with ``then`` saying what the reader does instead."""
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such file (a parent that is a file: neither)
         return None
     except OSError as e:
         damaged(path, what, f"unreadable: {e.strerror or e}", then)

@@ -59,6 +59,14 @@ def no_space(e: OSError, fallback: str | os.PathLike | None = None) -> str:
     return f"no space left on device writing {path} ({size(free_bytes(path))} free there)"
 
 
+def read_only(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is on a filesystem mounted read-only."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+
+
 def check_dir(key: str, path: str, room: int, write: bool) -> None:
     """ConfigError unless ``path`` is (or can be made) a writable directory with ``room`` bytes free;
     ``write``: make it and write a probe file there (else only look, for a dry run)."""
@@ -68,8 +76,8 @@ def check_dir(key: str, path: str, room: int, write: bool) -> None:
         what = "is a file" if found == p else f"is under {str(found)!r}, which is a file"
         raise ConfigError(key, f"{path!r} {what}, not a directory", ["a writable directory"])
     if not os.access(found, os.W_OK | os.X_OK):
-        raise ConfigError(key, f"{path!r} is not writable (permission denied on {str(found)!r})",
-                          ["a writable directory"])
+        why = "a read-only filesystem at" if read_only(found) else "permission denied on"
+        raise ConfigError(key, f"{path!r} is not writable ({why} {str(found)!r})", ["a writable directory"])
     free = free_bytes(found)
     if free is not None and free < room:
         raise ConfigError(key, f"{path!r} has {size(free)} free; a sweep needs at least {size(room)} there "
@@ -85,4 +93,4 @@ def check_dir(key: str, path: str, room: int, write: bool) -> None:
                 os.fsync(f.fileno())
     except OSError as e:
         why = f"{size(free_bytes(p))} free" if is_full(e) else (e.strerror or str(e))
-        raise ConfigError(key, f"{path!r} is not writable ({why})", ["a writable directory"]) from None
+        raise ConfigError(key, f"{path!r} is not writable ({why} {str(found)!r})", ["a writable directory"]) from None

@@ -269,6 +269,14 @@ def test_a_damaged_row_is_one_warning_naming_it_and_counts_as_missing(tmp_path, 
     assert line.startswith(f"[lrsweep] damaged row {bad} (") and line.endswith("a rerun of its point rewrites it")
 
 
+def test_a_row_under_a_file_is_missing_not_damaged(tmp_path, caplog):
+    """``rows`` a file (refused before launch): there is no row under it to call damaged."""
+    (tmp_path / "rows").write_text("not a directory")
+    caplog.set_level(logging.WARNING)
+    assert rows_.load_row(row_path(tmp_path, "abc")) is None and row_status(tmp_path, "abc") is None
+    assert list(read_rows(tmp_path)) == [] and caplog.records == []
+
+
 def test_status_reports_a_damaged_row_and_a_damaged_manifest(tmp_path, capsys, caplog):
     _row(tmp_path, "good1")
     cut_in_half(_row(tmp_path, "bad1"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -44,13 +45,16 @@ def signals():
 
 
 # ---------------------------------------------------------------- preflight
-def test_rows_that_is_a_file_is_a_config_error_before_any_job(launch, tmp_path, monkeypatch):
+def test_rows_that_is_a_file_is_a_config_error_before_any_job(launch, tmp_path, monkeypatch, caplog):
     (tmp_path / "rows").write_text("not a directory")
     submitted = []
     monkeypatch.setattr(FakeExecutor, "submit", lambda self, *a: submitted.append(a))
+    caplog.set_level(logging.WARNING)
     with pytest.raises(ConfigError, match=r"^results_dir: '.*/rows' is a file, not a directory"):
         launch({"rank": [4, 8]})
     assert submitted == []
+    # the one line is the config error: no row exists there, so the skip check reports none as damaged
+    assert "damaged row" not in caplog.text
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
@@ -62,6 +66,20 @@ def test_rows_not_writable_is_a_config_error_before_any_job(launch, tmp_path):
             launch({"rank": [4, 8]})
     finally:
         (tmp_path / "rows").chmod(0o700)
+
+
+def test_a_read_only_filesystem_is_named_as_such(tmp_path, monkeypatch):
+    """A results dir on a read-only mount (root included: access(2) says EROFS): the line says so,
+    not "permission denied"."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(disk.os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(disk.os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY), raising=False)
+    with pytest.raises(ConfigError, match=r"^results_dir: '.*/r' is not writable \(a read-only filesystem at '"):
+        disk.check_dir("results_dir", str(tmp_path / "r"), 0, write=True)
+    monkeypatch.setattr(disk.os, "statvfs", lambda p: SimpleNamespace(f_flag=0), raising=False)
+    with pytest.raises(ConfigError, match=r"is not writable \(permission denied on '"):
+        disk.check_dir("results_dir", str(tmp_path / "r"), 0, write=True)
 
 
 def test_too_little_room_is_a_config_error_naming_the_path_and_free_space(launch, tmp_path, monkeypatch):
@@ -145,6 +163,52 @@ def test_dead_jobs_rows_that_do_not_fit_are_one_line_not_a_traceback(launch, tmp
     assert err.strip().count("\n") == 0 and f"writing {tmp_path / 'rows'} (" in err and "free there)" in err
     assert "rerun the points without an ok row: python -m lrsweep" in out
     assert {r.rank: r.status for r in read_rows(tmp_path)} == {4: "ok"}
+
+
+def test_a_job_that_died_on_a_full_disk_leaves_no_partial_result_pickle(launch, tmp_path, monkeypatch):
+    """submitit's job writes its result to ``<result>.pkl.save_tmp`` and renames it: a job that died
+    with the disk full leaves that file, empty or cut short; the launcher removes it."""
+    from types import SimpleNamespace
+
+    from fakelaunch import FakeJob
+
+    partial = []
+
+    def submit_(self, launcher, points, single, since, peers=None):
+        result = tmp_path / ".submitit" / f"{len(self.jobs)}_0_result.pkl"
+        result.parent.mkdir(exist_ok=True)
+        Path(f"{result}.save_tmp").write_bytes(b"")  # what the job began before the disk said no
+        partial.append(Path(f"{result}.save_tmp"))
+        self.jobs.append(FakeJob(str(len(self.jobs)), points, since, dies=points[0].cfg.rank == 8,
+                                 paths=SimpleNamespace(stdout="/dev/null", result_pickle=result)))
+        return self.jobs[-1]
+
+    monkeypatch.setattr(FakeExecutor, "submit", submit_)
+    _launcher, rets = launch({"rank": [4, 8]})
+    assert [r.status.name for r in rets] == ["COMPLETED", "FAILED"]
+    assert partial[0].exists() and not partial[1].exists()  # a job that ended well: not the launcher's to touch
+
+
+def test_a_failed_point_raises_through_the_sweeper_without_hydras_extra_line(tmp_path, capsys):
+    """The summary names the failed points; Hydra's JobReturn.return_value would add a line of every
+    override ("Error executing job with overrides: [...]") to stderr: the sweeper raises without it."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.lrsweep_launcher.launcher import GridSweeper, LocalLauncher
+    from lrsweep.job import PointFailed
+
+    sweeper = GridSweeper(max_batch_size=None)
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    sweeper.hydra_context = SimpleNamespace(config_loader=None)
+    sweeper.launcher = LocalLauncher.__new__(LocalLauncher)
+    sweeper.launcher.launch = lambda batch, initial_job_idx: [
+        JobReturn(overrides=b, status=JobStatus.FAILED, _return_value=PointFailed("abc (rank=8): boom")) for b in batch]
+    with pytest.raises(PointFailed, match="boom"):
+        sweeper.sweep(["rank=8"])
+    assert capsys.readouterr().err == ""
 
 
 def test_a_submission_that_does_not_fit_leaves_no_partial_pickle(tmp_path, monkeypatch):
@@ -260,6 +324,28 @@ def test_the_cli_exits_130_without_a_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 130 and capsys.readouterr().err == "lrsweep: interrupted\n"
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in the first seconds of ``python -m lrsweep``, while it imports Hydra and torch (before
+    lrsweep.cli.main runs): one line and exit 130, not a KeyboardInterrupt traceback."""
+    import runpy
+
+    class CtrlC:  # a Ctrl-C arriving while lrsweep.cli is imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "lrsweep.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "lrsweep.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    try:
+        runpy.run_module("lrsweep", run_name="__main__")
+        raised = None
+    except BaseException as e:  # a KeyboardInterrupt must not end the test session
+        raised = e
+    assert isinstance(raised, SystemExit) and raised.code == 130, repr(raised)
+    assert capsys.readouterr().err == "lrsweep: interrupted\n"
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -24,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
@@ -175,6 +175,11 @@ class GridSweeper(Sweeper):
                 self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=start)
             for r in results:
+                if (r.status == JobStatus.FAILED and isinstance(self.launcher, SweepLauncher)
+                        and isinstance(r._return_value, BaseException)):
+                    # its error, without the line of all its overrides return_value writes to stderr
+                    # first: lrsweep's summary has named the failed points
+                    raise r._return_value
                 _ = r.return_value  # raises the error of a failed point
             returns.append(results)
         return returns

@@ -3,6 +3,7 @@ died without writing them (killed, out of memory, timed out)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -68,6 +69,7 @@ def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, 
         return job.results()[0]
     except Exception as e:
         error = e
+    drop_partial_result(job)
     out = []
     for p in pts:
         with claimed(p, since, wait=True):
@@ -76,6 +78,16 @@ def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, 
                 row = dead(p, job, error)
         out.append(job_return(p, row, str(job.job_id), error))
     return out
+
+
+def drop_partial_result(job: Any) -> None:
+    """submitit's job writes its result pickle to ``<result>.save_tmp`` and renames it once whole: a
+    job that ended without a result (the disk filled up under it, or it was killed while writing)
+    leaves that file behind, empty or cut short. Removed, the job being over."""
+    result = getattr(getattr(job, "paths", None), "result_pickle", None)
+    if result is not None:
+        with contextlib.suppress(OSError):
+            Path(f"{result}.save_tmp").unlink(missing_ok=True)
 
 
 def dead_row(p: Point, job: Any, error: BaseException, slurm: bool) -> ResultRow:
