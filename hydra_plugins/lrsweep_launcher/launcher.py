@@ -174,12 +174,14 @@ class GridSweeper(Sweeper):
             if not isinstance(self.launcher, SweepLauncher):  # lrsweep's launchers compose and check each point
                 self.validate_batch_is_legal(batch)
             results = self.launcher.launch(batch, initial_job_idx=start)
+            failed = [r for r in results if r.status == JobStatus.FAILED]
+            if failed and isinstance(self.launcher, SweepLauncher):
+                # lrsweep's summary has named the failed points (and a full disk): exit 1 without the
+                # line of all of a point's overrides that JobReturn.return_value logs before raising
+                from lrsweep.job import PointFailed
+
+                raise PointFailed(f"{len(failed)} of {len(results)} grid points failed")
             for r in results:
-                if (r.status == JobStatus.FAILED and isinstance(self.launcher, SweepLauncher)
-                        and isinstance(r._return_value, BaseException)):
-                    # its error, without the line of all its overrides return_value writes to stderr
-                    # first: lrsweep's summary has named the failed points
-                    raise r._return_value
                 _ = r.return_value  # raises the error of a failed point
             returns.append(results)
         return returns
