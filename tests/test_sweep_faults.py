@@ -211,6 +211,33 @@ def test_a_failed_point_raises_through_the_sweeper_without_hydras_extra_line(tmp
     assert capsys.readouterr().err == ""
 
 
+def test_a_sweep_refused_before_any_job_leaves_no_sweep_dir(tmp_path):
+    """A config error out of the launcher (a preflight check): the sweeper removes the multirun.yaml
+    and the directories it made for it; a directory that was there stays."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.lrsweep_launcher.launcher import GridSweeper, LocalLauncher
+
+    def refuse(batch, initial_job_idx):
+        assert (tmp_path / "results" / "hydra" / "t" / "multirun.yaml").is_file()
+        raise ConfigError("results_dir", "refused")
+
+    sweeper = GridSweeper(max_batch_size=None)
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "results" / "hydra" / "t")}}})
+    sweeper.hydra_context = SimpleNamespace(config_loader=None)
+    sweeper.launcher = LocalLauncher.__new__(LocalLauncher)
+    sweeper.launcher.launch = refuse
+    with pytest.raises(ConfigError, match="refused"):
+        sweeper.sweep(["rank=8"])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "results").mkdir()
+    with pytest.raises(ConfigError, match="refused"):
+        sweeper.sweep(["rank=8"])
+    assert list(tmp_path.rglob("*")) == [tmp_path / "results"]
+
+
 def test_a_submission_that_does_not_fit_leaves_no_partial_pickle(tmp_path, monkeypatch):
     """submitit writes the job's pickle then moves it: the part written before the disk filled up is removed."""
     import submitit

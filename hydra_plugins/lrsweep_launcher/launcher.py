@@ -126,6 +126,22 @@ class SlurmLauncher(SweepLauncher):
     _EXECUTOR = "slurm"
 
 
+def _config_error(e: BaseException) -> bool:
+    """Whether ``e`` is lrsweep's ConfigError (imported only once lrsweep's app runs)."""
+    errors = sys.modules.get("lrsweep.errors")
+    return errors is not None and isinstance(e, errors.ConfigError)
+
+
+def _remove(file: Path, dirs: list[Path]) -> None:
+    """Remove ``file`` and then the directories ``dirs`` (innermost first) that are left empty."""
+    file.unlink(missing_ok=True)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 class GridSweeper(Sweeper):
     """The cartesian product of the command line's sweeps (``a=1,2 b=range(3)``), launched in batches
     of ``max_batch_size`` (all at once by default); a failed point's JobReturn raises its error after
@@ -161,6 +177,7 @@ class GridSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         points = self.grid(arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        made = [d for d in (sweep_dir, *sweep_dir.parents) if not d.exists()]  # what a refused sweep removes
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -173,7 +190,12 @@ class GridSweeper(Sweeper):
             batch = points[start:start + size]
             if not isinstance(self.launcher, SweepLauncher):  # lrsweep's launchers compose and check each point
                 self.validate_batch_is_legal(batch)
-            results = self.launcher.launch(batch, initial_job_idx=start)
+            try:
+                results = self.launcher.launch(batch, initial_job_idx=start)
+            except Exception as e:
+                if start == 0 and isinstance(self.launcher, SweepLauncher) and _config_error(e):
+                    _remove(sweep_dir / "multirun.yaml", made)  # refused before any job: nothing left behind
+                raise
             failed = [r for r in results if r.status == JobStatus.FAILED]
             if failed and isinstance(self.launcher, SweepLauncher):
                 # lrsweep's summary has named the failed points (and a full disk): exit 1 without the
