@@ -135,7 +135,7 @@ class Template:
         self.cfg = cfg
         try:
             self.base: dict[str, Any] | None = identity.resolved(cfg)
-        except Exception:
+        except Exception:  # an interpolation that does not resolve here: each point is composed
             self.base = None
         self.interpolations, self.leaves = _raw_leaves(cfg)
         self.raw = OmegaConf.to_container(cfg, resolve=False) if self.base is not None else {}
@@ -314,7 +314,7 @@ def _with_values(template: DictConfig, master: DictConfig, parsed: list[Override
     cfg = copy.deepcopy(template)
     try:
         apply(values, cfg)
-    except Exception:
+    except Exception:  # an override Hydra would refuse: Hydra composes the point and says why
         return None
     if "hydra" not in template:  # composed for a dry run
         return cfg

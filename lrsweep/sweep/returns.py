@@ -43,7 +43,7 @@ def job_return(p: Point, row: ResultRow | None, job_id: str, error: BaseExceptio
             OmegaConf.update(hydra_cfg, "hydra.job.id", job_id, force_add=True)
         output = Path(str(hydra_cfg.hydra.sweep.dir)) / str(hydra_cfg.hydra.sweep.subdir)
         working_dir = str(output) if hydra_cfg.hydra.job.chdir else os.getcwd()
-    except Exception:
+    except Exception:  # no sweep dir, or a subdir naming what only the job sets: ${hydra.job.id}
         working_dir = None
     task = OmegaConf.select(p.cfg, "hydra.overrides.task", default=None)
     ret = JobReturn(overrides=list(p.overrides) if task is None else OmegaConf.to_container(task),
@@ -67,7 +67,7 @@ def collect(pts: list[Point], job: Any, since: str, dead: Callable[[Point, Any, 
         while not job.done():  # submitit's results() looks once a second; a result file is a cheap stat
             time.sleep(0.2)
         return job.results()[0]
-    except Exception as e:
+    except Exception as e:  # killed, timed out, out of memory, ...
         error = e
     drop_partial_result(job)
     out = []
