@@ -37,6 +37,8 @@ NOT_EXPERIMENT: dict[str, str] = {
     "dry_run": "lists the points and runs none",
     "save_compressed": "also writes the compressed model's factors next to the row",
     "calib.fisher": "the Fisher estimator, for methods that use no Fisher (part of the experiment of those that do)",
+    "eval.retrieval": "the retrieval evaluation's settings while it is off (eval.retrieval.queries=0; part of the "
+                      "experiment when it is on)",
 }
 
 # What does not change the dense model (its weights, data, calibration and what is measured on it):
@@ -88,6 +90,8 @@ def experiment_config(cfg: DictConfig, auto_device: str | None = None) -> dict[s
             del method["_target_"]
     if isinstance(out.get("calib"), dict) and "fisher" not in _needs(cfg):
         out["calib"].pop("fisher", None)
+    if isinstance(out.get("eval"), dict) and not (out["eval"].get("retrieval") or {}).get("queries"):
+        out["eval"].pop("retrieval", None)  # rows from before eval.retrieval keep their run_id
     return out
 
 

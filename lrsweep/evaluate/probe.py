@@ -15,7 +15,9 @@ Two accuracies of the compressed model, measuring two things:
                   encoder: a logistic regression trained on that encoder's frozen embeddings): how
                   much of the label information the compressed embeddings still carry. With the
                   dense model it is ``accuracy_dense`` (the dense probe is fitted on the dense model).
-Each with its binomial standard error over the test texts (:mod:`lrsweep.stderr`).
+Each with its binomial standard error over the test texts (:mod:`lrsweep.stderr`). With
+``eval.retrieval.queries`` set, the task also scores title → article retrieval by nDCG@10
+(``ndcg_at_10``: :mod:`lrsweep.evaluate.retrieval`), the encoder metric that follows the model's quality.
 
 The texts are embedded in length-sorted batches, tokenized once per job (``prepare``) and reused by
 every point; on a cold cache sibling jobs share the dense embeddings (:mod:`lrsweep.evaluate.embeddings`).
@@ -32,6 +34,7 @@ from torch import nn
 from lrsweep import cache, data, linear_probe, stderr
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
+from lrsweep.evaluate import retrieval
 from lrsweep.evaluate.embeddings import batches, embed_batches, embed_shared
 from lrsweep.evaluate.tasks import TASKS, Task
 
@@ -58,7 +61,8 @@ def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
         found = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)[:2]
     tensors, info = found
     return {"tensors": tensors, "info": info, "test_batches": batches(ctx.tokenizer, info["test_texts"], ctx),
-            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx) if ecfg.get("probe_refit") else None}
+            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx) if ecfg.get("probe_refit") else None,
+            "retrieval": retrieval.prepare(model, ctx)}
 
 
 def refit_accuracy(train: torch.Tensor, train_labels: Any, test: torch.Tensor, test_labels: torch.Tensor,
@@ -78,7 +82,8 @@ def _probe_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> di
     return {"task": ctx.cfg.data.name, "accuracy_dense": info["accuracy_dense"], "accuracy": acc,
             "accuracy_refit": refit, "cosine_similarity": cos,
             **{f"{k}_stderr": stderr.binomial(v, n) for k, v in
-               (("accuracy_dense", info["accuracy_dense"]), ("accuracy", acc), ("accuracy_refit", refit))}}
+               (("accuracy_dense", info["accuracy_dense"]), ("accuracy", acc), ("accuracy_refit", refit))},
+            **retrieval.evaluate(model, ctx, state["retrieval"])}
 
 
 def _probe_check(cfg: DictConfig) -> None:
