@@ -17,7 +17,7 @@ by its own embeddings only: queries and documents both come from the compressed 
 of the embedding space that loses nothing scores as before (unlike ``accuracy``, the dense-fitted
 probe), and there is no classifier trained per point, whose training sample and regularization add
 their own noise (unlike ``accuracy_refit``). Title → body pairs are the kind of pairs
-all-MiniLM-L6-v2 was trained to match.
+all-MiniLM-L6-v2 was trained on (its model card: S2ORC title–abstract, Stack Exchange title–body).
 
 Ranks are pessimistic: a query's relevant document ranks behind every document scored the same or
 higher, and a non-finite score ranks it last, so a model that maps every text to one point, or to
