@@ -24,8 +24,8 @@ from lrsweep.row import ResultRow, read_rows
 
 TABLE_COLUMNS = ["model", "method", "rank", "bits", "budget", "param_ratio", "allocation", "seed", "heal",
                  "bits_per_weight", "compression_ratio", "recon_rel_err", "accuracy_dense", "accuracy_pre_heal",
-                 "accuracy", "accuracy_refit", "perplexity_dense", "perplexity_pre_heal", "perplexity",
-                 "latency_ms_dense", "latency_ms"]
+                 "accuracy", "accuracy_refit", "ndcg_at_10_dense", "ndcg_at_10", "perplexity_dense",
+                 "perplexity_pre_heal", "perplexity", "latency_ms_dense", "latency_ms"]
 # columns added here, next to the schema's
 DERIVED = ["ok", "error_line", "speedup", "source"]
 WANDB_PREFIX = "wandb:"

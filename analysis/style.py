@@ -34,14 +34,16 @@ STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fonts
 # known methods keep one colour everywhere; others take the next free colour in name order
 KNOWN = ["quant", "svd", "lsvd", "dsvd", "lplr", "rsvd", "fwsvd", "asvd", "drone", "svdllm", "losparse", "kron"]
 MARKERS = "osD^v<>px*hH"
-HIGHER_BETTER = {"accuracy", "accuracy_dense", "accuracy_refit", "speedup", "compression_ratio", "cosine_similarity"}
+HIGHER_BETTER = {"accuracy", "accuracy_dense", "accuracy_refit", "ndcg_at_10", "ndcg_at_10_dense", "speedup",
+                 "compression_ratio", "cosine_similarity"}
 LOWER_BETTER = {"perplexity", "perplexity_dense", "recon_rel_err", "latency_ms", "bits_per_weight", "rank",
                 "bits", "bits_compressed", "params_compressed", "compress_seconds", "wall_seconds"}
 LABELS = {"bits_per_weight": "bits per weight", "compression_ratio": "compression ratio (×)",
           "recon_rel_err": r"relative error $\|W-\hat W\|_F/\|W\|_F$", "latency_ms": "latency (ms)",
           "speedup": "speedup over dense (×)", "cosine_similarity": "cosine similarity to dense",
-          "accuracy_refit": "accuracy (probe refitted)"}
-METRICS = ("accuracy", "accuracy_refit", "perplexity", "recon_rel_err", "speedup", "latency_ms", "cosine_similarity")
+          "accuracy_refit": "accuracy (probe refitted)", "ndcg_at_10": "nDCG@10 (retrieval)"}
+METRICS = ("accuracy", "accuracy_refit", "ndcg_at_10", "perplexity", "recon_rel_err", "speedup", "latency_ms",
+           "cosine_similarity")
 # the dense model's value of a metric, where it is not <metric>_dense (a probe refitted on the dense
 # model's embeddings is the dense probe)
 DENSE_OF = {"accuracy_refit": "accuracy_dense"}

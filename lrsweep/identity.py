@@ -39,6 +39,8 @@ NOT_EXPERIMENT: dict[str, str] = {
     "dry_run": "lists the points and runs none",
     "save_compressed": "also writes the compressed model's factors next to the row",
     "calib.fisher": "the Fisher estimator, for methods that use no Fisher (part of the experiment of those that do)",
+    "eval.retrieval": "the retrieval evaluation's settings while it is off (eval.retrieval.queries=0; part of the "
+                      "experiment when it is on)",
 }
 
 # What does not change the dense model (its weights, data, calibration and what is measured on it):
@@ -104,6 +106,8 @@ def experiment_of(config: dict[str, Any], device: str) -> dict[str, Any]:
             out["method"] = {k: v for k, v in method.items() if k != "_target_"}
     if isinstance(out.get("calib"), dict) and "fisher" not in _needs(config.get("method")):
         out["calib"] = {k: v for k, v in out["calib"].items() if k != "fisher"}
+    if isinstance(out.get("eval"), dict) and not (out["eval"].get("retrieval") or {}).get("queries"):
+        out["eval"] = {k: v for k, v in out["eval"].items() if k != "retrieval"}  # rows from before it keep their id
     return out
 
 

@@ -81,11 +81,18 @@ class ResultRow:
     cosine_similarity: float | None = None
     # encoders: accuracy of a probe refitted on the compressed model's own embeddings (the dense one: accuracy_dense)
     accuracy_refit: float | None = None
+    # encoders with eval.retrieval.queries > 0: nDCG@10 of title -> article retrieval, each model ranking by
+    # its own embeddings (lrsweep.evaluate.retrieval; MRR@10 in extra["retrieval"])
+    ndcg_at_10_dense: float | None = None
+    ndcg_at_10: float | None = None
     # standard errors of the metrics above from the evaluation itself (lrsweep.stderr): accuracies binomial
-    # sqrt(p (1 - p) / n) over the test items, perplexities by the delta method over the windows' losses
+    # sqrt(p (1 - p) / n) over the test items, nDCG@10 the per-query std / sqrt(queries), perplexities by
+    # the delta method over the windows' losses
     accuracy_dense_stderr: float | None = None
     accuracy_stderr: float | None = None
     accuracy_refit_stderr: float | None = None
+    ndcg_at_10_dense_stderr: float | None = None
+    ndcg_at_10_stderr: float | None = None
     perplexity_dense_stderr: float | None = None
     perplexity_stderr: float | None = None
     # per-task metrics of multi-task evaluators (eval=lm_eval): {task: {acc, acc_stderr, acc_norm, ..., n}}

@@ -1,6 +1,8 @@
 """Standard errors of the evaluation metrics, from the evaluation itself (one run, one seed).
 
   binomial     an accuracy p over n independent test items: sqrt(p (1 - p) / n);
+  item_mean    the mean of per-item scores over n items (nDCG@10 over retrieval queries): the sample
+               standard deviation (n - 1 in its denominator) / sqrt(n);
   window_mean  the token-weighted mean of per-window mean losses, windows as the independent units
                (tokens within a window are not independent): the ratio estimator's standard error
                sqrt(k / (k - 1) * sum(w_i^2 (l_i - mean)^2)) / sum(w_i), w_i the tokens a window scores;
@@ -23,6 +25,12 @@ def binomial(p: float | None, n: int) -> float | None:
     if p is None or n < 1 or not math.isfinite(p):
         return None
     return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def item_mean(scores: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, its standard error) of per-item scores; the error is None for fewer than two items.
+    :func:`window_mean` with equal weights."""
+    return window_mean(scores, [1.0] * len(scores))
 
 
 def window_mean(losses: Sequence[float], weights: Sequence[float]) -> tuple[float, float | None]:

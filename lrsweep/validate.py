@@ -166,6 +166,7 @@ def validate_experiment(cfg: DictConfig, *, check_device: bool = True, resolved:
     if task != "auto" and task not in evaluate.TASKS:
         raise ConfigError("eval.task", f"{task!r} is unknown", ["auto", *sorted(evaluate.TASKS)])
     evaluate.task_for(cfg).check(cfg)
+    evaluate.retrieval.check(cfg)
     evaluate.check_inference(cfg)
     calib.check(cfg, spec.needs)
     heal.check(cfg)

@@ -126,6 +126,7 @@ def schema_1_row(compose, overrides, drop_later):
     config = OmegaConf.to_container(cfg, resolve=True)
     for option in ("grid", "observer", "scale_error"):  # the quantizer's options came with schema 2
         config["method"].pop(option, None)
+    config["eval"].pop("retrieval", None)  # came later; off, it is no part of the run_id
     if config["method"]["name"] in REGISTRY:
         config["method"].setdefault("_target_", REGISTRY[config["method"]["name"]].target)
     exp = {k: copy.deepcopy(v) for k, v in config.items()

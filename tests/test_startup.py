@@ -30,7 +30,7 @@ def test_probe_embeds_in_length_sorted_batches_in_the_given_order(minilm, compos
     model, tok = minilm
     cfg = compose([*FAST, "eval.batch_size=3"])
     ctx = evaluate.Context(cfg, tok, "cpu", "", {})
-    b = evaluate.probe.batches(tok, TEXTS, ctx)
+    b = evaluate.embeddings.batches(tok, TEXTS, ctx)
     lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
     assert [lengths[i] for i in b.order] == sorted(lengths) and b.order.tolist() != list(range(len(TEXTS)))
     assert [len(batch["input_ids"]) for batch in b.batches] == [3, 3, 2]
@@ -38,7 +38,7 @@ def test_probe_embeds_in_length_sorted_batches_in_the_given_order(minilm, compos
     alone = torch.cat([evaluate.embed(model, tok, [t], ctx) for t in TEXTS])
     assert emb.shape == (len(TEXTS), 384) and emb.dtype == torch.float32
     assert torch.allclose(emb, alone, atol=1e-6, rtol=0)
-    assert torch.equal(evaluate.probe.embed_batches(model, b, "cpu"), emb)
+    assert torch.equal(evaluate.embeddings.embed_batches(model, b, "cpu"), emb)
 
 
 def _points(compose, grid: list[str]) -> list[sweep.Point]:
@@ -222,13 +222,13 @@ def test_probe_embeddings_shared_between_jobs_are_the_ones_a_job_computes_alone(
     ctx = evaluate.Context(compose([*FAST, "eval.batch_size=3", f"cache_dir={tmp_path}"]), tok, "cpu", str(tmp_path),
                            {"model": "minilm"})
     emb = evaluate.embed(model, tok, TEXTS, ctx)
-    assert torch.equal(evaluate.probe.embed_shared(model, TEXTS, ctx), emb)
+    assert torch.equal(evaluate.embeddings.embed_shared(model, TEXTS, ctx), emb)
     assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 3
     calls = []
     handle = model.register_forward_hook(lambda *_: calls.append(1))
     try:
-        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS, ctx), emb) and calls == []
-        assert torch.equal(evaluate.probe.embed_shared(model, TEXTS[1:], ctx),
+        assert torch.equal(evaluate.embeddings.embed_shared(model, TEXTS, ctx), emb) and calls == []
+        assert torch.equal(evaluate.embeddings.embed_shared(model, TEXTS[1:], ctx),
                            evaluate.embed(model, tok, TEXTS[1:], ctx))
     finally:
         handle.remove()

@@ -26,6 +26,15 @@ def test_binomial_known_values_and_missing():
     assert stderr.binomial(float("nan"), 10) is None
 
 
+def test_item_mean_is_the_sample_std_over_sqrt_n():
+    scores = [1.0, 0.5, 0.0, 0.0]
+    mean, se = stderr.item_mean(scores)
+    assert mean == pytest.approx(0.375)
+    assert se == pytest.approx(statistics.stdev(scores) / 2)  # sqrt(0.22917) / 2 = 0.2394
+    assert se == pytest.approx(math.sqrt((0.625**2 + 0.125**2 + 2 * 0.375**2) / 3 / 4))
+    assert stderr.item_mean([0.3]) == (0.3, None) and stderr.item_mean([1.0] * 5)[1] == 0.0
+
+
 def test_window_mean_equal_windows_is_std_over_sqrt_k():
     losses = [2.0, 2.5, 3.0, 3.5]
     mean, se = stderr.window_mean(losses, [512] * 4)

@@ -15,20 +15,16 @@ Two accuracies of the compressed model, measuring two things:
                   encoder: a logistic regression trained on that encoder's frozen embeddings): how
                   much of the label information the compressed embeddings still carry. With the
                   dense model it is ``accuracy_dense`` (the dense probe is fitted on the dense model).
-Each with its binomial standard error over the test texts (:mod:`lrsweep.stderr`).
+Each with its binomial standard error over the test texts (:mod:`lrsweep.stderr`). With
+``eval.retrieval.queries`` set, the task also scores title → article retrieval by nDCG@10
+(``ndcg_at_10``: :mod:`lrsweep.evaluate.retrieval`), the encoder metric that follows the model's quality.
 
-Texts are embedded in batches of similar length (sorted by token count, ``eval.batch_size`` per
-batch, returned in the given order): an embedding is masked-mean-pooled over its own tokens, so
-padding changes it only by float rounding (~1e-7), and about half the padded tokens are not
-computed. The test texts are tokenized once per job (``prepare``) and reused by every point.
-On a cold cache the dense embeddings are computed a batch per entry (:func:`cache.shared_parts`):
-sibling jobs of a sweep that start together split them instead of one waiting for the other.
+The texts are embedded in length-sorted batches, tokenized once per job (``prepare``) and reused by
+every point; on a cold cache sibling jobs share the dense embeddings (:mod:`lrsweep.evaluate.embeddings`).
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,56 +34,9 @@ from torch import nn
 from lrsweep import cache, data, linear_probe, stderr
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
+from lrsweep.evaluate import retrieval
+from lrsweep.evaluate.embeddings import batches, embed_batches, embed_shared
 from lrsweep.evaluate.tasks import TASKS, Task
-
-
-@dataclass
-class Batches:
-    """Tokenized texts in batches of similar length; ``order[i]``: the text of the i-th embedding computed."""
-
-    order: torch.Tensor
-    batches: list[Any]
-
-
-def batches(tokenizer: Any, texts: list[str], ctx: Context) -> Batches:
-    """``texts`` tokenized as the probe embeds them (truncated to ``eval.max_length``), shortest first."""
-    ecfg = ctx.cfg.eval
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=ecfg.max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    return Batches(torch.tensor(order, dtype=torch.long),
-                   [tokenizer([texts[j] for j in order[i:i + ecfg.batch_size]], padding=True, truncation=True,
-                              max_length=ecfg.max_length, return_tensors="pt")
-                    for i in range(0, len(texts), ecfg.batch_size)])
-
-
-def _in_given_order(sorted_emb: torch.Tensor, b: Batches) -> torch.Tensor:
-    out = torch.empty_like(sorted_emb)
-    out[b.order] = sorted_emb
-    return out
-
-
-@torch.no_grad()
-def embed_batches(model: nn.Module, b: Batches, device: str) -> torch.Tensor:
-    """Mean-pooled (over the attention mask), L2-normalized embeddings of ``b``'s texts in their given order,
-    fp32 on CPU."""
-    return _in_given_order(torch.cat([linear_probe.pooled(model, batch.to(device)).cpu() for batch in b.batches]), b)
-
-
-def embed(model: nn.Module, tokenizer: Any, texts: list[str], ctx: Context) -> torch.Tensor:
-    """Mean-pooled (over the attention mask), L2-normalized sentence embeddings, fp32 on CPU."""
-    return embed_batches(model, batches(tokenizer, texts, ctx), ctx.device)
-
-
-@torch.no_grad()
-def embed_shared(model: nn.Module, texts: list[str], ctx: Context) -> torch.Tensor:
-    """:func:`embed`, each batch an entry of the disk cache (``<cache_dir>/embeddings``) computed by
-    whichever job gets to it first: the same batches, so the same tensors as :func:`embed`."""
-    b = batches(ctx.tokenizer, texts, ctx)
-    key = {"model": ctx.model_key, "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
-           "max_length": ctx.cfg.eval.max_length, "batch_size": ctx.cfg.eval.batch_size}
-    parts = cache.shared_parts(ctx.cache_dir, "embeddings", key, len(b.batches),
-                               lambda i: {"emb": linear_probe.pooled(model, b.batches[i].to(ctx.device)).cpu()})
-    return _in_given_order(torch.cat([part["emb"] for part in parts]), b)
 
 
 def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
@@ -112,7 +61,8 @@ def _probe_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
         found = cache.get_or_compute(ctx.cache_dir, "probe", key, compute)[:2]
     tensors, info = found
     return {"tensors": tensors, "info": info, "test_batches": batches(ctx.tokenizer, info["test_texts"], ctx),
-            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx) if ecfg.get("probe_refit") else None}
+            "train_batches": batches(ctx.tokenizer, info["train_texts"], ctx) if ecfg.get("probe_refit") else None,
+            "retrieval": retrieval.prepare(model, ctx)}
 
 
 def refit_accuracy(train: torch.Tensor, train_labels: Any, test: torch.Tensor, test_labels: torch.Tensor,
@@ -132,7 +82,8 @@ def _probe_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> di
     return {"task": ctx.cfg.data.name, "accuracy_dense": info["accuracy_dense"], "accuracy": acc,
             "accuracy_refit": refit, "cosine_similarity": cos,
             **{f"{k}_stderr": stderr.binomial(v, n) for k, v in
-               (("accuracy_dense", info["accuracy_dense"]), ("accuracy", acc), ("accuracy_refit", refit))}}
+               (("accuracy_dense", info["accuracy_dense"]), ("accuracy", acc), ("accuracy_refit", refit))},
+            **retrieval.evaluate(model, ctx, state["retrieval"])}
 
 
 def _probe_check(cfg: DictConfig) -> None:
