@@ -30,7 +30,7 @@ def check_value(seed: Any) -> None:
         values = ",".join(str(s) for s in seed) or "0,1,2"
         raise ConfigError("seed", f"{list(seed)} is a list; one run takes one integer, a sweep over seeds is "
                           f"`python -m lrsweep -m seed={values}`", ["an integer"])
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not _integer(seed):
         raise ConfigError("seed", f"{seed!r} is not an integer", ["an integer, e.g. 0", "-m seed=0,1,2"])
 
 
@@ -39,9 +39,8 @@ def single_seed_note(cfgs: Iterable[Mapping[str, Any]]) -> str | None:
     ``cfgs``: the points' configs, or their resolved dicts (lrsweep.identity.resolved)."""
     seeds: dict[str, set[int]] = {}
     for cfg in cfgs:
-        spec = method_spec(cfg["method"])
-        if spec.is_randomized(**method_options(cfg["method"])):
-            seeds.setdefault(spec.name, set()).add(int(cfg["seed"]))
+        if name := randomized(cfg["method"]):
+            seeds.setdefault(name, set()).add(int(cfg["seed"]))
     single = sorted(m for m, s in seeds.items() if len(s) == 1)
     if not single:
         return None
@@ -60,11 +59,16 @@ def more(resolved: Mapping[str, Any], overrides: Iterable[str]) -> list[int]:
     if any(o.split("=", 1)[0].lstrip("+~") == "seed" for o in overrides):
         return []
     try:
-        spec = method_spec(resolved["method"])
-        randomized = spec.is_randomized(**method_options(resolved["method"]))
+        name = randomized(resolved["method"])
     except (ConfigError, TypeError):
         return []
-    return [seed + k for k in range(1, n)] if randomized else []
+    return [seed + k for k in range(1, n)] if name else []
+
+
+def randomized(method: Any) -> str | None:
+    """The name of a method config's method when its factors depend on ``seed`` (None: deterministic)."""
+    spec = method_spec(method)
+    return spec.name if spec.is_randomized(**method_options(method)) else None
 
 
 def check_count(n: Any) -> None:
