@@ -137,8 +137,8 @@ class Template:
             self.base: dict[str, Any] | None = identity.resolved(cfg)
         except Exception:  # an interpolation that does not resolve here: each point is composed
             self.base = None
-        self.interpolations, self.leaves = _raw_leaves(cfg)
-        self.raw = OmegaConf.to_container(cfg, resolve=False) if self.base is not None else {}
+        self.raw = OmegaConf.to_container(cfg, resolve=False)  # the values as written: interpolations as text
+        self.interpolations, self.leaves = _raw_leaves(cfg, self.raw)
 
     def point(self, master: DictConfig, parsed: list[Override], values: list[Override]) -> Composed | None:
         """The point of these overrides; None where Hydra would refuse one of them."""
@@ -163,9 +163,9 @@ class Template:
             if o.is_delete() or o.is_add() or o.package is not None or not _plain_value(value) \
                     or key.startswith("hydra.") or key not in self.leaves:
                 return None
-            if any(part in raw for raw in self.interpolations for part in key.split(".")):
-                return None
             parts = key.split(".")
+            if any(part in raw for raw in self.interpolations for part in parts):
+                return None
             node = out
             for i, part in enumerate(parts[:-1]):  # copy the dicts on the way (the template's stay as they are)
                 path = ".".join(parts[:i + 1])
@@ -201,13 +201,13 @@ def _template(loader: ConfigLoader, master: DictConfig, groups: list[str], with_
     return Template(full)
 
 
-def _raw_leaves(cfg: DictConfig) -> tuple[list[str], set[str]]:
-    """The raw text of every interpolation outside Hydra's node, and the dotted keys of the leaf values
-    of its plain (not structured: untyped) dicts, lists included (an override replaces a list)."""
+def _raw_leaves(cfg: DictConfig, raw: dict[str, Any]) -> tuple[list[str], set[str]]:
+    """The raw text (``raw``: ``cfg`` as written) of every interpolation outside Hydra's node, and the
+    dotted keys of the leaf values of its plain (not structured: untyped) dicts, lists included (an
+    override replaces a list)."""
     interpolations, leaves = [], set()
 
-    def walk(node: DictConfig, prefix: str) -> None:
-        raw = OmegaConf.to_container(node, resolve=False)
+    def walk(node: DictConfig, raw: dict[str, Any], prefix: str) -> None:
         plain = OmegaConf.get_type(node) is dict
         for key in node:
             if not prefix and key == "hydra":
@@ -217,11 +217,11 @@ def _raw_leaves(cfg: DictConfig) -> tuple[list[str], set[str]]:
                 if plain:
                     leaves.add(f"{prefix}{key}")
             elif not OmegaConf.is_missing(node, key) and OmegaConf.is_dict(child := node[key]):
-                walk(child, f"{prefix}{key}.")
+                walk(child, raw[key], f"{prefix}{key}.")
             elif plain:
                 leaves.add(f"{prefix}{key}")
 
-    walk(cfg, "")
+    walk(cfg, raw, "")
     return interpolations, leaves
 
 
