@@ -33,7 +33,7 @@ from tabulate import tabulate
 import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers the launcher configs compose reads)
 from lrsweep import allocate, calib, evaluate, models, tying
 from lrsweep.compress import layer_seed, method_options, method_spec, resolve_rank
-from lrsweep.job import model_key
+from lrsweep.provenance import model_key
 from lrsweep.methods import svd
 
 

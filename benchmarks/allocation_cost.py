@@ -26,7 +26,7 @@ import hydra_plugins.lrsweep_launcher.launcher  # noqa: F401  (registers the lau
 from lrsweep import calib, models, schedule
 from lrsweep.compress import method_spec
 from lrsweep.context import Context
-from lrsweep.job import model_key
+from lrsweep.provenance import model_key
 
 
 def main() -> None:

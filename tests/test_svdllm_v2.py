@@ -102,7 +102,7 @@ def test_allocation_svdllm_v2_runs_for_another_method(compose, minilm, tmp_path)
     """allocation=svdllm_v2 with method=svdllm on two MiniLM blocks: the rule's ranks, within the budget."""
     import copy
 
-    from lrsweep import job, models, schedule
+    from lrsweep import models, provenance, schedule
     from lrsweep.context import Context
 
     from conftest import FAST
@@ -112,8 +112,8 @@ def test_allocation_svdllm_v2_runs_for_another_method(compose, minilm, tmp_path)
                    "calib.batch_size=8", "calib.seq_len=32", r"model.targets='encoder\.layer\.[0-2]\..*'"])
     m = copy.deepcopy(model)
     layers = models.target_modules(m, cfg.model.targets)
-    res, info = schedule.compress(m, layers, Context(cfg, tok, "cpu", str(tmp_path / "cache"), job.model_key(cfg)),
-                                  progress=False)
+    ctx = Context(cfg, tok, "cpu", str(tmp_path / "cache"), provenance.model_key(cfg))
+    res, info = schedule.compress(m, layers, ctx, progress=False)
     alloc = info["allocation"]
     assert alloc["strategy"] == "svdllm_v2" and alloc["svdllm_v2"]["groups"] == 6
     cand, uni = alloc["candidate_ranks"], alloc["uniform_ranks"]

@@ -116,12 +116,12 @@ def test_refit_probe_is_dense_at_full_rank_and_drops_when_truncated(minilm, comp
     import copy
 
     from conftest import FAST
-    from lrsweep import evaluate, job, models
+    from lrsweep import evaluate, models, provenance
     from lrsweep.compress import compress_model
 
     model, tok = minilm
     cfg = compose([*FAST, "eval.probe_train=160", "eval.probe_test=160", "eval.probe_refit=true"])
-    ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path), job.model_key(cfg))
+    ctx = evaluate.Context(cfg, tok, "cpu", str(tmp_path), provenance.model_key(cfg))
     task = evaluate.task_for(cfg)
     state = task.prepare(model, ctx)
     out = {}
