@@ -17,6 +17,7 @@ compressed model is on ``ctx.device`` afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -30,7 +31,7 @@ from lrsweep.allocate import scope as allocation_scope
 from lrsweep.compress import LayerResult, compress_model, method_options, method_spec
 from lrsweep.context import Context
 from lrsweep.errors import ConfigError
-from lrsweep.methods import MethodSpec
+from lrsweep.methods import LayerStats, MethodSpec
 from lrsweep.evaluate.latency import reset_peak
 from lrsweep.models import blocks
 
@@ -49,8 +50,8 @@ def compress(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
         results, info = streamed(model, layers, ctx, needs, ranks)
     elif spec.prepare is not None:  # trains on the calibration data first (dobi_svd); no allocation (validate)
         results, info = prepared(model, layers, ctx, spec)
-    elif needs and (cfg.calib.get("sequential", False) or shifted):  # no allocation (validate)
-        results, info = sequential(model, layers, ctx, needs, shifted)
+    elif needs and (cfg.calib.get("sequential", False) or shifted):  # allocation only when shifted (validate)
+        results, info, alloc = sequential(model, layers, ctx, needs, shifted)
     else:
         stats, info = calib.layer_stats(model, layers, ctx, needs) if needs else (None, {})
         with allocation_scope(cfg):  # the allocation's SVDs are the ones the compression truncates
@@ -81,9 +82,6 @@ def check(cfg: Any, spec: MethodSpec, opts: dict[str, Any]) -> None:
         raise ConfigError("stream", f"method {spec.name} with these options refits each layer to the inputs of "
                           "its compressed predecessors beside the dense model's statistics; stream=true holds "
                           "only one of them", ["stream=false"])
-    if cfg.get("allocation", "uniform") != "uniform":
-        raise ConfigError("allocation", f"method {spec.name} with these options compresses block by block "
-                          "from the compressed model's inputs; an allocation fixes all ranks before", ["uniform"])
 
 
 def _check_prepared(cfg: Any, spec: MethodSpec) -> None:
@@ -115,28 +113,60 @@ def prepared(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
                      "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context,
-               needs: tuple[str, ...], shifted: bool = False) -> tuple[list[LayerResult], dict[str, Any]]:
+def sequential(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs: tuple[str, ...],
+               shifted: bool = False) -> tuple[list[LayerResult], dict[str, Any], dict[str, Any]]:
     """Block by block, each block's statistics from the model with the earlier blocks compressed;
-    ``shifted``: those go to ``LayerStats.shifted`` beside the dense model's (unless calib.sequential)."""
+    ``shifted``: those go to ``LayerStats.shifted`` beside the dense model's (unless calib.sequential).
+    Returns the layer results, the calibration info and the allocation's.
+
+    A rank allocation (``shifted`` only) runs first on the dense model's statistics, each layer's
+    shifted inputs taken to be its dense ones (no predecessor compressed yet): the ranks are chosen and
+    checked on the method without its refit, whose spectrum the refit does not change (svdllm's update
+    keeps the right factor and refits U). The blocks are then compressed at the ranks that ship.
+
+    Without the Fisher the block inputs are carried from block to block (:class:`Propagation`): one
+    pass through each block, where a pass through the whole model per block costs as many model
+    passes as there are blocks. The Fisher needs a backward pass through the whole model per block."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
     dense, extra = calib.layer_stats(model, layers, ctx, needs) \
         if shifted and not cfg.calib.get("sequential", False) else (None, {})
+    with contextlib.ExitStack() as scope:
+        ranks, alloc = None, {}
+        if dense is not None and cfg.get("allocation", "uniform") != "uniform":
+            scope.enter_context(allocation_scope(cfg))  # the compression truncates the allocation's SVDs
+            unshifted = {n: dataclasses.replace(s, shifted=s) for n, s in dense.items()}  # held: memo keys use ids
+            ranks, alloc = allocate(model, layers, ctx, unshifted)
+        results, info = _blocks_in_turn(model, layers, ctx, needs, dense, shifted, ranks)
+    if dense is not None:
+        info = {**info, "shifted": True, "dense_cache_hit": extra["cache_hit"], "dense_seconds": extra["seconds"]}
+    info["total_seconds"] = round(time.perf_counter() - t0, 3)
+    return results, info, alloc
+
+
+def _blocks_in_turn(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs: tuple[str, ...],
+                    dense: dict[str, LayerStats] | None, shifted: bool,
+                    ranks: dict[str, int] | None) -> tuple[list[LayerResult], dict[str, Any]]:
+    cfg = ctx.cfg
     batches, loss_fn = calib.calibration(model, ctx, needs)
+    carried = None if "fisher" in needs else Propagation(model, layers, batches, ctx.device)
     results, calib_seconds = [], 0.0
-    for block in blocks(layers).values():
+    for name, block in blocks(layers).items():
         t1 = time.perf_counter()
-        stats = calib.collect(model, block, batches, needs, ctx.device, loss_fn, calib.fisher_estimator(cfg))
+        if carried is None:
+            stats = calib.collect(model, block, batches, needs, ctx.device, loss_fn, calib.fisher_estimator(cfg))
+        else:
+            stats = carried.stats(model.get_submodule(name), block, needs)
         calib_seconds += time.perf_counter() - t1
         if shifted:
             stats = {n: dataclasses.replace(dense[n] if dense else s, shifted=s) for n, s in stats.items()}
-        results += compress_model(model, block, cfg, stats=stats, progress=False, offload=offload(ctx))
-    if dense is not None:
-        extra = {"shifted": True, "dense_cache_hit": extra["cache_hit"], "dense_seconds": extra["seconds"]}
-    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs), **extra,
-                     **calib.estimator_info(cfg, needs),
-                     "seconds": round(calib_seconds, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
+        results += compress_model(model, block, cfg, stats=stats, progress=False, ranks=ranks, offload=offload(ctx))
+        if carried is not None:
+            t1 = time.perf_counter()
+            carried.advance(model.get_submodule(name))  # the next block's inputs through this block, compressed
+            calib_seconds += time.perf_counter() - t1
+    return results, {"cache_hit": False, "sequential": True, "stats": sorted(needs), **calib.estimator_info(cfg, needs),
+                     "propagated": carried is not None, "seconds": round(calib_seconds, 3)}
 
 
 # ---------------------------------------------------------------- streamed: one block at a time on the device
@@ -162,6 +192,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[dict])
         caught.append((args, kwargs))
         raise _Caught
 
+    where = str(next(model.parameters()).device)
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False  # no KV cache shared across batches
@@ -169,7 +200,7 @@ def _first_block_inputs(model: nn.Module, first: nn.Module, batches: list[dict])
         for batch in batches:
             try:
                 with torch.no_grad():
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
+                    model(**{k: v for k, v in calib.to_device(batch, where).items() if k != "labels"})
             except _Caught:
                 pass
     finally:
@@ -189,6 +220,45 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+class Propagation:
+    """The inputs each block receives over the calibration batches, carried from block to block
+    (GPTQ-style): the first block's from one run of the model up to it, each later block's from the
+    outputs of the one before. They live on ``device``, one set at a time."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], batches: list[dict], device: str):
+        first = model.get_submodule(next(iter(blocks(layers))))
+        self.device = device
+        self.inputs = [_move(x, device) for x in _first_block_inputs(model, first, batches)]
+        self.masks = [b.get("attention_mask") for b in batches]
+        self.outputs: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def stats(self, block: nn.Module, block_layers: dict[str, nn.Module], needs: tuple[str, ...],
+              keep_outputs: bool = False) -> dict[str, LayerStats]:
+        """Statistics of ``block_layers``' inputs while ``block`` runs on the carried inputs;
+        ``keep_outputs``: its outputs are kept for :meth:`advance` (the dense block's)."""
+        acc = calib.stats.Accumulator(block_layers, needs)
+        self.outputs = []
+        try:
+            for (args, kwargs), mask in zip(self.inputs, self.masks, strict=True):
+                acc.mask = mask.reshape(-1).bool().to(self.device) if mask is not None else None
+                out = _run_block(block, args, kwargs)
+                if keep_outputs:
+                    self.outputs.append(out)
+        finally:
+            acc.remove()
+        return acc.result()
+
+    @torch.no_grad()
+    def advance(self, block: nn.Module | None = None) -> None:
+        """The next block's inputs: ``block``'s outputs (as it is now: compressed), or the outputs
+        :meth:`stats` kept when ``block`` is None. One batch at a time replaces its inputs."""
+        for i, (args, kwargs) in enumerate(self.inputs):
+            out = _run_block(block, args, kwargs) if block is not None else self.outputs[i]
+            self.inputs[i] = _with_hidden(args, kwargs, out)
+        self.outputs = []
+
+
 @torch.no_grad()
 def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs: tuple[str, ...],
              ranks: dict[str, int] | None = None) -> tuple[list[LayerResult], dict[str, Any]]:
@@ -199,40 +269,24 @@ def streamed(model: nn.Module, layers: dict[str, nn.Module], ctx: Context, needs
     Returns the layer results and, per block, seconds and peak device memory.
     """
     cfg, device = ctx.cfg, ctx.device
-    groups = blocks(layers)
     if "fisher" in needs:
         raise ValueError("stream=true propagates activations block by block; fisher needs a backward pass "
                          "through the whole model (use stream=false)")
-    inputs, masks = [], []
-    if needs:
-        batches, _ = calib.calibration(model, ctx, needs)
-        first = model.get_submodule(next(iter(groups)))
-        inputs = [_move(x, device) for x in _first_block_inputs(model, first, batches)]
-        masks = [b.get("attention_mask") for b in batches]
+    carried = Propagation(model, layers, calib.calibration(model, ctx, needs)[0], device) if needs else None
     sequential = bool(cfg.calib.get("sequential", False)) if needs else False
     cuda = device.startswith("cuda")
     results, per_block = [], {}
-    for name, block_layers in groups.items():
+    for name, block_layers in blocks(layers).items():
         block = model.get_submodule(name)
         if cuda:
             reset_peak(device)  # a peak per block; the job's peak (the dense evaluation's) is kept
         t0 = time.perf_counter()
         block.to(device)
-        stats, outputs = None, []
-        if needs:
-            acc = calib.stats.Accumulator(block_layers, needs)
-            try:
-                for (args, kwargs), mask in zip(inputs, masks, strict=True):
-                    acc.mask = mask.reshape(-1).bool().to(device) if mask is not None else None
-                    outputs.append(_run_block(block, args, kwargs))
-            finally:
-                acc.remove()
-            stats = acc.result()
+        stats = carried.stats(block, block_layers, needs, keep_outputs=not sequential) if carried else None
         results += compress_model(model, block_layers, cfg, stats=stats, progress=False, ranks=ranks,
                                   offload=offload(ctx))
-        if sequential:  # the next block sees this block compressed
-            outputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
-        inputs = [_with_hidden(args, kwargs, out) for (args, kwargs), out in zip(inputs, outputs, strict=True)]
+        if carried is not None:  # the next block sees this one compressed (sequential) or dense
+            carried.advance(block if sequential else None)
         block.to("cpu")
         if cuda:
             torch.cuda.synchronize(device)

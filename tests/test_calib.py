@@ -179,6 +179,28 @@ def test_sequential_calibration_reads_the_compressed_model(minilm, compose, tmp_
     assert list(models.blocks(layers)) == ["encoder.layer.0", "encoder.layer.1"]
 
 
+def test_carried_block_inputs_give_a_whole_model_passs_statistics(minilm, compose, tmp_path):
+    """schedule.Propagation: each block's statistics from the inputs carried from block to block equal
+    those of a pass through the whole model, with the earlier blocks compressed (calib.sequential)."""
+    model, tok = minilm
+    cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[012]\..*'"])
+    m = copy.deepcopy(model)
+    layers = models.target_modules(m, cfg.model.targets)
+    batches, _ = calib.calibration(m, _ctx(cfg, tok, tmp_path), ())
+    carried = schedule.Propagation(m, layers, batches, "cpu")
+    needs = ("xtx", "absmean")
+    for name, block in models.blocks(layers).items():
+        got = carried.stats(m.get_submodule(name), block, needs)
+        want = calib.collect(m, block, batches, needs, "cpu")
+        assert got.keys() == want.keys() == block.keys()
+        for n in block:
+            assert got[n].n_tokens == want[n].n_tokens > 0
+            torch.testing.assert_close(got[n].xtx, want[n].xtx, rtol=1e-6, atol=1e-6 * want[n].xtx.abs().max())
+            torch.testing.assert_close(got[n].absmean, want[n].absmean, rtol=1e-6, atol=1e-8)
+        schedule.compress_model(m, block, cfg, stats=got, progress=False)
+        carried.advance(m.get_submodule(name))  # the next block's inputs through this one, compressed
+
+
 def _rel_errs(model_cfg_overrides, compose, tmp_path, *extra):
     cfg = compose([*FAST, *TARGET, *CALIB, "rank=8", r"model.targets='encoder\.layer\.[01]\..*'", *extra,
                    *model_cfg_overrides])

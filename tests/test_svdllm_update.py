@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from lrsweep import job, models, schedule
+from lrsweep import models, provenance, schedule
 from lrsweep.compress import compress_matrix
 from lrsweep.context import Context
 from lrsweep.methods import LayerStats
@@ -17,6 +17,9 @@ from lrsweep.methods.svdllm import update_left
 from conftest import FAST
 
 CALIB = ["calib.n_samples=8", "calib.batch_size=8", "calib.seq_len=32"]
+SMALL_LLAMA = ["model=llama7b_random", "model.num_layers=2", "model.random_init.hidden_size=64",
+               "model.random_init.intermediate_size=160", "model.random_init.num_attention_heads=4",
+               "model.random_init.num_key_value_heads=4", "model.random_init.vocab_size=30528"]
 
 
 def _data(n=12, d=10, N=40, seed=0):
@@ -85,7 +88,8 @@ def test_update_without_shifted_statistics_is_a_clear_error():
 
 
 @pytest.mark.parametrize("overrides,key", [(["stream=true"], "stream"),
-                                            (["allocation=spectrum", "param_ratio=0.5"], "allocation")])
+                                            (["allocation=spectrum", "param_ratio=0.5", "calib.sequential=true"],
+                                             "allocation")])
 def test_update_refuses_what_it_cannot_run(config_error, tmp_path, overrides, key):
     msg = config_error("method=svdllm", "method.update=true", *overrides, f"results_dir={tmp_path}")
     assert msg is not None and msg.startswith(f"lrsweep: config error: {key}:") and "\n" not in msg
@@ -101,7 +105,7 @@ def test_schedule_feeds_the_compressed_predecessors_inputs(minilm, compose, tmp_
     for update in (False, True):
         cfg = compose([*base, f"method.update={str(update).lower()}"])
         m = copy.deepcopy(model)
-        ctx = Context(cfg, tok, "cpu", str(tmp_path / "cache"), job.model_key(cfg))
+        ctx = Context(cfg, tok, "cpu", str(tmp_path / "cache"), provenance.model_key(cfg))
         res, info = schedule.compress(m, models.target_modules(m, cfg.model.targets), ctx, progress=False)
         out[update] = ({r.name: r.rel_err for r in res}, {r.name: r.info for r in res}, info)
     errs0, errs1 = out[False][0], out[True][0]
@@ -111,6 +115,22 @@ def test_schedule_feeds_the_compressed_predecessors_inputs(minilm, compose, tmp_
     assert all(errs1[n] == pytest.approx(errs0[n], rel=1e-3) for n in block0)
     assert any(abs(errs1[n] - errs0[n]) > 1e-3 for n in block1)
     assert all(out[True][1][n]["update_tokens"] > 0 for n in block1)
+
+
+def test_an_allocation_picks_the_ranks_the_update_compresses_at(compose, tmp_path):
+    """allocation=spectrum with the update: the ranks are chosen on the dense statistics, the blocks are
+    then compressed in turn at the ranks that ship, and block 1 is refitted to the compressed block 0."""
+    cfg = compose([*FAST, *SMALL_LLAMA, *CALIB, "method=svdllm", "method.update=true", "param_ratio=0.5",
+                   "allocation=spectrum", f"cache_dir={tmp_path}/cache"])
+    m, tok = models.load(cfg.model, "cpu", str(tmp_path / "cache"))
+    ctx = Context(cfg, tok, "cpu", str(tmp_path / "cache"), provenance.model_key(cfg))
+    res, info = schedule.compress(m, models.target_modules(m, cfg.model.targets), ctx, progress=False)
+    alloc = info["allocation"]
+    assert info["shifted"] and info["sequential"] and alloc["strategy"] == "spectrum"
+    assert alloc["candidate_ranks"] != alloc["uniform_ranks"]
+    shipped = alloc["candidate_ranks"] if alloc["shipped"] == "spectrum" else alloc["uniform_ranks"]
+    assert {r.name: r.rank for r in res} == shipped
+    assert all(r.info["update_tokens"] > 0 for r in res if r.name.startswith("model.layers.1."))
 
 
 def test_paper_preset_turns_the_update_on(compose):
