@@ -11,8 +11,8 @@
   streamed    (``stream=true``) the model waits on CPU and one block at a time is on ``ctx.device``;
               the statistics come from the block's inputs, propagated from block to block on the
               device (GPTQ-style), through the dense block or, sequential, the compressed one.
-A rank allocation (:mod:`lrsweep.allocate`) runs before a whole or streamed compression; the
-compressed model is on ``ctx.device`` afterwards.
+A rank allocation (:mod:`lrsweep.allocate`) runs before a whole or streamed compression, and before a
+shifted one's blocks (on the dense model's statistics); the compressed model is on ``ctx.device`` afterwards.
 """
 
 from __future__ import annotations
