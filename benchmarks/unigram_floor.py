@@ -11,8 +11,7 @@ the texts and the windows as in a run.
 
 from __future__ import annotations
 
-import argparse
-import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,14 +40,12 @@ class Unigram(nn.Module):
         return SimpleNamespace(loss=-self.logp[targets[targets != -100]].mean())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides (model=smollm2 eval.ppl_context=2048 ...)")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    conf = str(Path(__file__).resolve().parent.parent / "conf")
-    with initialize_config_dir(config_dir=conf, version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "device=cpu", "method=svdllm", *args.overrides])
+def main(overrides: list[str]) -> None:
+    """``overrides``: Hydra overrides (model=smollm2 eval.ppl_context=2048 ...); -h prints this module's help."""
+    if {"-h", "--help"} & set(overrides):
+        raise SystemExit(__doc__)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", "device=cpu", "method=svdllm", *overrides])
     _, tokenizer = models.load(cfg.model, "cpu", str(cfg.cache_dir))
     ctx = Context(cfg, tokenizer, "cpu", str(cfg.cache_dir), model_key(cfg))
     calib_ids = tokenizer(data.load_text(cfg.calib.text, "calib.text"), add_special_tokens=False).input_ids
@@ -59,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
