@@ -50,7 +50,7 @@ def main(overrides: list[str]) -> None:
     ctx = Context(cfg, tokenizer, "cpu", str(cfg.cache_dir), model_key(cfg))
     calib_ids = tokenizer(data.load_text(cfg.calib.text, "calib.text"), add_special_tokens=False).input_ids
     model = Unigram(calib_ids, len(tokenizer))
-    value, se = ppl.perplexity_stderr(model, ppl._ppl_tokens(ctx), **ppl._ppl_args(ctx))
+    value, se = ppl.perplexity_stderr(model, ppl.ppl_tokens(ctx), **ppl.ppl_args(ctx))
     print(f"unigram perplexity {value:.1f} ± {se:.1f} ({cfg.model.name}, calibration text "
           f"{len(calib_ids):,} tokens, vocabulary {len(tokenizer):,})")
 

@@ -72,7 +72,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int, strid
     return perplexity_stderr(model, input_ids, max_length, stride, device, drop_last, bos)[0]
 
 
-def _ppl_tokens(ctx: Context) -> torch.Tensor:
+def ppl_tokens(ctx: Context) -> torch.Tensor:
     """The evaluation text tokenized once (with BOS per window: without the tokenizer's own specials)."""
     ecfg = ctx.cfg.eval
     text = data.load_text(ecfg.text, "eval.text")
@@ -80,7 +80,8 @@ def _ppl_tokens(ctx: Context) -> torch.Tensor:
     return ids[:, : ecfg.ppl_tokens]
 
 
-def _ppl_args(ctx: Context) -> dict[str, Any]:
+def ppl_args(ctx: Context) -> dict[str, Any]:
+    """The window arguments of :func:`perplexity_stderr` from ``eval.ppl_*`` (context, stride, last window, BOS)."""
     ecfg = ctx.cfg.eval
     return {"max_length": int(ecfg.ppl_context), "stride": int(ecfg.ppl_stride), "device": ctx.device,
             "drop_last": bool(ecfg.ppl_drop_last),
@@ -94,8 +95,8 @@ def _ppl_prepare(model: nn.Module, ctx: Context) -> dict[str, Any]:
            **{k: True for k in ("ppl_drop_last", "ppl_bos") if ecfg[k]}, "stderr": "delta/windows"}
 
     def compute():
-        ids = _ppl_tokens(ctx)
-        ppl, se = perplexity_stderr(model, ids, **_ppl_args(ctx))
+        ids = ppl_tokens(ctx)
+        ppl, se = perplexity_stderr(model, ids, **ppl_args(ctx))
         return {"input_ids": ids}, {"perplexity_dense": ppl, "perplexity_dense_stderr": se}
 
     tensors, info, _ = cache.get_or_compute(ctx.cache_dir, "perplexity", key, compute)
@@ -107,7 +108,7 @@ def _ppl_evaluate(model: nn.Module, ctx: Context, state: dict[str, Any]) -> dict
     windows = ppl_windows(ids.shape[1], int(ecfg.ppl_context), int(ecfg.ppl_stride), bool(ecfg.ppl_drop_last))
     # a window scoring all its tokens leaves out its first one, unless BOS comes before it
     scored = sum(new - (new == end - begin and not ecfg.ppl_bos) for begin, end, new in windows)
-    ppl, se = perplexity_stderr(model, ids, **_ppl_args(ctx))
+    ppl, se = perplexity_stderr(model, ids, **ppl_args(ctx))
     return {"task": ecfg.text.name, "perplexity_dense": state["perplexity_dense"],
             "perplexity_dense_stderr": state["perplexity_dense_stderr"], "perplexity": ppl, "perplexity_stderr": se,
             "extra": {"perplexity_windows": {"windows": len(windows), "text_tokens": int(ids.shape[1]),
